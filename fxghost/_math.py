@@ -1,0 +1,123 @@
+"""The ghost BatchNorm math, written once.
+
+Tensors here are ghost-grouped views ``(G, c, C, *spatial)``: ``G`` ghost batches of ``c`` samples.
+Statistics are per ``(group, channel)``, reduced over the samples and spatial positions, in float32
+for 16-bit inputs (as PyTorch's BatchNorm does), float64 for float64. Normalization uses the biased
+variance; running_var takes the unbiased one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "affine_coefficients",
+    "ghost_norm_decomposed",
+    "reduce_dims",
+    "stat_dtype",
+    "update_running_stats",
+]
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(ndim: int) -> list[int]:
+    """The dims of a grouped view ``(G, c, C, *spatial)`` that statistics reduce over."""
+    return [1, *range(3, ndim)]
+
+
+def channel_shape(ndim: int, channels: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector against a grouped view."""
+    return [1, 1, channels] + [1] * (ndim - 3)
+
+
+def affine_coefficients(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = x * scale + shift`` for per-group statistics of shape ``(G, 1, C, 1...)``.
+
+    Returns ``(rstd, scale, shift)`` in the statistics dtype.
+    """
+    rstd = torch.rsqrt(var + eps)
+    if weight is None:
+        scale = rstd
+        shift = -mean * rstd
+    else:
+        shape = channel_shape(mean.dim(), mean.shape[2])
+        scale = rstd * weight.to(rstd.dtype).view(shape)
+        shift = bias.to(rstd.dtype).view(shape) - mean * scale  # type: ignore[union-attr]
+    return rstd, scale, shift
+
+
+def ghost_norm_decomposed(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Ghost-normalize ``xg`` in plain differentiable ops.
+
+    This is the formulation inductor sees under ``torch.compile`` (it fuses it with neighbouring
+    ops) and the fallback where no fused path applies. Returns ``(y, mean, var)``: ``y`` in the
+    input dtype and layout, ``mean`` and biased ``var`` of shape ``(G, 1, C, 1...)``.
+    """
+    xs = xg.to(stat_dtype(xg.dtype))
+    var, mean = torch.var_mean(xs, dim=reduce_dims(xg.dim()), correction=0, keepdim=True)
+    _, scale, shift = affine_coefficients(mean, var, weight, bias, eps)
+    y = xs * scale + shift
+    return y.to(xg.dtype), mean, var
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    requested: int,
+    groups: Sequence[tuple[Tensor, Tensor, int]],
+) -> None:
+    """Apply, in closed form and in place, the running-statistics updates that the ghost batches
+    would make one after another through BatchNorm.
+
+    ``groups`` holds ``(mean, biased_var, count)`` per group of equal-sized ghost batches, in batch
+    order; ``mean`` and ``biased_var`` are ``(G, ..., C, ...)`` and ``count`` is the number of values
+    per channel in each of its ghost batches.
+
+    With momentum ``m`` every ghost batch updates with ``a = m / requested``, so after ``M`` of them
+    ``R = (1-a)^M R0 + sum_j a (1-a)^(M-j) s_j``. With ``momentum=None`` BatchNorm keeps a cumulative
+    average, ``R_t = R_{t-1} + (s_t - R_{t-1}) / t``, which telescopes to
+    ``(t0 R0 + sum_j s_j) / (t0 + M)``.
+    """
+    channels = running_mean.shape[0]
+    means = torch.cat([m.reshape(-1, channels) for m, _, _ in groups])
+    unbiased = torch.cat(
+        [v.reshape(-1, channels) * (count / (count - 1)) for _, v, count in groups]
+    )
+    count = means.shape[0]
+    dtype = means.dtype
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError(
+                "fxghost: momentum=None (cumulative average) needs num_batches_tracked; "
+                "this BatchNorm has none"
+            )
+        seen = num_batches_tracked.to(dtype)
+        total = seen + count
+        keep = seen / total
+        new_mean = running_mean.to(dtype) * keep + means.sum(0) / total
+        new_var = running_var.to(dtype) * keep + unbiased.sum(0) / total
+    else:
+        a = momentum / requested
+        # Ghost batch j of M (1-based) is followed by M - j more updates, each scaling it by (1-a).
+        later = torch.arange(count - 1, -1, -1, device=means.device, dtype=dtype)
+        weights = (a * torch.pow(1.0 - a, later)).unsqueeze(1)
+        keep = (1.0 - a) ** count
+        new_mean = running_mean.to(dtype) * keep + (weights * means).sum(0)
+        new_var = running_var.to(dtype) * keep + (weights * unbiased).sum(0)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(count)

@@ -1,0 +1,224 @@
+"""The graph pass: each ``call_module`` BatchNorm node becomes ghost_view -> ghost_norm -> ghost_unview."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import ops
+from ._plan import check_ghost_batch_size
+from ._report import GhostReport, LayerRecord, attach
+from ._select import BATCHNORM_TYPES, LayerSelector
+
+__all__ = ["ghost_batchnorm_pass"]
+
+_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
+_GHOST_OPS = (ops.ghost_view, ops.ghost_norm, ops.ghost_unview)
+
+
+def _is_batchnorm_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    # torchvision's FrozenBatchNorm2d and third-party norms are not _BatchNorm subclasses.
+    return "BatchNorm" in type(module).__name__
+
+
+def _skip_reason(module: nn.Module) -> str:
+    kind = type(module)
+    if isinstance(module, nn.SyncBatchNorm):
+        return (
+            "SyncBatchNorm: its statistics span processes, ghost batches are per process; "
+            "convert with nn.SyncBatchNorm.revert or keep it"
+        )
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return "lazy BatchNorm not yet initialized: run one forward pass before transform"
+    if "Frozen" in kind.__name__:
+        return "frozen statistics: nothing to ghost"
+    return (
+        f"subclass {kind.__module__}.{kind.__qualname__} of BatchNorm: its forward may differ, "
+        "so it is left as is"
+    )
+
+
+def _layer_record(
+    name: str, module: nn.Module, rewritten: bool, reason: str, g: int | None
+) -> LayerRecord:
+    return LayerRecord(
+        name=name,
+        kind=type(module).__name__,
+        rewritten=rewritten,
+        reason=reason,
+        num_features=getattr(module, "num_features", None),
+        ghost_batch_size=g,
+        momentum=getattr(module, "momentum", None),
+    )
+
+
+class _Records:
+    """Report entries keyed by layer, counting repeated calls of a shared layer."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, LayerRecord] = {}
+
+    def add(self, record: LayerRecord) -> None:
+        old = self._by_name.get(record.name)
+        if old is None:
+            self._by_name[record.name] = record
+        else:
+            self._by_name[record.name] = LayerRecord(**{**old.__dict__, "calls": old.calls + 1})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def values(self) -> list[LayerRecord]:
+        return list(self._by_name.values())
+
+
+def _emit_ghost_subgraph(
+    graph: fx.Graph, node: fx.Node, x: Any, module: nn.Module, g: int
+) -> fx.Node:
+    base = node.name
+    name = str(node.target)
+    info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
+
+    def make(op: str, target: Any, args: tuple[Any, ...], suffix: str, step: str) -> fx.Node:
+        new = graph.create_node(op, target, args, {}, name=f"{base}{suffix}")
+        new.meta = {**node.meta, "fxghost": {**info, "step": step}}
+        return new
+
+    layer = make("get_attr", name, (), "_layer", "layer")
+    view = make("call_function", ops.ghost_view, (x, layer, g, name), "_ghost_view", "view")
+    norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "_ghost_norm", "normalize")
+    return make("call_function", ops.ghost_unview, (norm, name), "", "unview")
+
+
+def _mirror_state(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` (a GraphModule built from ``source``) every parameter, buffer and submodule
+    of ``source`` at the same path, with the same persistence.
+
+    ``GraphModule`` copies only what the graph references, into fresh container modules, and
+    registers copied buffers as persistent; without this, ``state_dict`` keys would differ from the
+    original model's (unused layers, non-persistent buffers).
+    """
+    if source is target:
+        return
+    for pname, param in source.named_parameters(recurse=False):
+        if target._parameters.get(pname) is not param:
+            target.register_parameter(pname, param)
+    for bname, buf in source.named_buffers(recurse=False):
+        persistent = bname not in source._non_persistent_buffers_set
+        if target._buffers.get(bname) is not buf:
+            target.register_buffer(bname, buf, persistent=persistent)
+        elif not persistent:
+            target._non_persistent_buffers_set.add(bname)
+    for cname, child in source.named_children():
+        existing = target._modules.get(cname)
+        if existing is None:
+            target.add_module(cname, child)
+        elif existing is not child:
+            existing.training = child.training
+            _mirror_state(child, existing)
+
+
+def ghost_batchnorm_pass(
+    gm: fx.GraphModule,
+    ghost_batch_size: int = 32,
+    *,
+    only: Iterable[str] | str | None = None,
+    root: nn.Module | None = None,
+) -> fx.GraphModule:
+    """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` in ``gm`` into ghost
+    BatchNorm, and return a new GraphModule (``gm`` is left unchanged).
+
+    Use it on a GraphModule you traced yourself (custom tracer, leaf modules, ``concrete_args``)
+    or between other FX passes. ``only`` narrows the rewrite to layers named by qualified name or
+    glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
+    mirror (default: ``gm``), so that ``state_dict`` keys stay the same.
+
+    >>> import torch, fxghost
+    >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=8)
+    >>> [n.name for n in gm.graph.nodes]
+    ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
+    """
+    g = check_ghost_batch_size(ghost_batch_size)
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(
+            f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
+            f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
+        )
+    selector = LayerSelector(only)
+    records = _Records()
+    candidates: list[str] = []
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    called: set[str] = set()
+
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None:
+            called.add(str(node.target))
+        if module is not None and type(module) in BATCHNORM_TYPES:
+            name = str(node.target)
+            candidates.append(name)
+            if selector.selects(name):
+                x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
+                env[node] = _emit_ghost_subgraph(graph, node, x, module, g)
+                records.add(_layer_record(name, module, True, "", g))
+                continue
+            records.add(_layer_record(name, module, False, f"not selected by {selector.describe()}", None))
+        elif module is not None and _is_batchnorm_like(module):
+            records.add(_layer_record(str(node.target), module, False, _skip_reason(module), None))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+            records.add(
+                LayerRecord(
+                    name=node.name,
+                    kind=f"{getattr(node.target, '__name__', node.target)} call",
+                    rewritten=False,
+                    reason="functional batch_norm call: no module owns its statistics",
+                )
+            )
+        elif node.op == "call_function" and node.target is ops.ghost_unview:
+            info = node.meta.get("fxghost", {})
+            layer_name = info.get("source_layer", node.name)
+            called.add(layer_name)
+            records.add(
+                _layer_record(
+                    layer_name,
+                    gm.get_submodule(layer_name),
+                    False,
+                    f"already rewritten (ghost_batch_size={info.get('ghost_batch_size')})",
+                    None,
+                )
+            )
+        env[node] = graph.node_copy(node, lambda n: env[n])
+
+    selector.check_all_matched(candidates)
+    source = root if root is not None else gm
+    for name, module in source.named_modules():
+        if name and name not in called and name not in records and _is_batchnorm_like(module):
+            records.add(
+                _layer_record(
+                    name,
+                    module,
+                    False,
+                    "not called as a module in the traced graph (inside a leaf module, "
+                    "traced into, or unused)",
+                    None,
+                )
+            )
+
+    graph.lint()
+    new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
+    _mirror_state(source, new_gm)
+    new_gm.meta.update({k: v for k, v in gm.meta.items()})
+    attach(new_gm, GhostReport(ghost_batch_size=g, layers=records.values()))
+    new_gm.recompile()
+    # Only the top-level flag: recursing would flip the caller's shared layers.
+    new_gm.training = gm.training
+    return new_gm

@@ -1,0 +1,116 @@
+"""How a batch splits into ghost batches, and the checks that guard it.
+
+Shared by the graph ops and by :mod:`fxghost.reference`, so that both accept the same inputs and
+raise the same errors with the same messages.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["GhostPlan", "check_ghost_batch_size", "plan_ghost_batches", "uses_batch_stats"]
+
+
+class GhostPlan(NamedTuple):
+    """The ghost batches of an ``N``-sample batch, exactly as ``x.chunk(requested, dim=0)`` forms them.
+
+    ``full`` ghost batches of ``size`` samples, then one of ``tail`` samples when ``tail > 0``.
+    ``requested`` is ``ceil(N / g)``: the momentum divisor, even when ``chunk`` returns fewer pieces.
+    """
+
+    requested: int
+    size: int
+    full: int
+    tail: int
+
+    @property
+    def count(self) -> int:
+        return self.full + (1 if self.tail else 0)
+
+
+def check_ghost_batch_size(ghost_batch_size: object) -> int:
+    """Return ``ghost_batch_size`` as an int, or raise ``ValueError`` if it is not a positive int."""
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+        try:
+            # numpy and torch integer scalars are fine; floats such as 32.0 are not.
+            value = operator.index(ghost_batch_size)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(
+                f"fxghost: ghost_batch_size must be a positive int, got {ghost_batch_size!r} "
+                f"({type(ghost_batch_size).__name__}); pass e.g. ghost_batch_size=32"
+            ) from None
+        ghost_batch_size = value
+    if ghost_batch_size < 1:
+        raise ValueError(
+            f"fxghost: ghost_batch_size must be a positive int, got {ghost_batch_size}; "
+            "pass e.g. ghost_batch_size=32"
+        )
+    return int(ghost_batch_size)
+
+
+def uses_batch_stats(layer: nn.Module) -> bool:
+    """Whether BatchNorm's own forward would normalize with batch statistics (it does in training,
+    and always when it keeps no running statistics)."""
+    return bool(layer.training) or (layer.running_mean is None and layer.running_var is None)
+
+
+def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
+    # BatchNorm's own dimension check (ValueError "expected 4D input (got 3D input)"), with the layer named.
+    try:
+        layer._check_input_dim(x)  # type: ignore[operator]
+    except ValueError as err:
+        raise ValueError(
+            f"fxghost: layer '{name}' ({type(layer).__name__}): {err}; input shape {tuple(x.shape)}"
+        ) from None
+    num_features = layer.num_features
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"fxghost: layer '{name}' ({type(layer).__name__}) has num_features={num_features} "
+            f"but got an input of shape {tuple(x.shape)} with "
+            f"{x.shape[1] if x.dim() >= 2 else 'no'} channels in dim 1; "
+            "the input must be (N, C, ...) with C equal to num_features"
+        )
+
+
+def plan_ghost_batches(
+    layer: nn.Module, name: str, x: torch.Tensor, ghost_batch_size: int
+) -> GhostPlan:
+    """Validate ``x`` for ``layer`` in batch-statistics mode and return its ghost batches.
+
+    Raises ``ValueError`` naming the layer, ``N`` and ``g`` when a training batch is smaller than
+    the ghost size or a ghost batch would have a single value per channel.
+    """
+    _check_input(layer, name, x)
+    g = ghost_batch_size
+    n = x.shape[0]
+    kind = type(layer).__name__
+    if layer.training and n < g:
+        raise ValueError(
+            f"fxghost: layer '{name}' ({kind}) got a training batch of N={n} samples, smaller "
+            f"than ghost_batch_size={g}. Ghost BatchNorm needs at least one full ghost batch in "
+            f"training: feed batches of at least {g} samples (e.g. DataLoader(drop_last=True)) "
+            "or use a smaller ghost_batch_size."
+        )
+    if n == 0:
+        # Only reachable in eval without running statistics; handled by the caller.
+        return GhostPlan(requested=0, size=0, full=0, tail=0)
+    requested = (n + g - 1) // g
+    size = (n + requested - 1) // requested
+    full = n // size
+    tail = n - full * size
+    per_sample = x.numel() // (n * x.shape[1])
+    smallest = tail if tail else size
+    if smallest * per_sample == 1:
+        sizes = f"{full} of {size}" + (f" and one of {tail}" if tail else "")
+        raise ValueError(
+            f"fxghost: layer '{name}' ({kind}): N={n} with ghost_batch_size={g} forms ghost "
+            f"batches of {sizes} sample(s), and one of them has a single value per channel, which "
+            "BatchNorm cannot normalize. Use a batch size that leaves at least 2 samples in the "
+            "last ghost batch (e.g. a multiple of the ghost size, or DataLoader(drop_last=True)), "
+            "or a larger ghost_batch_size."
+        )
+    return GhostPlan(requested=requested, size=size, full=full, tail=tail)

@@ -1,0 +1,90 @@
+"""Symbolic tracing with leaf modules, autowrapped functions, and errors that say how to proceed."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["GhostTracer", "TracingError", "trace"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class TracingError(RuntimeError):
+    """Symbolic tracing of the model failed; the message names the failing line and the ways out."""
+
+    def __init__(self, message: str, location: str | None = None) -> None:
+        super().__init__(message)
+        self.location = location
+
+
+class GhostTracer(fx.Tracer):
+    """``torch.fx.Tracer`` that also keeps the given module types or qualified names (glob patterns
+    allowed) as leaves, called as black boxes."""
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type[nn.Module] | str] = (),
+        autowrap_functions: Iterable[Callable[..., Any]] = (),
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        leaves = list(leaf_modules)
+        self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
+        self.leaf_names = [s for s in leaves if isinstance(s, str)]
+        bad = [t for t in leaves if not isinstance(t, (type, str))]
+        if bad:
+            raise TypeError(
+                f"fxghost: leaf_modules takes module classes or qualified names, got {bad!r}"
+            )
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_names):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(err: BaseException) -> str | None:
+    """The innermost traceback frame outside torch: the model line tracing tripped on."""
+    found = None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if frame.filename.startswith(_TORCH_DIR) or os.sep + "fxghost" + os.sep in frame.filename:
+            continue
+        found = f'{frame.filename}:{frame.lineno}, in {frame.name}: {(frame.line or "").strip()}'
+    return found
+
+
+def trace(
+    model: nn.Module,
+    *,
+    tracer: fx.Tracer | None = None,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model``; on failure raise :class:`TracingError` with hints."""
+    tracer = tracer if tracer is not None else GhostTracer()
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as err:
+        where = _user_frame(err)
+        raise TracingError(
+            f"fxghost could not symbolically trace {type(model).__name__}: "
+            f"{type(err).__name__}: {err}\n"
+            + (f"  at {where}\n" if where else "")
+            + "How to proceed:\n"
+            "  - mark the submodule containing that line as a leaf: "
+            "fxghost.transform(model, leaf_modules=[TheSubmoduleClass or 'its.qualified.name']) "
+            "(BatchNorm layers inside a leaf are not rewritten);\n"
+            "  - for a Python branch on an argument, fix it with concrete_args={'arg': value};\n"
+            "  - for a function that does data-dependent work, pass autowrap_functions=[fn];\n"
+            "  - or trace the model yourself and call fxghost.ghost_batchnorm_pass(graph_module).",
+            location=where,
+        ) from err
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)

@@ -1,0 +1,154 @@
+"""The three operations that a rewritten BatchNorm becomes in the graph.
+
+``ghost_view`` (reshape) -> ``ghost_norm`` (normalize) -> ``ghost_unview`` (reshape back). Each
+takes the BatchNorm module itself as an argument and reads its training flag, momentum and eps at
+run time, just as ``BatchNorm.forward`` does: ``gm.train()``/``gm.eval()`` (or ``bn.eval()`` on one
+layer), and a momentum schedule, take effect without re-tracing. Weights and running statistics
+are the module's own tensors, so they are shared with the original model.
+
+The ops are leaves for FX: when a rewritten GraphModule is traced again they are recorded as
+single nodes, not traced through.
+
+>>> import torch, fxghost.ops as ops
+>>> bn = torch.nn.BatchNorm1d(3)
+>>> groups = ops.ghost_view(torch.randn(10, 3), bn, 4, "bn")
+>>> [tuple(t.shape) for t in groups if t is not None]
+[(2, 4, 3), (1, 2, 3)]
+>>> ops.ghost_unview(ops.ghost_norm(groups, bn, 4, "bn"), "bn").shape
+torch.Size([10, 3])
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _fast, _math
+from ._plan import plan_ghost_batches, uses_batch_stats
+
+__all__ = ["GhostGroups", "ghost_norm", "ghost_unview", "ghost_view"]
+
+#: ``(main, tail)``: ``main`` is a ``(G, c, C, *spatial)`` view of the full ghost batches, ``tail``
+#: a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when ``c`` divides ``N``.
+GhostGroups = tuple[Tensor, Optional[Tensor]]
+
+def _find_proxy(args: tuple[Any, ...]) -> torch.fx.Proxy | None:
+    for a in args:
+        if isinstance(a, torch.fx.Proxy):
+            return a
+        if isinstance(a, tuple):
+            found = _find_proxy(a)
+            if found is not None:
+                return found
+    return None
+
+
+class _GraphOp:
+    """A graph op that FX records as one ``call_function`` node whenever it sees Proxy arguments.
+
+    ``torch.fx.wrap`` only patches the caller's own globals, not the namespace of a GraphModule's
+    generated code, so a re-traced rewritten graph would trace into the op and fail on its
+    shape-dependent Python logic. Checking for proxies works under any tracer. Being an object
+    also gives the op a readable ``repr`` in ``print_tabular``.
+    """
+
+    def __init__(self, fn: Callable[..., Any], step: str) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._step = step
+
+    def __call__(self, *args: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            proxy = _find_proxy(args)
+            if proxy is not None:
+                layer_name = args[-1] if isinstance(args[-1], str) else None
+                node_name = f"{layer_name.replace('.', '_')}_{self._step}" if layer_name else None
+                out = proxy.tracer.create_proxy("call_function", self, args, {}, name=node_name)
+                # Re-tracing (also what unpickling a GraphModule does) keeps the provenance.
+                out.node.meta["fxghost"] = {
+                    "source_layer": layer_name,
+                    "ghost_batch_size": args[2] if len(args) == 4 else None,
+                    "step": self._step,
+                }
+                return out
+        return self._fn(*args)
+
+    def __repr__(self) -> str:
+        return f"{self.__module__}.{self.__name__}"  # type: ignore[attr-defined]
+
+    def __reduce__(self) -> str:
+        return self.__name__  # type: ignore[attr-defined,no-any-return]
+
+
+def _fx_leaf(step: str) -> Callable[[Callable[..., Any]], Any]:
+    return lambda fn: _GraphOp(fn, step)
+
+
+@_fx_leaf("ghost_view")
+def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) -> GhostGroups:
+    """View ``x`` of shape ``(N, C, *spatial)`` as ghost batches, without copying.
+
+    When ``layer`` normalizes with running statistics (eval mode), the whole batch is one group and
+    nothing is checked beyond BatchNorm's own input checks: any ``N`` works.
+    """
+    if not uses_batch_stats(layer):
+        return x.unsqueeze(0), None
+    plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
+    if plan.requested == 0:  # empty eval batch without running statistics
+        return x.unsqueeze(0), None
+    body = plan.full * plan.size
+    main = x.narrow(0, 0, body).unflatten(0, (plan.full, plan.size))
+    tail = x.narrow(0, body, plan.tail).unsqueeze(0) if plan.tail else None
+    return main, tail
+
+
+@_fx_leaf("ghost_norm")
+def ghost_norm(
+    groups: GhostGroups, layer: nn.Module, ghost_batch_size: int, name: str
+) -> GhostGroups:
+    """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
+    as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval."""
+    main, tail = groups
+    weight, bias, eps = layer.weight, layer.bias, layer.eps
+    if not uses_batch_stats(layer):
+        y = F.batch_norm(
+            main.squeeze(0), layer.running_mean, layer.running_var, weight, bias, False, 0.0, eps
+        )
+        return y.unsqueeze(0), None
+    n = main.shape[0] * main.shape[1] + (tail.shape[1] if tail is not None else 0)
+    if n == 0:
+        return main * 1, None
+    requested = (n + ghost_batch_size - 1) // ghost_batch_size
+    per_sample = main[0, 0].numel() // main.shape[2]
+    norm = _fast.select(main)
+    y_main, mean_m, var_m = norm(main, weight, bias, eps)
+    stats = [(mean_m, var_m, main.shape[1] * per_sample)]
+    y_tail = None
+    if tail is not None:
+        y_tail, mean_t, var_t = norm(tail, weight, bias, eps)
+        stats.append((mean_t, var_t, tail.shape[1] * per_sample))
+    if layer.training and layer.track_running_stats and layer.running_mean is not None:
+        _math.update_running_stats(
+            layer.running_mean,
+            layer.running_var,
+            layer.num_batches_tracked,
+            layer.momentum,
+            requested,
+            stats,
+        )
+    return y_main, y_tail
+
+
+@_fx_leaf("ghost_unview")
+def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
+    """Undo :func:`ghost_view`: back to ``(N, C, *spatial)`` (a view unless there is a tail)."""
+    main, tail = groups
+    flat = main.flatten(0, 1)
+    if tail is None:
+        return flat
+    return torch.cat([flat, tail.flatten(0, 1)])

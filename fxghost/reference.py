@@ -1,0 +1,80 @@
+"""The chunked ghost BatchNorm reference: fxghost's specification.
+
+This is the well-known module-surgery implementation (as in MosaicML Composer's GhostBatchNorm):
+split the batch with ``x.chunk(ceil(N / g))``, run each chunk through the original BatchNorm with
+momentum ``m / ceil(N / g)``, and concatenate. fxghost's graph pass must match it exactly; tests and
+benchmarks compare against it.
+
+>>> import torch
+>>> bn = torch.nn.BatchNorm1d(3)
+>>> ghost = ChunkedGhostBatchNorm(bn, ghost_batch_size=4)
+>>> ghost(torch.randn(10, 3)).shape
+torch.Size([10, 3])
+>>> int(bn.num_batches_tracked)  # chunks of 4, 4 and 2 samples
+3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ._plan import check_ghost_batch_size, plan_ghost_batches, uses_batch_stats
+from ._select import BATCHNORM_TYPES, LayerSelector
+
+__all__ = ["ChunkedGhostBatchNorm", "apply_chunked_ghost_batchnorm"]
+
+
+class ChunkedGhostBatchNorm(nn.Module):
+    """Ghost BatchNorm by chunking: wraps an existing BatchNorm (whose parameters and buffers it
+    uses and updates) and feeds it the ghost batches one at a time."""
+
+    def __init__(self, bn: nn.Module, ghost_batch_size: int, name: str | None = None) -> None:
+        super().__init__()
+        self.bn = bn
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+        self.name = name if name is not None else type(bn).__name__
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        if not uses_batch_stats(bn):
+            return bn(x)
+        plan = plan_ghost_batches(bn, self.name, x, self.ghost_batch_size)
+        if plan.requested == 0:  # empty eval batch without running statistics
+            return x * 1
+        momentum = bn.momentum
+        if momentum is not None:
+            bn.momentum = momentum / plan.requested
+        try:
+            outputs = [bn(chunk) for chunk in x.chunk(plan.requested, dim=0)]
+        finally:
+            bn.momentum = momentum
+        return torch.cat(outputs, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"ghost_batch_size={self.ghost_batch_size}"
+
+
+def apply_chunked_ghost_batchnorm(
+    model: nn.Module, ghost_batch_size: int, *, only: Iterable[str] | None = None
+) -> nn.Module:
+    """Replace, in place, every exact ``nn.BatchNorm1d/2d/3d`` in ``model`` (or those named by
+    ``only``) with a :class:`ChunkedGhostBatchNorm` wrapping it, and return ``model`` (or the
+    wrapper, when ``model`` is itself a BatchNorm).
+
+    Module surgery: parameters are kept, but state_dict keys gain a ``.bn`` level.
+    """
+    g = check_ghost_batch_size(ghost_batch_size)
+    names = [n for n, m in model.named_modules() if type(m) in BATCHNORM_TYPES]
+    selector = LayerSelector(only)
+    chosen = [n for n in names if selector.selects(n)]
+    selector.check_all_matched(names)
+    for name in chosen:
+        if not name:  # the model is itself a BatchNorm
+            return ChunkedGhostBatchNorm(model, g, name=type(model).__name__)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, ChunkedGhostBatchNorm(getattr(parent, attr), g, name=name))
+    return model
