@@ -202,16 +202,13 @@ def ghost_batchnorm_pass(
     source = root if root is not None else gm
     for name, module in source.named_modules():
         if name and name not in called and name not in records and _is_batchnorm_like(module):
-            records.add(
-                _layer_record(
-                    name,
-                    module,
-                    False,
-                    "not called as a module in the traced graph (inside a leaf module, "
-                    "traced into, or unused)",
-                    None,
-                )
+            reason = (
+                "not called as a module in the traced graph (inside a leaf module, "
+                "traced into, or unused)"
             )
+            if type(module) not in BATCHNORM_TYPES:
+                reason = f"{_skip_reason(module)}; also {reason}"
+            records.add(_layer_record(name, module, False, reason, None))
 
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)

@@ -34,7 +34,12 @@ class GhostPlan(NamedTuple):
 
 def check_ghost_batch_size(ghost_batch_size: object) -> int:
     """Return ``ghost_batch_size`` as an int, or raise ``ValueError`` if it is not a positive int."""
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+    if isinstance(ghost_batch_size, bool):
+        raise ValueError(
+            f"fxghost: ghost_batch_size must be a positive int, got {ghost_batch_size!r}; "
+            "pass e.g. ghost_batch_size=32"
+        )
+    if not isinstance(ghost_batch_size, int):
         try:
             # numpy and torch integer scalars are fine; floats such as 32.0 are not.
             value = operator.index(ghost_batch_size)  # type: ignore[arg-type]

@@ -26,7 +26,12 @@ class TracingError(RuntimeError):
 
 class GhostTracer(fx.Tracer):
     """``torch.fx.Tracer`` that also keeps the given module types or qualified names (glob patterns
-    allowed) as leaves, called as black boxes."""
+    allowed) as leaves, called as black boxes.
+
+    Every BatchNorm subclass is a leaf too: tracing into one would freeze its ``self.training``
+    branch into the graph (eval would then silently use batch statistics), and its input checks
+    branch on tensor shapes that tracing cannot follow.
+    """
 
     def __init__(
         self,
@@ -45,6 +50,8 @@ class GhostTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return True
         if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_names):
             return True

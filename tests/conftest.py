@@ -1,0 +1,122 @@
+"""Shared helpers: build a layer, run fxghost and the chunked reference side by side, compare."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import nn
+
+import fxghost
+from fxghost.reference import apply_chunked_ghost_batchnorm
+
+# Per-dtype tolerances (rtol, atol): float64 checks the algebra, float32 the numerics.
+TOL = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-4, 2e-5),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+BN_SHAPES = {
+    "1d_NC": (nn.BatchNorm1d, (5,)),
+    "1d_NCL": (nn.BatchNorm1d, (5, 7)),
+    "2d": (nn.BatchNorm2d, (4, 5, 3)),
+    "3d": (nn.BatchNorm3d, (3, 2, 3, 2)),
+}
+
+
+def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> nn.Module:
+    cls, shape = BN_SHAPES[kind]
+    bn = cls(shape[0], **kwargs)
+    with torch.no_grad():
+        if bn.affine:  # non-trivial affine parameters so their gradients mean something
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        if bn.track_running_stats:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.8, 1.2)
+    return bn.to(dtype)
+
+
+def input_shape(kind: str, n: int) -> tuple[int, ...]:
+    return (n, *BN_SHAPES[kind][1])
+
+
+def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, what: str) -> None:
+    if expected is None:
+        assert actual is None, what
+        return
+    assert actual is not None, what
+    rtol, atol = TOL.get(expected.dtype, TOL[torch.float32])
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_same_state(a: nn.Module, b: nn.Module, what: str) -> None:
+    """Parameters, gradients and buffers of two modules with the same structure are equal."""
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert_close(pa, pb, f"{what}: parameter {name}")
+        assert_close(pa.grad, pb.grad, f"{what}: grad of {name}")
+    for (name, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers(), strict=True):
+        if ba.dtype == torch.long:
+            assert torch.equal(ba, bb), f"{what}: buffer {name}: {ba} != {bb}"
+        else:
+            assert_close(ba, bb, f"{what}: buffer {name}")
+
+
+def run_side_by_side(
+    model: nn.Module,
+    ghost_batch_size: int,
+    train_shapes: Sequence[tuple[int, ...]],
+    eval_shapes: Sequence[tuple[int, ...]] = (),
+    *,
+    dtype: torch.dtype = torch.float64,
+    channels_last: bool = False,
+    seed: int = 0,
+    transformed: torch.nn.Module | None = None,
+) -> nn.Module:
+    """Train steps then eval steps through fxghost and the reference; compare every step.
+
+    Returns the GraphModule so callers can make further checks.
+    """
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), ghost_batch_size)
+    gm = transformed if transformed is not None else fxghost.transform(model, ghost_batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    steps = [(s, True) for s in train_shapes] + [(s, False) for s in eval_shapes]
+    for i, (shape, training) in enumerate(steps):
+        gm.train(training)
+        reference.train(training)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+        if channels_last:
+            fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+            x = x.contiguous(memory_format=fmt)
+        x = x.to(dtype)
+        x_ref = x.detach().clone().requires_grad_(training)
+        x_gm = x.detach().clone().requires_grad_(training)
+        y_ref = reference(x_ref)
+        y_gm = gm(x_gm)
+        what = f"step {i} ({'train' if training else 'eval'}, shape {shape})"
+        assert y_gm.dtype == y_ref.dtype, what
+        assert_close(y_gm, y_ref, f"{what}: output")
+        if channels_last:
+            assert y_gm.is_contiguous(memory_format=fmt), f"{what}: output lost channels_last"
+        if training:
+            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+            y_ref.backward(dy)
+            y_gm.backward(dy)
+            assert_close(x_gm.grad, x_ref.grad, f"{what}: input grad")
+        assert_same_state(_unwrap(model), _unwrap(reference), what)
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+    return gm
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.bn if isinstance(m, fxghost.reference.ChunkedGhostBatchNorm) else m
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
