@@ -45,25 +45,34 @@ def input_shape(kind: str, n: int) -> tuple[int, ...]:
     return (n, *BN_SHAPES[kind][1])
 
 
-def assert_close(actual: torch.Tensor | None, expected: torch.Tensor | None, what: str) -> None:
+def assert_close(
+    actual: torch.Tensor | None,
+    expected: torch.Tensor | None,
+    what: str,
+    tol: dict[str, float] | None = None,
+) -> None:
     if expected is None:
         assert actual is None, what
         return
     assert actual is not None, what
     rtol, atol = TOL.get(expected.dtype, TOL[torch.float32])
+    if tol is not None:
+        rtol, atol = tol["rtol"], tol["atol"]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def assert_same_state(a: nn.Module, b: nn.Module, what: str) -> None:
+def assert_same_state(
+    a: nn.Module, b: nn.Module, what: str, tol: dict[str, float] | None = None
+) -> None:
     """Parameters, gradients and buffers of two modules with the same structure are equal."""
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        assert_close(pa, pb, f"{what}: parameter {name}")
-        assert_close(pa.grad, pb.grad, f"{what}: grad of {name}")
+        assert_close(pa, pb, f"{what}: parameter {name}", tol)
+        assert_close(pa.grad, pb.grad, f"{what}: grad of {name}", tol)
     for (name, ba), (_, bb) in zip(a.named_buffers(), b.named_buffers(), strict=True):
         if ba.dtype == torch.long:
             assert torch.equal(ba, bb), f"{what}: buffer {name}: {ba} != {bb}"
         else:
-            assert_close(ba, bb, f"{what}: buffer {name}")
+            assert_close(ba, bb, f"{what}: buffer {name}", tol)
 
 
 def run_side_by_side(

@@ -1,0 +1,102 @@
+"""torch.compile with no graph break, and real torchvision models against the reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_close, assert_same_state, make_bn
+from torch import nn
+
+import fxghost
+from fxghost.reference import apply_chunked_ghost_batchnorm
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), make_bn("2d"), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 5 * 3, 5), make_bn("1d_NC"),
+    ).double()
+
+
+# aot_eager checks capture (no graph break, autograd through the decomposition) across batch
+# sizes, uneven batches and train/eval; inductor checks generated code on two batch sizes (each
+# inductor compile costs tens of seconds on a 2-core CPU).
+@pytest.mark.parametrize(
+    ("backend", "steps"),
+    [
+        ("aot_eager", [(16, True), (10, True), (24, True), (3, False)]),
+        ("inductor", [(16, True), (32, True)]),
+    ],
+)
+def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool]]) -> None:
+    torch._dynamo.reset()
+    model = _small_net()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    gm = fxghost.transform(model, 4)
+    compiled = torch.compile(gm, fullgraph=True, backend=backend, dynamic=True)
+    for step, (n, training) in enumerate(steps):
+        compiled.train(training)
+        reference.train(training)
+        x = torch.randn(n, 3, 5, 3, dtype=torch.float64)
+        x1 = x.clone().requires_grad_(training)
+        x2 = x.clone().requires_grad_(training)
+        y, y_ref = compiled(x1), reference(x2)
+        assert_close(y, y_ref, f"step {step}: output")
+        if training:
+            y.pow(2).sum().backward()
+            y_ref.pow(2).sum().backward()
+            assert_close(x1.grad, x2.grad, f"step {step}: input grad")
+        assert_same_state(model, reference, f"step {step}")
+        model.zero_grad()
+        reference.zero_grad()
+
+
+# Deep models amplify float64 rounding through layers whose ghost batches hold few values per
+# channel (deep layers are 2x2 here), so the model-level tolerance is looser than the layer tests'.
+MODEL_TOL = {"rtol": 1e-7, "atol": 1e-9}
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, dict):
+        out = out["out"]
+    loss = nn.functional.cross_entropy(out, target)
+    loss.backward()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "size", "g"),
+    [("resnet18", 6, 64, 3), ("mobilenet_v3_small", 6, 64, 3)],
+)
+def test_torchvision_model_matches_reference(name: str, n: int, size: int, g: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=7).double()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), g)
+    gm = fxghost.transform(model, g)
+    assert len(fxghost.report(gm).rewritten) == sum(
+        type(m) is nn.BatchNorm2d for m in model.modules()
+    )
+    x = torch.randn(n, 3, size, size, dtype=torch.float64)
+    target = torch.randint(0, 7, (n,))
+    for step in range(2):
+        torch.manual_seed(step)  # dropout draws the same mask in both
+        out = _train_step(gm, x, target)
+        torch.manual_seed(step)
+        out_ref = _train_step(reference, x, target)
+        assert_close(out, out_ref, f"{name} step {step}: output", MODEL_TOL)
+        assert_same_state(model, reference, f"{name} step {step}", MODEL_TOL)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+        model.zero_grad()
+        reference.zero_grad()
+    gm.eval()
+    reference.eval()
+    small = x[:1]  # eval batch smaller than the ghost size
+    assert_close(gm(small), reference(small), f"{name} eval", MODEL_TOL)
+    assert_close(gm(small), model.eval()(small), f"{name} eval vs original model", MODEL_TOL)
