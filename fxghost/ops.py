@@ -101,10 +101,11 @@ def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) ->
     plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
     if plan.requested == 0:  # empty eval batch without running statistics
         return x.unsqueeze(0), None
-    body = plan.full * plan.size
-    main = x.narrow(0, 0, body).unflatten(0, (plan.full, plan.size))
-    tail = x.narrow(0, body, plan.tail).unsqueeze(0) if plan.tail else None
-    return main, tail
+    if not plan.tail:
+        return x.unflatten(0, (plan.full, plan.size)), None
+    # split, not narrow: narrow's backward zero-fills a full-size gradient per piece.
+    body, tail = x.split([plan.full * plan.size, plan.tail])
+    return body.unflatten(0, (plan.full, plan.size)), tail.unsqueeze(0)
 
 
 @_fx_leaf("ghost_norm")
