@@ -12,7 +12,7 @@ from torch import fx, nn
 from . import ops
 from ._plan import check_ghost_batch_size
 from ._report import GhostReport, LayerRecord, attach
-from ._select import BATCHNORM_TYPES, LayerSelector
+from ._select import LayerRule, LayerSelector, rule_for
 
 __all__ = ["ghost_batchnorm_pass"]
 
@@ -79,21 +79,34 @@ class _Records:
 
 
 def _emit_ghost_subgraph(
-    graph: fx.Graph, node: fx.Node, x: Any, module: nn.Module, g: int
+    graph: fx.Graph, node: fx.Node, x: Any, module: nn.Module, rule: LayerRule, g: int, name: str
 ) -> fx.Node:
-    base = node.name
-    name = str(node.target)
-    info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
+    """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``node``.
 
-    def make(op: str, target: Any, args: tuple[Any, ...], suffix: str, step: str) -> fx.Node:
-        new = graph.create_node(op, target, args, {}, name=f"{base}{suffix}")
+    ``name`` is the layer's qualified name in the user's model (for errors and provenance); the
+    node names derive from the original node's, and the last node takes it over, so downstream
+    code reads the same.
+    """
+    base = node.name
+    target = str(node.target)
+    info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
+    after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
+
+    def make(op: str, tgt: Any, args: tuple[Any, ...], suffix: str, step: str) -> fx.Node:
+        new = graph.create_node(op, tgt, args, {}, name=f"{base}{suffix}")
         new.meta = {**node.meta, "fxghost": {**info, "step": step}}
         return new
 
-    layer = make("get_attr", name, (), "_layer", "layer")
+    layer = make("get_attr", target, (), "_layer", "layer")
     view = make("call_function", ops.ghost_view, (x, layer, g, name), "_ghost_view", "view")
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "_ghost_norm", "normalize")
-    return make("call_function", ops.ghost_unview, (norm, name), "", "unview")
+    out = make(
+        "call_function", ops.ghost_unview, (norm, name), "_ghost_unview" if after else "", "unview"
+    )
+    for i, sub in enumerate(after):
+        last = i == len(after) - 1
+        out = make("call_module", f"{target}.{sub}", (out,), "" if last else f"_{sub}", sub)
+    return out
 
 
 def _mirror_state(source: nn.Module, target: nn.Module) -> None:
@@ -130,14 +143,17 @@ def ghost_batchnorm_pass(
     *,
     only: Iterable[str] | str | None = None,
     root: nn.Module | None = None,
+    prefix: str = "",
 ) -> fx.GraphModule:
-    """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` in ``gm`` into ghost
-    BatchNorm, and return a new GraphModule (``gm`` is left unchanged).
+    """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
+    with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
+    GraphModule (``gm`` is left unchanged).
 
     Use it on a GraphModule you traced yourself (custom tracer, leaf modules, ``concrete_args``)
     or between other FX passes. ``only`` narrows the rewrite to layers named by qualified name or
     glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
-    mirror (default: ``gm``), so that ``state_dict`` keys stay the same.
+    mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
+    qualified name inside a larger model, for layer names in reports, errors and ``only``.
 
     >>> import torch, fxghost
     >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
@@ -152,6 +168,25 @@ def ghost_batchnorm_pass(
             f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
         )
     selector = LayerSelector(only)
+    new_gm, records, candidates = _rewrite(gm, g, selector, root, prefix)
+    selector.check_all_matched(candidates)
+    attach(new_gm, GhostReport(ghost_batch_size=g, layers=records.values()))
+    return new_gm
+
+
+def _full(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def _rewrite(
+    gm: fx.GraphModule,
+    g: int,
+    selector: LayerSelector,
+    root: nn.Module | None,
+    prefix: str,
+) -> tuple[fx.GraphModule, _Records, list[str]]:
+    """The pass proper; returns the new GraphModule, its report entries and the candidate names
+    (so that a caller rewriting several pieces can check ``only`` against all of them)."""
     records = _Records()
     candidates: list[str] = []
     graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
@@ -161,36 +196,39 @@ def ghost_batchnorm_pass(
 
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = rule_for(module) if module is not None else None
         if module is not None:
             called.add(str(node.target))
-        if module is not None and type(module) in BATCHNORM_TYPES:
-            name = str(node.target)
+        if module is not None and rule is not None:
+            name = _full(prefix, str(node.target))
             candidates.append(name)
             if selector.selects(name):
                 x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
-                env[node] = _emit_ghost_subgraph(graph, node, x, module, g)
+                env[node] = _emit_ghost_subgraph(graph, node, x, module, rule, g, name)
                 records.add(_layer_record(name, module, True, "", g))
                 continue
-            records.add(_layer_record(name, module, False, f"not selected by {selector.describe()}", None))
+            reason = f"not selected by {selector.describe()}"
+            records.add(_layer_record(name, module, False, reason, None))
         elif module is not None and _is_batchnorm_like(module):
-            records.add(_layer_record(str(node.target), module, False, _skip_reason(module), None))
+            name = _full(prefix, str(node.target))
+            records.add(_layer_record(name, module, False, _skip_reason(module), None))
         elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
             records.add(
                 LayerRecord(
-                    name=node.name,
+                    name=_full(prefix, node.name),
                     kind=f"{getattr(node.target, '__name__', node.target)} call",
                     rewritten=False,
                     reason="functional batch_norm call: no module owns its statistics",
                 )
             )
-        elif node.op == "call_function" and node.target is ops.ghost_unview:
+        elif node.op == "call_function" and node.target is ops.ghost_norm:
+            layer_node = node.args[1]
             info = node.meta.get("fxghost", {})
-            layer_name = info.get("source_layer", node.name)
-            called.add(layer_name)
+            called.add(str(layer_node.target))  # type: ignore[union-attr]
             records.add(
                 _layer_record(
-                    layer_name,
-                    gm.get_submodule(layer_name),
+                    str(node.args[3]),
+                    gm.get_submodule(layer_node.target),  # type: ignore[union-attr,arg-type]
                     False,
                     f"already rewritten (ghost_batch_size={info.get('ghost_batch_size')})",
                     None,
@@ -198,24 +236,25 @@ def ghost_batchnorm_pass(
             )
         env[node] = graph.node_copy(node, lambda n: env[n])
 
-    selector.check_all_matched(candidates)
     source = root if root is not None else gm
     for name, module in source.named_modules():
-        if name and name not in called and name not in records and _is_batchnorm_like(module):
+        if name and name not in called and _is_batchnorm_like(module):
+            full = _full(prefix, name)
+            if full in records:
+                continue
             reason = (
                 "not called as a module in the traced graph (inside a leaf module, "
                 "traced into, or unused)"
             )
-            if type(module) not in BATCHNORM_TYPES:
+            if rule_for(module) is None:
                 reason = f"{_skip_reason(module)}; also {reason}"
-            records.add(_layer_record(name, module, False, reason, None))
+            records.add(_layer_record(full, module, False, reason, None))
 
     graph.lint()
     new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
     _mirror_state(source, new_gm)
-    new_gm.meta.update({k: v for k, v in gm.meta.items()})
-    attach(new_gm, GhostReport(ghost_batch_size=g, layers=records.values()))
+    new_gm.meta.update(gm.meta)
     new_gm.recompile()
     # Only the top-level flag: recursing would flip the caller's shared layers.
     new_gm.training = gm.training
-    return new_gm
+    return new_gm, records, candidates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tabulate import tabulate
@@ -42,6 +43,8 @@ class GhostReport:
 
     ghost_batch_size: int
     layers: list[LayerRecord] = field(default_factory=list)
+    #: Submodules left as Python code because they do not trace (``transform(strict=False)``).
+    untraced: list[Any] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[LayerRecord]:
@@ -77,18 +80,26 @@ class GhostReport:
         return tabulate(self.rows(), headers="keys", tablefmt=tablefmt)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.rewritten)} layer(s) rewritten with ghost_batch_size="
             f"{self.ghost_batch_size}, {len(self.skipped)} skipped"
         )
+        for part in self.untraced:
+            text += f"\nnot traced: {part.name}: {part.error}" + (
+                f" (at {part.location})" if part.location else ""
+            )
+        return text
 
     def __str__(self) -> str:
         return f"{self.table()}\n{self.summary()}"
 
 
-def report(gm: torch.fx.GraphModule) -> GhostReport:
+def report(gm: torch.nn.Module) -> GhostReport:
     """The :class:`GhostReport` of the pass that produced ``gm``."""
-    found = getattr(gm, "meta", {}).get(_META_KEY)
+    meta = getattr(gm, "meta", None)
+    found = meta.get(_META_KEY) if isinstance(meta, dict) else None
+    if found is None:
+        found = getattr(gm, "_" + _META_KEY, None)
     if found is None:
         raise ValueError(
             "fxghost: this GraphModule carries no fxghost report; it was not produced by "
@@ -97,5 +108,8 @@ def report(gm: torch.fx.GraphModule) -> GhostReport:
     return found  # type: ignore[no-any-return]
 
 
-def attach(gm: torch.fx.GraphModule, rep: GhostReport) -> None:
-    gm.meta[_META_KEY] = rep
+def attach(gm: torch.nn.Module, rep: GhostReport) -> None:
+    if isinstance(gm, torch.fx.GraphModule):
+        gm.meta[_META_KEY] = rep
+    else:  # a partly rewritten model: a plain attribute, not a submodule or state
+        object.__setattr__(gm, "_" + _META_KEY, rep)

@@ -1,17 +1,76 @@
-"""Which layers the pass rewrites: exact BatchNorm classes, optionally narrowed by name."""
+"""Which layers the pass rewrites: registered BatchNorm classes, optionally narrowed by name."""
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["BATCHNORM_TYPES", "LayerSelector"]
+__all__ = ["BATCHNORM_TYPES", "LayerRule", "LayerSelector", "register_batchnorm", "rule_for"]
 
-#: Matched by exact type, as ``torch.fx.experimental.optimization.fuse`` does: a subclass may
-#: change ``forward`` (SyncBatchNorm, timm's BatchNormAct2d), so rewriting it would be a guess.
 BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a BatchNorm-like layer is rewritten: ghost normalization with the layer's own
+    parameters and statistics, then the layer's submodules named in ``after``, in order."""
+
+    after: tuple[str, ...] = ()
+
+
+# Keyed by exact class, as ``torch.fx.experimental.optimization.fuse`` matches: a subclass may
+# change ``forward`` (SyncBatchNorm, FrozenBatchNorm), so rewriting it unasked would be a guess.
+# Third-party classes are keyed by qualified name so that fxghost need not import them.
+_RULES: dict[type[nn.Module] | str, LayerRule] = {
+    **{cls: LayerRule() for cls in BATCHNORM_TYPES},
+    # timm: BatchNorm2d.forward, then self.drop (dropout) and self.act (activation).
+    "timm.layers.norm_act.BatchNormAct2d": LayerRule(after=("drop", "act")),
+}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_batchnorm(cls: type[nn.Module], *, after: Iterable[str] = ()) -> type[nn.Module]:
+    """Teach fxghost a BatchNorm-like layer: a subclass of ``nn.BatchNorm1d/2d/3d`` whose forward
+    is BatchNorm's followed by its submodules ``after`` (e.g. ``("drop", "act")``).
+
+    Layers of exactly this class are then rewritten (and wrapped by the chunked reference, which
+    runs the layer's own forward per ghost batch). Returns ``cls``, so it works as a decorator.
+
+    >>> import torch, fxghost
+    >>> class BNReLU(torch.nn.BatchNorm1d):
+    ...     def __init__(self, n):
+    ...         super().__init__(n)
+    ...         self.act = torch.nn.ReLU()
+    ...     def forward(self, x):
+    ...         return self.act(super().forward(x))
+    >>> _ = fxghost.register_batchnorm(BNReLU, after=["act"])
+    >>> gm = fxghost.transform(torch.nn.Sequential(BNReLU(3)), ghost_batch_size=4)
+    >>> fxghost.report(gm).rewritten_names
+    ['0']
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.modules.batchnorm._BatchNorm)):
+        raise TypeError(
+            f"fxghost: register_batchnorm takes a subclass of nn.BatchNorm1d/2d/3d (fxghost "
+            f"reads its weight, bias, running statistics, momentum and eps), got {cls!r}"
+        )
+    names = (after,) if isinstance(after, str) else tuple(after)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"fxghost: after= takes submodule names (str), got {names!r}")
+    _RULES[cls] = LayerRule(after=names)
+    return cls
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rewrite rule for exactly this module's class, if it has one."""
+    cls = type(module)
+    rule = _RULES.get(cls)
+    return rule if rule is not None else _RULES.get(_qualname(cls))
 
 
 class LayerSelector:

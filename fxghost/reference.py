@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._plan import check_ghost_batch_size, plan_ghost_batches, uses_batch_stats
-from ._select import BATCHNORM_TYPES, LayerSelector
+from ._select import LayerSelector, rule_for
 
 __all__ = ["ChunkedGhostBatchNorm", "apply_chunked_ghost_batchnorm"]
 
@@ -60,14 +60,15 @@ class ChunkedGhostBatchNorm(nn.Module):
 def apply_chunked_ghost_batchnorm(
     model: nn.Module, ghost_batch_size: int, *, only: Iterable[str] | None = None
 ) -> nn.Module:
-    """Replace, in place, every exact ``nn.BatchNorm1d/2d/3d`` in ``model`` (or those named by
+    """Replace, in place, every exact ``nn.BatchNorm1d/2d/3d`` or registered BatchNorm-like layer
+    (:func:`fxghost.register_batchnorm`) in ``model`` (or those named by
     ``only``) with a :class:`ChunkedGhostBatchNorm` wrapping it, and return ``model`` (or the
     wrapper, when ``model`` is itself a BatchNorm).
 
     Module surgery: parameters are kept, but state_dict keys gain a ``.bn`` level.
     """
     g = check_ghost_batch_size(ghost_batch_size)
-    names = [n for n, m in model.named_modules() if type(m) in BATCHNORM_TYPES]
+    names = [n for n, m in model.named_modules() if rule_for(m) is not None]
     selector = LayerSelector(only)
     chosen = [n for n in names if selector.selects(n)]
     selector.check_all_matched(names)
