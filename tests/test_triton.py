@@ -1,0 +1,256 @@
+"""The Triton ghost-BN kernels against float64 torch formulas, on CPU under the Triton interpreter.
+
+``TRITON_INTERPRET=1`` only takes effect if it is set before triton is imported, and other test
+modules of the same pytest process import torch (and maybe triton) first. So the kernel checks are
+the ``check_*`` functions below, which the outer run does not collect: ``test_interpreted_checks``
+runs them in a fresh pytest subprocess with the variable set, and fails with that run's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# name: (per-sample shape (C, *spatial), memory format); the comment gives the kernels' layout.
+LAYOUTS: dict[str, tuple[tuple[int, ...], torch.memory_format]] = {
+    "nc": ((5,), torch.contiguous_format),  # C innermost, no spatial dims
+    "ncl": ((5, 7), torch.contiguous_format),  # spatial innermost
+    "nchw": ((5, 7, 5), torch.contiguous_format),  # spatial innermost
+    "nhwc": ((5, 7, 5), torch.channels_last),  # C innermost
+    "ncdhw": ((3, 2, 3, 2), torch.contiguous_format),  # spatial innermost
+    "ndhwc": ((3, 2, 3, 2), torch.channels_last_3d),  # C innermost
+}
+
+# (rtol, atol) of results rounded to the input dtype; float32 statistics get STATS_TOL.
+OUT_TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+STATS_TOL = (1e-5, 1e-5)
+EPS = 1e-5
+
+
+def test_interpreted_checks() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).resolve()),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_functions=check_*",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"interpreted Triton checks failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="needs a plain CPU process")
+def test_cpu_tensors_need_the_interpreter() -> None:
+    from fxghost import _triton
+
+    assert not _triton.supported(torch.randn(2, 3, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreted checks (collected only by the subprocess above)
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped(
+    layout: str, groups: int, per_group: int, dtype: torch.dtype, tail: bool = False
+) -> Tensor:
+    """A grouped view ``(G, c, C, *spatial)`` of an ``(N, C, *spatial)`` tensor in ``layout``.
+
+    ``tail`` takes the groups from the end of a larger batch, like fxghost's last, smaller ghost
+    batch: the view then starts at a nonzero storage offset.
+    """
+    sample, fmt = LAYOUTS[layout]
+    extra = 2 if tail else 0
+    x = torch.randn(groups * per_group + extra, *sample, dtype=torch.float64) * 2.0 + 0.5
+    x = x.to(dtype).contiguous(memory_format=fmt)[extra:]
+    return x.view(groups, per_group, *sample)
+
+
+def _dims(xg: Tensor) -> list[int]:
+    return [1, *range(3, xg.dim())]
+
+
+def _bcast(t: Tensor, xg: Tensor) -> Tensor:
+    """``(G, C)`` to ``(G, 1, C, 1...)``."""
+    return t.reshape(t.shape[0], 1, t.shape[1], *([1] * (xg.dim() - 3)))
+
+
+def _close(actual: Tensor, expected: Tensor, tol: tuple[float, float], what: str) -> None:
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _check_all(xg: Tensor, weight: Tensor | None) -> None:
+    """Every kernel on ``xg`` against float64 formulas on the same (rounded) values."""
+    from fxghost import _triton
+
+    assert _triton.supported(xg)
+    G, C = xg.shape[0], xg.shape[2]
+    count = xg[0, :, 0].numel()
+    out_tol = OUT_TOL[xg.dtype]
+    xd = xg.double()
+
+    mean, var = _triton.stats(xg)
+    var_ref, mean_ref = torch.var_mean(xd, dim=_dims(xg), correction=0)
+    assert mean.dtype == var.dtype == torch.float32
+    assert mean.shape == var.shape == (G, C)
+    _close(mean, mean_ref, STATS_TOL, "mean")
+    _close(var, var_ref, STATS_TOL, "var")
+
+    scale = torch.rand(G, C) + 0.5
+    shift = torch.randn(G, C)
+    y = _triton.normalize(xg, scale, shift)
+    assert y.dtype == xg.dtype and y.shape == xg.shape and y.stride() == xg.stride()
+    y_ref = xd * _bcast(scale.double(), xg) + _bcast(shift.double(), xg)
+    _close(y, y_ref, out_tol, "normalize")
+
+    # Backward against the float64 statistics, so only the kernels' own rounding is measured.
+    mean64, rstd64 = mean_ref, torch.rsqrt(var_ref + EPS)
+    mean32, rstd32 = mean64.float(), rstd64.float()
+    dy = torch.randn(xg.shape, dtype=torch.float64).to(xg.dtype)
+    dy = torch.empty_like(xg).copy_(dy)  # same strides as xg
+    sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean32, rstd32)
+    dyd = dy.double()
+    xhat = (xd - _bcast(mean32.double(), xg)) * _bcast(rstd32.double(), xg)
+    sum_dy_ref = dyd.sum(_dims(xg))
+    sum_dy_xhat_ref = (dyd * xhat).sum(_dims(xg))
+    assert sum_dy.dtype == sum_dy_xhat.dtype == torch.float32
+    assert sum_dy.shape == sum_dy_xhat.shape == (G, C)
+    _close(sum_dy, sum_dy_ref, (1e-5, 1e-4), "sum_dy")
+    _close(sum_dy_xhat, sum_dy_xhat_ref, (1e-5, 1e-4), "sum_dy_xhat")
+
+    dx = _triton.backward_apply(dy, xg, mean32, rstd32, weight, sum_dy, sum_dy_xhat, count)
+    assert dx.dtype == xg.dtype and dx.shape == xg.shape and dx.stride() == xg.stride()
+    w = 1.0 if weight is None else weight.double().reshape(1, 1, C, *([1] * (xg.dim() - 3)))
+    dx_ref = (
+        w
+        * _bcast(rstd32.double(), xg)
+        * (
+            dyd
+            - _bcast(sum_dy.double(), xg) / count
+            - xhat * _bcast(sum_dy_xhat.double(), xg) / count
+        )
+    )
+    _close(dx, dx_ref, out_tol, "backward_apply")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny tiles and many programs per group: multi-tile loops, partial tiles, split groups,
+    and partial merges over more than one chunk (more than 32 programs per group)."""
+    from fxghost import _triton
+
+    config = dataclasses.replace(
+        _triton._CONFIG,
+        reduce_tile=16,
+        apply_tile=16,
+        programs_per_sm=64,
+        min_tiles_per_program=1,
+    )
+    monkeypatch.setattr(_triton, "_CONFIG", config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def check_kernels(layout: str, dtype: torch.dtype) -> None:
+    groups = 1 + len(layout) % 4  # 1 to 4 groups, varying with the layout
+    weight = torch.rand(LAYOUTS[layout][0][0]) + 0.5 if dtype != torch.float16 else None
+    _check_all(_grouped(layout, groups, 3, dtype), weight)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def check_kernels_small_tiles(layout: str, small_tiles: None) -> None:
+    _check_all(_grouped(layout, 2, 3, torch.float32), torch.rand(LAYOUTS[layout][0][0]) + 0.5)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "ncl"])
+def check_tail_group(layout: str) -> None:
+    xg = _grouped(layout, 1, 2, torch.bfloat16, tail=True)
+    assert xg.storage_offset() > 0
+    _check_all(xg, None)
+
+
+def check_large_mean_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Centred accumulation: a mean of 1000 costs no precision (sum/sum-of-squares would)."""
+    from fxghost import _triton
+
+    # 32 tiles of 32 rows per group, split over several programs.
+    config = dataclasses.replace(_triton._CONFIG, reduce_tile=64, min_tiles_per_program=1)
+    monkeypatch.setattr(_triton, "_CONFIG", config)
+    x = torch.randn(8, 2, 16, 16, dtype=torch.float64) * 0.5 + 1000.0
+    xg = x.float().contiguous(memory_format=torch.channels_last).view(2, 4, 2, 16, 16)
+    mean, var = _triton.stats(xg)
+    var_ref, mean_ref = torch.var_mean(xg.double(), dim=_dims(xg), correction=0)
+    _close(mean, mean_ref, (1e-6, 0.0), "mean")
+    _close(var, var_ref, (1e-4, 0.0), "var")
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def check_matches_autograd(layout: str) -> None:
+    """stats + backward_reduce + backward_apply give autograd's input gradient of ghost BN."""
+    from fxghost import _triton
+
+    xg = _grouped(layout, 2, 3, torch.float32)
+    C = xg.shape[2]
+    weight = torch.rand(C) + 0.5
+    bias = torch.randn(C)
+    shape = [1, 1, C] + [1] * (xg.dim() - 3)
+
+    x64 = xg.double().requires_grad_()
+    var, mean = torch.var_mean(x64, dim=_dims(xg), correction=0, keepdim=True)
+    y = (x64 - mean) * torch.rsqrt(var + EPS) * weight.double().view(shape)
+    y = y + bias.double().view(shape)
+    dy = torch.randn(xg.shape, dtype=torch.float64)
+    (dx_ref,) = torch.autograd.grad(y, x64, dy)
+
+    mean32, var32 = _triton.stats(xg)
+    rstd32 = torch.rsqrt(var32 + EPS)
+    # dy arrives contiguous whatever xg's layout: the kernels must lay it out like xg.
+    dy32 = dy.float().contiguous()
+    sums = _triton.backward_reduce(dy32, xg, mean32, rstd32)
+    dx = _triton.backward_apply(dy32, xg, mean32, rstd32, weight, *sums, xg[0, :, 0].numel())
+    _close(dx, dx_ref, (1e-4, 1e-5), "dx")
+
+
+def check_supported() -> None:
+    from fxghost import _triton
+
+    x = torch.randn(8, 5, 4, 3)
+    assert _triton.supported(x.view(2, 4, 5, 4, 3))
+    assert _triton.supported(x.contiguous(memory_format=torch.channels_last).view(2, 4, 5, 4, 3))
+    assert not _triton.supported(x.double().view(2, 4, 5, 4, 3))
+    # Not dense: every other channel; nor a layout with samples innermost.
+    strided = torch.randn(8, 10, 4, 3)[:, ::2]
+    assert not _triton.supported(strided.view(2, 4, 5, 4, 3))
+    samples_inner = torch.randn(5, 4, 3, 8).permute(3, 0, 1, 2)
+    assert not _triton.supported(samples_inner.view(2, 4, 5, 4, 3))
+    assert not _triton.supported(torch.empty(0, 4, 5))
+    with pytest.raises(ValueError, match="unsupported"):
+        _triton.stats(strided.view(2, 4, 5, 4, 3))
