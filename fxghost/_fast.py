@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _math
+from . import _math, _triton
 
 __all__ = ["NormFn", "select"]
 
@@ -106,7 +106,11 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
         mean = layout.group_sum(x) / count
         # Two-pass variance: sum((x - mean)^2) stays accurate when |mean| >> std, unlike
         # E[x^2] - mean^2. The centred buffer then becomes the output, in place.
-        y = x - mean
+        # The output must not be a view made inside the Function (in-place ops downstream, such
+        # as ReLU(inplace=True), would be refused), so compute into a canonical view of it.
+        out = torch.empty_like(xg)
+        y = layout.canon(out)
+        torch.sub(x, mean, out=y)
         var = layout.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
         rstd = torch.rsqrt(var + eps)
         if weight is None:
@@ -117,7 +121,9 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
         ctx.count = count
         mean_s, var_s = layout.standard(mean), layout.standard(var)
         ctx.mark_non_differentiable(mean_s, var_s)
-        return layout.uncanon(y), mean_s, var_s
+        if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
+            out.copy_(layout.uncanon(y))
+        return out, mean_s, var_s
 
     @staticmethod
     @once_differentiable
@@ -152,10 +158,66 @@ def _torch_ops_norm(
     return _TorchOpsGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
+class _TritonGhostNorm(torch.autograd.Function):
+    """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
+    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        groups, channels = xg.shape[0], xg.shape[2]
+        mean, var = _triton.stats(xg)  # float32 (G, C)
+        rstd = torch.rsqrt(var + eps)
+        if weight is None:
+            scale, shift = rstd, -mean * rstd
+        else:
+            scale = rstd * weight.float()
+            shift = bias.float() - mean * scale  # type: ignore[union-attr]
+        y = _triton.normalize(xg, scale, shift)
+        ctx.save_for_backward(xg, weight, mean, rstd)
+        ctx.count = xg.numel() // (groups * channels)
+        shape = (groups, 1, channels, *([1] * (xg.dim() - 3)))
+        mean_s, var_s = mean.view(shape), var.view(shape)
+        ctx.mark_non_differentiable(mean_s, var_s)
+        return y, mean_s, var_s
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        xg, weight, mean, rstd = ctx.saved_tensors
+        sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean, rstd)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _triton.backward_apply(
+                dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, ctx.count
+            )
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = sum_dy_xhat.sum(0).to(weight.dtype)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def _triton_norm(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _TritonGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+
+
 def select(xg: Tensor) -> NormFn:
-    """The implementation for this input: fused where one applies, else the decomposition."""
+    """The implementation for this input.
+
+    Under ``torch.compile``: the decomposition, for inductor to fuse with neighbouring ops. In
+    eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or channels-last
+    layouts), else the torch-ops Function for float32/float64, else the decomposition.
+    """
     if torch.compiler.is_compiling():
         return _math.ghost_norm_decomposed
+    if _triton.supported(xg):
+        return _triton_norm
     if xg.dtype in (torch.float32, torch.float64):
         return _torch_ops_norm
     return _math.ghost_norm_decomposed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -11,6 +12,9 @@ from torch import nn
 
 import fxghost
 from fxghost.reference import apply_chunked_ghost_batchnorm
+
+#: Where run_side_by_side runs: FXGHOST_TEST_DEVICE=cuda checks the CUDA paths on a GPU machine.
+DEVICE = torch.device(os.environ.get("FXGHOST_TEST_DEVICE", "cpu"))
 
 # Per-dtype tolerances (rtol, atol): float64 checks the algebra, float32 the numerics.
 TOL = {
@@ -90,6 +94,7 @@ def run_side_by_side(
 
     Returns the GraphModule so callers can make further checks.
     """
+    model.to(DEVICE)
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), ghost_batch_size)
     gm = transformed if transformed is not None else fxghost.transform(model, ghost_batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -101,7 +106,7 @@ def run_side_by_side(
         if channels_last:
             fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             x = x.contiguous(memory_format=fmt)
-        x = x.to(dtype)
+        x = x.to(device=DEVICE, dtype=dtype)
         x_ref = x.detach().clone().requires_grad_(training)
         x_gm = x.detach().clone().requires_grad_(training)
         y_ref = reference(x_ref)
@@ -112,7 +117,7 @@ def run_side_by_side(
         if channels_last:
             assert y_gm.is_contiguous(memory_format=fmt), f"{what}: output lost channels_last"
         if training:
-            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
             y_ref.backward(dy)
             y_gm.backward(dy)
             assert_close(x_gm.grad, x_ref.grad, f"{what}: input grad")

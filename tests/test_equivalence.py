@@ -117,3 +117,28 @@ def test_per_layer_eval_is_honoured() -> None:
     torch.testing.assert_close(gm(x), reference(x), rtol=1e-9, atol=1e-10)
     assert torch.equal(model[2].running_mean, frozen)
     assert_same_state(model, reference, "after a step with one layer frozen")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_op_after_the_layer(dtype: torch.dtype, channels_last: bool) -> None:
+    # ReLU(inplace=True) right after BatchNorm, as in torchvision's ResNets.
+    model = nn.Sequential(make_bn("2d", dtype=torch.float32 if dtype != torch.float64 else dtype),
+                          nn.ReLU(inplace=True))
+    run_side_by_side(model, 4, [input_shape("2d", 12), input_shape("2d", 10)],
+                     [input_shape("2d", 3)], dtype=dtype, channels_last=channels_last)
+
+
+def test_non_dense_input() -> None:
+    # A strided slice (every other sample) is neither contiguous nor channels_last.
+    model = nn.Sequential(make_bn("2d"))
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    gm = fxghost.transform(model, 4)
+    base = torch.randn(24, 4, 5, 3, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    x = base[::2].requires_grad_()
+    y, y_ref = gm(x), reference(x)
+    torch.testing.assert_close(y, y_ref)
+    g1, = torch.autograd.grad(y.sum() + y.pow(2).sum(), x)
+    g2, = torch.autograd.grad(y_ref.sum() + y_ref.pow(2).sum(), x)
+    torch.testing.assert_close(g1, g2)

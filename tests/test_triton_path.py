@@ -1,0 +1,71 @@
+"""The whole pass through the Triton kernels, against the chunked reference.
+
+Runs on CPU under the Triton interpreter, in a subprocess (``TRITON_INTERPRET=1`` must be set
+before triton is imported; see test_triton.py). On a GPU machine the same checks run on CUDA tensors:
+``FXGHOST_TEST_DEVICE=cuda python -m pytest tests/test_triton_path.py -o python_functions=check_*``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import input_shape, make_bn, run_side_by_side
+from torch import nn
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pass_through_interpreted_triton() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
+           "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+def _require_triton_path() -> None:
+    from conftest import DEVICE
+
+    from fxghost import _fast
+
+    x = torch.zeros(1, 2, 3, device=DEVICE)
+    if _fast.select(x) is not _fast._triton_norm:
+        pytest.fail(f"the Triton path is not selected for a float32 tensor on {DEVICE}")
+
+
+CASES = [
+    ("2d", False, torch.float32, (16, 10)),
+    ("2d", True, torch.float32, (12, 9)),
+    ("1d_NC", False, torch.float32, (8, 11)),
+    ("2d", True, torch.bfloat16, (8, 6)),
+    ("3d", True, torch.float16, (6,)),
+]
+
+
+@pytest.mark.parametrize(("kind", "channels_last", "dtype", "ns"), CASES)
+def check_matches_reference(
+    kind: str, channels_last: bool, dtype: torch.dtype, ns: tuple[int, ...]
+) -> None:
+    _require_triton_path()
+    param_dtype = torch.float32
+    for momentum in (0.1, None):
+        bn = make_bn(kind, dtype=param_dtype, momentum=momentum)
+        model = nn.Sequential(bn, nn.ReLU(inplace=True))
+        run_side_by_side(
+            model, 4, [input_shape(kind, n) for n in ns], [input_shape(kind, 3)],
+            dtype=dtype, channels_last=channels_last,
+        )
+
+
+def check_affine_false() -> None:
+    _require_triton_path()
+    model = nn.Sequential(make_bn("2d", dtype=torch.float32, affine=False))
+    run_side_by_side(model, 3, [input_shape("2d", 9)], dtype=torch.float32)
