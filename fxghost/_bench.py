@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["IMPLS", "LayerCase", "ModelCase", "Result", "main"]
 
@@ -137,9 +137,9 @@ def model_cases(device: str, quick: bool) -> list[ModelCase]:
             ),
         ]
     # Compiling ResNet-18 with chunked BN takes minutes on 2 cores: only the MLP is compiled.
-    # Batch 64 in ghost batches of 16 keeps 4 ghost batches per layer.
+    # Batch 32 (a step takes over a second on 2 cores) in ghost batches of 8: 4 per layer.
     return [
-        ModelCase("resnet18", 64, (16,), image_size=64, compile=False),
+        ModelCase("resnet18", 32, (8,), image_size=64, compile=False),
         ModelCase("mlp", 1024, (32,), mlp_widths=(256, 512, 512, 10)),
     ]
 
@@ -352,10 +352,15 @@ def _make_bn(case: LayerCase, device: torch.device) -> nn.Module:
 
 def _layer_steps(case: LayerCase, g: int, device: torch.device) -> tuple[_Builder, dict[str, Any]]:
     """The step builder of one layer case, and the parameters to record."""
-    gen = torch.Generator(device="cpu").manual_seed(1)
+    # Drawn on the device: hundreds of MB on the GPU cases, slow to draw on the host.
+    gen = torch.Generator(device=device).manual_seed(1)
     fmt = torch.channels_last if case.channels_last else torch.contiguous_format
-    x = torch.randn(case.shape, generator=gen).to(device, case.dtype, memory_format=fmt)
-    dy = torch.randn(case.shape, generator=gen).to(device, case.dtype, memory_format=fmt)
+
+    def draw() -> Tensor:
+        t = torch.randn(case.shape, generator=gen, device=device)
+        return t.to(case.dtype, memory_format=fmt)
+
+    x, dy = draw(), draw()
     x.requires_grad_(True)  # dx is computed, as in a network
     base = _make_bn(case, device)
 

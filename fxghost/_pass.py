@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
+from ._dual import DualGraphModule
 from ._plan import check_ghost_batch_size
 from ._report import GhostReport, LayerRecord, attach
 from ._select import LayerRule, LayerSelector, rule_for
@@ -187,14 +188,49 @@ def _rewrite(
 ) -> tuple[fx.GraphModule, _Records, list[str]]:
     """The pass proper; returns the new GraphModule, its report entries and the candidate names
     (so that a caller rewriting several pieces can check ``only`` against all of them)."""
+    source = root if root is not None else gm
+    graph, records, candidates = _rewrite_graph(gm, gm.graph, g, selector, source, prefix)
+    if isinstance(gm, DualGraphModule):
+        other = gm.eval_graph if gm.graph is gm.train_graph else gm.train_graph
+        other_graph, other_records, _ = _rewrite_graph(gm, other, g, selector, source, prefix)
+        for record in other_records.values():
+            if record.name not in records:
+                records.add(record)
+        train_graph, eval_graph = (
+            (graph, other_graph) if gm.graph is gm.train_graph else (other_graph, graph)
+        )
+        new_gm: fx.GraphModule = DualGraphModule(
+            gm, train_graph, eval_graph, class_name=gm.__class__.__name__
+        )
+    else:
+        new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
+    _mirror_state(source, new_gm)
+    new_gm.meta.update(gm.meta)
+    new_gm.recompile()
+    # Only the top-level flag (and graph): recursing would flip the caller's shared layers.
+    if isinstance(new_gm, DualGraphModule) and not gm.training:
+        new_gm.graph = new_gm.eval_graph
+        new_gm._mode_graph_is_train = False
+    new_gm.training = gm.training
+    return new_gm, records, candidates
+
+
+def _rewrite_graph(
+    gm: fx.GraphModule,
+    old_graph: fx.Graph,
+    g: int,
+    selector: LayerSelector,
+    source: nn.Module,
+    prefix: str,
+) -> tuple[fx.Graph, _Records, list[str]]:
     records = _Records()
     candidates: list[str] = []
-    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = gm.graph._codegen
+    graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
+    graph._codegen = old_graph._codegen
     env: dict[fx.Node, fx.Node] = {}
     called: set[str] = set()
 
-    for node in gm.graph.nodes:
+    for node in old_graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         rule = rule_for(module) if module is not None else None
         if module is not None:
@@ -236,7 +272,6 @@ def _rewrite(
             )
         env[node] = graph.node_copy(node, lambda n: env[n])
 
-    source = root if root is not None else gm
     for name, module in source.named_modules():
         if name and name not in called and _is_batchnorm_like(module):
             full = _full(prefix, name)
@@ -251,10 +286,4 @@ def _rewrite(
             records.add(_layer_record(full, module, False, reason, None))
 
     graph.lint()
-    new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
-    _mirror_state(source, new_gm)
-    new_gm.meta.update(gm.meta)
-    new_gm.recompile()
-    # Only the top-level flag: recursing would flip the caller's shared layers.
-    new_gm.training = gm.training
-    return new_gm, records, candidates
+    return graph, records, candidates

@@ -93,6 +93,12 @@ def plan_ghost_batches(
     g = ghost_batch_size
     n = x.shape[0]
     kind = type(layer).__name__
+    if layer.training and n == 0:
+        raise ValueError(
+            f"fxghost: layer '{name}' ({kind}) got an empty training batch (N=0, "
+            f"ghost_batch_size={g}); BatchNorm cannot compute statistics of no samples. "
+            "Skip empty batches in training (eval accepts them)."
+        )
     if layer.training and n < g:
         raise ValueError(
             f"fxghost: layer '{name}' ({kind}) got a training batch of N={n} samples, smaller "

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ._dual import DualGraphModule
+
 __all__ = ["GhostTracer", "TracingError", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -76,8 +78,14 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace ``model``; on failure raise :class:`TracingError` with hints."""
     tracer = tracer if tracer is not None else GhostTracer()
+    flags = [(m, m.training) for m in model.modules()]
     try:
-        graph = tracer.trace(model, concrete_args)
+        # Trace in both modes: a forward that branches on self.training outside BatchNorm
+        # (F.dropout(training=self.training), auxiliary heads) differs between them.
+        model.train()
+        train_graph = tracer.trace(model, concrete_args)
+        model.eval()
+        eval_graph = tracer.trace(model, concrete_args)
     except Exception as err:
         where = _user_frame(err)
         raise TracingError(
@@ -93,5 +101,16 @@ def trace(
             "  - or trace the model yourself and call fxghost.ghost_batchnorm_pass(graph_module).",
             location=where,
         ) from err
+    finally:
+        for m, training in flags:  # never leave the caller's modes changed
+            m.training = training
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    if train_graph.python_code("self").src == eval_graph.python_code("self").src:
+        gm = fx.GraphModule(tracer.root, train_graph, name)
+    else:
+        gm = DualGraphModule(tracer.root, train_graph, eval_graph, name)
+        if not model.training:
+            gm.graph = eval_graph
+            gm._mode_graph_is_train = False
+    gm.training = model.training
+    return gm

@@ -403,3 +403,45 @@ def test_register_batchnorm_extension_point() -> None:
     run_side_by_side(model, 4, [(12, 3, 4, 4), (9, 3, 4, 4)], [(2, 3, 4, 4)], transformed=gm)
     with pytest.raises(TypeError, match="subclass of nn.BatchNorm"):
         fxghost.register_batchnorm(nn.LayerNorm)  # type: ignore[arg-type]
+
+
+class _TrainingBranch(nn.Module):
+    """A forward that branches on self.training outside BatchNorm (as timm heads do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(self.bn(x), p=0.5, training=self.training)
+        if self.training:
+            x = x + 1
+        return self.fc(x)
+
+
+def test_forward_branching_on_training_gets_one_graph_per_mode() -> None:
+    model = _TrainingBranch().double().eval()
+    gm = fxghost.transform(model, 4)
+    assert model.training is False and gm.training is False  # modes left as they were
+    assert "training = True" in gm.train_graph.python_code("self").src  # type: ignore[operator]
+    assert "training = False" in gm.code
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(gm(x), model(x))  # eval: no dropout, no +1
+    gm.train()
+    model.train()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = gm(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, reference(x))
+    assert set(gm.state_dict()) == set(model.state_dict())
+    gm.eval()
+    model.eval()
+    torch.testing.assert_close(gm(x[:2]), model(x[:2]))
+    copied = copy.deepcopy(gm)
+    copied.train()
+    assert "training = True" in copied.code
+    retraced = torch.fx.symbolic_trace(gm)  # re-tracing sees the current mode's graph
+    assert "training = False" in retraced.code
