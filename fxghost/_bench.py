@@ -106,11 +106,11 @@ def layer_cases(device: str, quick: bool) -> list[LayerCase]:
             LayerCase((256, 32), (32,)),
         ]
     if device == "cuda":
-        bf16_cl = {"dtype": torch.bfloat16, "channels_last": True}
+        bf16 = torch.bfloat16
         return [
-            LayerCase((256, 256, 56, 56), (32, 16), **bf16_cl),
-            LayerCase((512, 512, 28, 28), (32,), **bf16_cl),
-            LayerCase((256, 2048, 7, 7), (32,), **bf16_cl),
+            LayerCase((256, 256, 56, 56), (32, 16), bf16, channels_last=True),
+            LayerCase((512, 512, 28, 28), (32,), bf16, channels_last=True),
+            LayerCase((256, 2048, 7, 7), (32,), bf16, channels_last=True),
             LayerCase((256, 256, 56, 56), (32,)),
             LayerCase((16384, 512), (128, 256)),
         ]
@@ -343,10 +343,15 @@ def _make_bn(case: LayerCase, device: torch.device) -> nn.Module:
     bn = cls(channels)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        bn.weight.copy_(1 + 0.1 * torch.randn(channels, generator=gen))
-        bn.bias.copy_(0.1 * torch.randn(channels, generator=gen))
-        bn.running_mean.copy_(0.1 * torch.randn(channels, generator=gen))
-        bn.running_var.copy_(1 + 0.1 * torch.rand(channels, generator=gen))
+        values = {
+            "weight": 1 + 0.1 * torch.randn(channels, generator=gen),
+            "bias": 0.1 * torch.randn(channels, generator=gen),
+            "running_mean": 0.1 * torch.randn(channels, generator=gen),
+            "running_var": 1 + 0.1 * torch.rand(channels, generator=gen),
+        }
+        for name, t in [*bn.named_parameters(), *bn.named_buffers()]:
+            if name in values:
+                t.copy_(values[name])
     return bn.to(device)
 
 

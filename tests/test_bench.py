@@ -1,0 +1,105 @@
+"""The benchmark suite, run for real in --quick mode on CPU (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxghost import _bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    # A subprocess: the suite resets torch._dynamo and Inductor's caches, which must not leak
+    # into the other tests of this process.
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+
+
+def _load(path: Path) -> dict:
+    assert path.is_file(), f"no JSON written at {path}"
+    return json.loads(path.read_text())
+
+
+def _by_key(results: list[dict]) -> dict[tuple[str, str, str, int], set[str]]:
+    """Implementations present (without error) per (section, mode, case, g)."""
+    groups: dict[tuple[str, str, str, int], set[str]] = {}
+    for r in results:
+        key = (r["section"], r["mode"], r["case"], r["ghost_batch_size"])
+        groups.setdefault(key, set())
+        if r["error"] is None:
+            groups[key].add(r["impl"])
+    return groups
+
+
+def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    args = "benchmarks/run.py --quick --no-compile --device cpu --out".split()
+    result = _run(*args, str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = _load(out)
+
+    groups = _by_key(data["results"])
+    assert {k[0] for k in groups} == {"layer", "model"}
+    assert {k[1] for k in groups} == {"eager"}
+    for key, impls in groups.items():
+        assert impls == {"plain", "chunked", "fxghost"}, key
+    for r in data["results"]:
+        assert r["median_ms"] is not None and r["median_ms"] > 0
+        assert len(r["times_ms"]) >= 1
+        if r["impl"] == "plain":
+            assert r["speed_vs_plain"] == pytest.approx(1.0)
+        assert r["speed_vs_plain"] is not None and r["speed_vs_chunked"] is not None
+        if r["section"] == "model":
+            assert r["items_per_s"] is not None and r["items_per_s"] > 0
+    assert data["meta"]["device"] == "cpu" and data["meta"]["compile"] is False
+
+    # One table per section on stdout, progress on stderr.
+    assert result.stdout.count("median ms") == 2
+    for name in ("plain", "chunked", "fxghost", "vs plain", "samples/s"):
+        assert name in result.stdout
+    assert "[1/" in result.stderr and "layer eager" in result.stderr
+
+
+@pytest.mark.slow
+def test_quick_compiled_layer_case(tmp_path: Path) -> None:
+    out = tmp_path / "compiled.json"
+    args = "-m fxghost._bench --quick --sections layer --device cpu --out".split()
+    result = _run(*args, str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    compiled = [r for r in _load(out)["results"] if r["mode"] == "compiled"]
+    assert {r["impl"] for r in compiled} == {"plain", "chunked", "fxghost"}
+    for r in compiled:
+        assert r["error"] is None
+        assert r["first_call_s"] > 0 and r["graphs"] >= 1 and r["graph_breaks"] is not None
+    assert "compiled" in result.stdout
+
+
+def test_options_parse_and_reject() -> None:
+    parser = _bench.build_parser()
+    argv = "--sections model,layer --impls fxghost,plain --ghost-sizes 16,32 --repeats 3 --warmup 0"
+    args = parser.parse_args(argv.split())
+    assert args.sections == ["layer", "model"] and args.impls == ["plain", "fxghost"]
+    assert args.ghost_sizes == [16, 32] and args.repeats == 3 and args.warmup == 0
+    for bad in ("--sections layers", "--ghost-sizes 0", "--ghost-sizes a", "--repeats 0"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad.split())
+
+
+def test_ratios_are_speeds_within_a_case() -> None:
+    results = [
+        _bench.Result("layer", "eager", impl, "c", 32, median_ms=ms)
+        for impl, ms in (("plain", 2.0), ("chunked", 4.0), ("fxghost", 1.0))
+    ]
+    results.append(_bench.Result("layer", "eager", "fxghost", "other", 32, median_ms=1.0))
+    _bench._set_ratios(results)
+    plain, chunked, fx, other = results
+    assert fx.speed_vs_plain == 2.0 and fx.speed_vs_chunked == 4.0
+    assert chunked.speed_vs_plain == 0.5 and plain.speed_vs_chunked == 2.0
+    assert other.speed_vs_plain is None  # no plain in its case
