@@ -89,6 +89,17 @@ class _Layout:
         return stat.reshape(self.groups, 1, self.channels, *([1] * (len(self.shape) - 3)))
 
 
+def _param_grads(
+    ctx: Any, weight: Tensor | None, sum_dy: Tensor, sum_dy_xhat: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Weight and bias gradients from the per-(group, channel) sums: summed over the groups."""
+    if weight is None:
+        return None, None
+    grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[1] else None
+    grad_b = sum_dy.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[2] else None
+    return grad_w, grad_b
+
+
 class _TorchOpsGhostNorm(torch.autograd.Function):
     """Ghost normalization in a few large torch ops; any device, float32/float64.
 
@@ -137,7 +148,7 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
         sum_dy = layout.group_sum(g)
         buf = x - mean
         sum_dy_xhat = layout.group_sum(buf.mul_(g)) * rstd
-        grad_x = grad_w = grad_b = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             k = rstd if weight is None else rstd * layout.per_channel(weight)
             # dx = k * dy + b * x + c with per-(group, channel) b, c; built in the spent buffer.
@@ -145,10 +156,7 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
             c = -k * sum_dy / count - b * mean
             torch.mul(x, b, out=buf).add_(c)
             grad_x = layout.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sum_dy.sum(0).flatten().to(weight.dtype)
+        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
         return grad_x, grad_w, grad_b, None
 
 
@@ -189,15 +197,12 @@ class _TritonGhostNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
         sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean, rstd)
-        grad_x = grad_w = grad_b = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _triton.backward_apply(
                 dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, ctx.count
             )
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.sum(0).to(weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sum_dy.sum(0).to(weight.dtype)
+        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
         return grad_x, grad_w, grad_b, None
 
 
