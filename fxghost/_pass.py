@@ -129,6 +129,11 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
             target.register_buffer(bname, buf, persistent=persistent)
         elif not persistent:
             target._non_persistent_buffers_set.add(bname)
+    for bname in target._buffers:
+        # Tensor constants that tracing lifted out of forward (_tensor_constantN): state of the
+        # graph, not of the model, so they stay out of state_dict.
+        if bname not in source._buffers:
+            target._non_persistent_buffers_set.add(bname)
     for cname, child in source.named_children():
         existing = target._modules.get(cname)
         if existing is None:
@@ -136,6 +141,18 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
         elif existing is not child:
             existing.training = child.training
             _mirror_state(child, existing)
+    # The model's order, so that parameters() and state_dict() enumerate as the model's do (an
+    # optimizer's state_dict maps parameters by position).
+    for registry, reference in (
+        ("_parameters", source._parameters),
+        ("_buffers", source._buffers),
+        ("_modules", source._modules),
+    ):
+        current = getattr(target, registry)
+        ordered = {k: current[k] for k in reference if k in current}
+        ordered.update((k, v) for k, v in current.items() if k not in ordered)
+        current.clear()
+        current.update(ordered)
 
 
 def ghost_batchnorm_pass(

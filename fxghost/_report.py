@@ -96,20 +96,16 @@ class GhostReport:
 
 def report(gm: torch.nn.Module) -> GhostReport:
     """The :class:`GhostReport` of the pass that produced ``gm``."""
-    meta = getattr(gm, "meta", None)
-    found = meta.get(_META_KEY) if isinstance(meta, dict) else None
-    if found is None:
-        found = getattr(gm, "_" + _META_KEY, None)
+    found = getattr(gm, "_" + _META_KEY, None)
     if found is None:
         raise ValueError(
-            "fxghost: this GraphModule carries no fxghost report; it was not produced by "
+            "fxghost: this module carries no fxghost report; it was not produced by "
             "fxghost.transform or fxghost.ghost_batchnorm_pass (or it was re-created since)"
         )
     return found  # type: ignore[no-any-return]
 
 
 def attach(gm: torch.nn.Module, rep: GhostReport) -> None:
-    if isinstance(gm, torch.fx.GraphModule):
-        gm.meta[_META_KEY] = rep
-    else:  # a partly rewritten model: a plain attribute, not a submodule or state
-        object.__setattr__(gm, "_" + _META_KEY, rep)
+    # A plain attribute (not a submodule, not state): it survives pickling a GraphModule, which
+    # re-creates ``meta`` empty.
+    object.__setattr__(gm, "_" + _META_KEY, rep)

@@ -79,6 +79,7 @@ def trace(
     """Symbolically trace ``model``; on failure raise :class:`TracingError` with hints."""
     tracer = tracer if tracer is not None else GhostTracer()
     flags = [(m, m.training) for m in model.modules()]
+    attrs_before = set(model.__dict__)
     try:
         # Trace in both modes: a forward that branches on self.training outside BatchNorm
         # (F.dropout(training=self.training), auxiliary heads) differs between them.
@@ -87,6 +88,8 @@ def trace(
         model.eval()
         eval_graph = tracer.trace(model, concrete_args)
     except Exception as err:
+        for key in set(model.__dict__) - attrs_before:  # tensor constants of a partial trace
+            del model.__dict__[key]
         where = _user_frame(err)
         raise TracingError(
             f"fxghost could not symbolically trace {type(model).__name__}: "
@@ -113,4 +116,8 @@ def trace(
             gm.graph = eval_graph
             gm._mode_graph_is_train = False
     gm.training = model.training
+    # The tracer stores tensor constants of forward on the root (setattr(root, "_tensor_constantN"));
+    # the GraphModule now holds its own references, so take them off the caller's model.
+    for key in set(model.__dict__) - attrs_before:
+        del model.__dict__[key]
     return gm

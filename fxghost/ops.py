@@ -152,4 +152,10 @@ def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
     flat = main.flatten(0, 1)
     if tail is None:
         return flat
-    return torch.cat([flat, tail.flatten(0, 1)])
+    out = torch.cat([flat, tail.flatten(0, 1)])
+    # cat picks contiguous when a one-sample tail's layout is ambiguous; keep the input's.
+    if flat.dim() in (4, 5) and flat.shape[0] > 1:
+        fmt = torch.channels_last if flat.dim() == 4 else torch.channels_last_3d
+        if flat.is_contiguous(memory_format=fmt) and not out.is_contiguous(memory_format=fmt):
+            out = out.contiguous(memory_format=fmt)
+    return out
