@@ -293,7 +293,7 @@ def test_model_matches_reference(case: Case) -> None:
 @pytest.mark.parametrize("name", sorted(UNTRACEABLE))
 def test_untraceable_model(name: str) -> None:
     pytest.skip(
-        f"{name}: symbolic tracing fails ({UNTRACEABLE[name]}); partial tracing will handle it"
+        f"{name}: symbolic tracing fails ({UNTRACEABLE[name]}); the whole model is covered by partial rewriting (tests/test_detection.py)"
     )
 
 
