@@ -337,12 +337,5 @@ def test_ddp_batch_smaller_than_ghost_size_raises_on_that_rank(
     _assert_ok(results, "small_batch")
 
 
-def test_runtime_is_reasonable(results: dict[tuple[str, int], dict[str, Any]]) -> None:
-    # Not a benchmark: only catches a scenario that silently became very slow (e.g. recompiles).
-    for (name, rank), r in results.items():
-        print(f"{name} rank {rank}: {r['seconds']:.1f} s")
-        assert r["seconds"] < 120, f"{name} on rank {rank} took {r['seconds']:.0f} s"
-
-
 if os.name != "posix":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="file:// rendezvous and spawn tested on POSIX only")

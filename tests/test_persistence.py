@@ -93,7 +93,8 @@ _LOADER = textwrap.dedent(
                 for n in gm.graph.nodes
                 if n.op == "call_function" and n.target is fxghost.ops.ghost_norm
             ],
-            "state_keys": sorted(gm.state_dict()),
+            "state_keys": list(gm.state_dict()),
+            "rewritten": fxghost.report(gm).rewritten_names,
         }
         gm.train()
         x = data["train"].clone().requires_grad_(True)
@@ -185,8 +186,10 @@ def test_pickled_graph_module_in_fresh_process(name: str, saved: dict[str, Saved
     # their provenance, not be traced through.
     assert got["is_graph_module"], got["type"]
     assert got["ghost_norm_layers"] == nodes
+    assert got["rewritten"] == fxghost.report(gm).rewritten_names
+    # The model's state_dict keys, in its order: the unused layer in, the non-persistent out.
+    assert got["state_keys"] == list(model.state_dict())
     # Same code, same data, same thread count: bit-identical.
-    assert got["state_keys"] == sorted(model.state_dict())
     assert torch.equal(got["train_out"], y.detach())
     assert torch.equal(got["input_grad"], xg.grad)
     assert got["grads"].keys() == grads.keys()
@@ -204,9 +207,9 @@ def test_pickled_graph_module_in_fresh_process(name: str, saved: dict[str, Saved
 def test_state_dict_round_trips_with_the_original_model() -> None:
     model = Net(seed=0)
     gm = fxghost.transform(model, G)
-    # Same keys: the unused BatchNorm is in both, the non-persistent buffer in neither. (Their
-    # order differs: see test_parameter_and_state_dict_order_match_the_model.)
-    assert set(gm.state_dict()) == set(model.state_dict())
+    # Same keys in the same order: the unused BatchNorm is in both, the non-persistent buffer in
+    # neither.
+    assert list(gm.state_dict()) == list(model.state_dict())
     assert "bn_unused.running_mean" in gm.state_dict() and "scale" not in gm.state_dict()
 
     # GraphModule -> plain model.
@@ -284,27 +287,39 @@ class ConstantNet(nn.Module):
 
 
 def test_state_dict_keys_with_tensor_constants_in_forward() -> None:
-    model = ConstantNet()
+    """Tensors that tracing lifts out of forward (``_tensor_constantN``) belong to the graph:
+    not in state_dict, so strict loading works both ways; and they survive pickling."""
+    model = ConstantNet().double()
     gm = fxghost.transform(model, G)
-    assert set(gm.state_dict()) == set(model.state_dict())
+    assert list(gm.state_dict()) == list(model.state_dict())
     model.load_state_dict(gm.state_dict(), strict=True)
     gm.load_state_dict(model.state_dict(), strict=True)
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_parameter_and_state_dict_order_match_the_model() -> None:
+    """An optimizer's state_dict maps parameters by position: one saved from an optimizer over
+    ``gm.parameters()`` must resume an optimizer over ``model.parameters()``."""
     model = Net(seed=0)  # bn_unused is defined before head but never called
     gm = fxghost.transform(model, G)
+    assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in gm.named_buffers()] == [n for n, _ in model.named_buffers()]
     opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
     gm.train()(torch.randn(8, 3, 5, 5, dtype=torch.float64)).sum().backward()
     opt.step()
-    # Resuming training of the plain model from the optimizer checkpoint.
     resumed = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     resumed.load_state_dict(opt.state_dict())
-    for p in model.parameters():
-        buf = resumed.state.get(p, {}).get("momentum_buffer")
-        assert buf is None or buf.shape == p.shape
-    assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
-    assert list(gm.state_dict()) == list(model.state_dict())
+    for p in model.parameters():  # the same tensors: each must get its own momentum back
+        if p in opt.state:
+            assert torch.equal(resumed.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+        else:
+            assert p not in resumed.state
 
 
 def test_report_survives_pickling() -> None:
