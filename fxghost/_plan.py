@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_int
 
 __all__ = ["GhostPlan", "check_ghost_batch_size", "plan_ghost_batches", "uses_batch_stats"]
 
@@ -109,10 +110,18 @@ def plan_ghost_batches(
     if n == 0:
         # Only reachable in eval without running statistics; handled by the caller.
         return GhostPlan(requested=0, size=0, full=0, tail=0)
-    requested = (n + g - 1) // g
-    size = (n + requested - 1) // requested
-    full = n // size
-    tail = n - full * size
+    if n % g == 0:
+        # The common case, and the one torch.compile keeps symbolic in N (a divisibility guard):
+        # nested ceil-divisions of a symbolic N send sympy's simplifier into minutes of work.
+        requested, size, full, tail = n // g, g, n // g, 0
+    else:
+        if isinstance(n, torch.SymInt):
+            # Uneven batches (an epoch's last) are rare: specialize on N instead.
+            n = guard_int(n)
+        requested = (n + g - 1) // g
+        size = (n + requested - 1) // requested
+        full = n // size
+        tail = n - full * size
     per_sample = x.numel() // (n * x.shape[1])
     smallest = tail if tail else size
     if smallest * per_sample == 1:
