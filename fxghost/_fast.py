@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _math, _triton
+from . import _cpu, _math, _triton
 
 __all__ = ["NormFn", "select"]
 
@@ -88,6 +88,29 @@ class _Layout:
         """Per-group statistics in the ``(G, 1, C, 1...)`` shape of :mod:`fxghost._math`."""
         return stat.reshape(self.groups, 1, self.channels, *([1] * (len(self.shape) - 3)))
 
+    def dense(self, t: Tensor) -> Tensor | None:
+        """``t`` as the contiguous ``(G, A, C, S)`` view the CPU kernels take (``S == 1`` for
+        rows), or ``None`` when that is not a view of ``t``."""
+        c = self.canon(t)
+        c = c.unsqueeze(-1) if self.rows else c
+        if not c.is_contiguous() or c.data_ptr() != t.data_ptr():
+            return None
+        return c
+
+
+def _forward_outputs(
+    ctx: Any, layout: _Layout, xg: Tensor, weight: Tensor | None, stats: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """What every Function's forward ends with: save ``x``, ``weight`` and the per-group
+    ``(mean, rstd)`` for backward, and return ``(mean, var)`` in the standard shape, marked
+    non-differentiable. ``stats`` is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
+    mean, rstd, var = stats
+    ctx.save_for_backward(xg, weight, mean, rstd)
+    ctx.count = xg.numel() // (layout.groups * layout.channels)
+    mean_s, var_s = layout.standard(mean), layout.standard(var)
+    ctx.mark_non_differentiable(mean_s, var_s)
+    return mean_s, var_s
+
 
 def _param_grads(
     ctx: Any, weight: Tensor | None, sum_dy: Tensor, sum_dy_xhat: Tensor
@@ -128,10 +151,7 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
             y.mul_(rstd)
         else:
             y.mul_(rstd * layout.per_channel(weight)).add_(layout.per_channel(bias))  # type: ignore[arg-type]
-        ctx.save_for_backward(xg, weight, mean, rstd)
-        ctx.count = count
-        mean_s, var_s = layout.standard(mean), layout.standard(var)
-        ctx.mark_non_differentiable(mean_s, var_s)
+        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
         return out, mean_s, var_s
@@ -174,20 +194,16 @@ class _TritonGhostNorm(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        groups, channels = xg.shape[0], xg.shape[2]
         mean, var = _triton.stats(xg)  # float32 (G, C)
         rstd = torch.rsqrt(var + eps)
+        layout = _Layout(xg)
         if weight is None:
             scale, shift = rstd, -mean * rstd
         else:
             scale = rstd * weight.float()
             shift = bias.float() - mean * scale  # type: ignore[union-attr]
         y = _triton.normalize(xg, scale, shift)
-        ctx.save_for_backward(xg, weight, mean, rstd)
-        ctx.count = xg.numel() // (groups * channels)
-        shape = (groups, 1, channels, *([1] * (xg.dim() - 3)))
-        mean_s, var_s = mean.view(shape), var.view(shape)
-        ctx.mark_non_differentiable(mean_s, var_s)
+        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
         return y, mean_s, var_s
 
     @staticmethod
@@ -212,17 +228,80 @@ def _triton_norm(
     return _TritonGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
+class _CpuKernelGhostNorm(torch.autograd.Function):
+    """Ghost normalization in the fused C kernels of :mod:`fxghost._cpu` (CPU, float32/float64,
+    dense inputs): forward reads x twice and writes y once; backward reads x and dy twice and
+    writes dx once, one ghost batch at a time so that the second read comes from cache."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        layout = _Layout(xg)
+        out = torch.empty_like(xg)
+        # select() checked that xg is dense; empty_like gives out the same strides.
+        x, y = layout.dense(xg), layout.dense(out)
+        mean, var, rstd = _cpu.forward(x, y, _as_param(weight, xg), _as_param(bias, xg), eps)
+        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
+        return out, mean_s, var_s
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        xg, weight, mean, rstd = ctx.saved_tensors
+        layout = _Layout(xg)
+        g = layout.dense(dy)
+        if g is None:  # the incoming gradient may have any layout: bring it to x's
+            g = layout.dense(torch.empty_like(xg).copy_(dy))
+        grad_x = torch.empty_like(xg) if ctx.needs_input_grad[0] else None
+        sum_dy, sum_dy_xhat = _cpu.backward(
+            g,  # type: ignore[arg-type]
+            layout.dense(xg),  # type: ignore[arg-type]
+            _as_param(weight, xg),
+            mean,
+            rstd,
+            None if grad_x is None else layout.dense(grad_x),
+        )
+        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
+        return grad_x, grad_w, grad_b, None
+
+
+def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
+    """A weight or bias as a contiguous vector in the input's dtype, as the C kernels read it."""
+    return None if p is None else p.detach().to(like.dtype).contiguous()
+
+
+def _cpu_kernel_norm(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+
+
+def _cpu_kernels_apply(xg: Tensor) -> bool:
+    return (
+        xg.device.type == "cpu"
+        and xg.dtype in (torch.float32, torch.float64)
+        and _Layout(xg).dense(xg) is not None
+        and _cpu.available()
+    )
+
+
 def select(xg: Tensor) -> NormFn:
     """The implementation for this input.
 
     Under ``torch.compile``: the decomposition, for inductor to fuse with neighbouring ops. In
     eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or channels-last
-    layouts), else the torch-ops Function for float32/float64, else the decomposition.
+    layouts); on CPU the compiled C kernels for dense float32/float64 inputs; else the torch-ops
+    Function for float32/float64, else the decomposition.
     """
     if torch.compiler.is_compiling():
         return _math.ghost_norm_decomposed
     if _triton.supported(xg):
         return _triton_norm
+    if _cpu_kernels_apply(xg):
+        return _cpu_kernel_norm
     if xg.dtype in (torch.float32, torch.float64):
         return _torch_ops_norm
     return _math.ghost_norm_decomposed

@@ -8,6 +8,7 @@ variance; running_var takes the unbiased one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -70,6 +71,17 @@ def ghost_norm_decomposed(
     return y.to(xg.dtype), mean, var
 
 
+def _ema_weights(a: float, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``a * (1 - a) ** (count - j)`` for ghost batch ``j = 1..count``: the weight of its
+    statistics in the running statistics once all ``count`` updates are done."""
+    later = torch.arange(count - 1, -1, -1, device=device, dtype=dtype)
+    return a * torch.pow(1.0 - a, later)
+
+
+# In eager mode the weights depend only on (momentum, batch shape): build them once, not per step.
+_cached_ema_weights = functools.lru_cache(maxsize=256)(_ema_weights)
+
+
 @torch.no_grad()
 def update_running_stats(
     running_mean: Tensor,
@@ -92,18 +104,16 @@ def update_running_stats(
     ``(t0 R0 + sum_j s_j) / (t0 + M)``.
     """
     channels = running_mean.shape[0]
-    means = torch.cat([m.reshape(-1, channels) for m, _, _ in groups])
-    unbiased = torch.cat(
-        [v.reshape(-1, channels) * (count / (count - 1)) for _, v, count in groups]
-    )
-    count = means.shape[0]
-    dtype = means.dtype
+    count = sum(m.numel() // channels for m, _, _ in groups)
+    dtype = groups[0][0].dtype
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError(
                 "fxghost: momentum=None (cumulative average) needs num_batches_tracked; "
                 "this BatchNorm has none"
             )
+        means = torch.cat([m.reshape(-1, channels) for m, _, _ in groups])
+        unbiased = torch.cat([v.reshape(-1, channels) * (n / (n - 1)) for _, v, n in groups])
         seen = num_batches_tracked.to(dtype)
         total = seen + count
         keep = seen / total
@@ -111,12 +121,19 @@ def update_running_stats(
         new_var = running_var.to(dtype) * keep + unbiased.sum(0) / total
     else:
         a = momentum / requested
-        # Ghost batch j of M (1-based) is followed by M - j more updates, each scaling it by (1-a).
-        later = torch.arange(count - 1, -1, -1, device=means.device, dtype=dtype)
-        weights = (a * torch.pow(1.0 - a, later)).unsqueeze(1)
-        keep = (1.0 - a) ** count
-        new_mean = running_mean.to(dtype) * keep + (weights * means).sum(0)
-        new_var = running_var.to(dtype) * keep + (weights * unbiased).sum(0)
+        build = _ema_weights if torch.compiler.is_compiling() else _cached_ema_weights
+        weights = build(a, count, dtype, groups[0][0].device)
+        new_mean, new_var = running_mean.to(dtype), running_var.to(dtype)
+        start, beta = 0, (1.0 - a) ** count
+        for mean, var, n in groups:
+            k = mean.numel() // channels
+            w = weights[start : start + k]
+            # One matrix-vector product per statistic: the weighted sum over ghost batches.
+            new_mean = torch.addmv(new_mean, mean.reshape(k, channels).t(), w, beta=beta)
+            new_var = torch.addmv(
+                new_var, var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1)
+            )
+            start, beta = start + k, 1.0
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     if num_batches_tracked is not None:

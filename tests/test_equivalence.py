@@ -10,9 +10,28 @@ from conftest import BN_SHAPES, assert_same_state, input_shape, make_bn, run_sid
 from torch import nn
 
 import fxghost
+from fxghost import _cpu, _fast
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 KINDS = list(BN_SHAPES)
+
+
+@pytest.fixture(
+    autouse=True,
+    params=[
+        pytest.param(
+            "cpu_kernels",
+            marks=pytest.mark.skipif(not _cpu.available(), reason="no C compiler here"),
+        ),
+        "torch_ops",
+    ],
+)
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both CPU paths: the compiled kernels and the torch-ops fallback
+    that machines without a C compiler use."""
+    if request.param == "torch_ops":
+        monkeypatch.setattr(_fast, "_cpu_kernels_apply", lambda xg: False)
+    return str(request.param)
 
 # (N values for the training steps, g): divisible, uneven, fewer chunks than requested, g=1.
 BATCHES = [

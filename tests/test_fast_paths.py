@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from fxghost import _fast, _math
+from fxghost import _cpu, _fast, _math
+
+needs_kernels = pytest.mark.skipif(
+    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+)
+# The CPU Functions: the compiled C kernels and the torch-ops fallback used without a compiler.
+CPU_IMPLS = [
+    pytest.param(_fast._cpu_kernel_norm, id="cpu_kernels", marks=needs_kernels),
+    pytest.param(_fast._torch_ops_norm, id="torch_ops"),
+]
 
 GROUPED = {
     "tabular": (3, 4, 5),
@@ -27,25 +40,29 @@ def _grouped(name: str, channels_last: bool, dtype: torch.dtype) -> torch.Tensor
 CASES = [(n, False) for n in GROUPED] + [("nchw", True), ("ncdhw", True)]
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_torch_ops_function_gradcheck(name: str, channels_last: bool, affine: bool) -> None:
+def test_cpu_function_gradcheck(
+    impl: _fast.NormFn, name: str, channels_last: bool, affine: bool
+) -> None:
     xg = _grouped(name, channels_last, torch.float64).requires_grad_()
     channels = xg.shape[2]
     w = torch.rand(channels, dtype=torch.float64, requires_grad=affine) + 0.5 if affine else None
     b = torch.randn(channels, dtype=torch.float64, requires_grad=affine) if affine else None
 
     def f(*args: torch.Tensor) -> torch.Tensor:
-        return _fast._torch_ops_norm(args[0], *(args[1:] if affine else (None, None)), 1e-5)[0]
+        return impl(args[0], *(args[1:] if affine else (None, None)), 1e-5)[0]
 
     inputs = (xg, w, b) if affine else (xg,)
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_ops_function_matches_decomposition(
-    name: str, channels_last: bool, dtype: torch.dtype
+def test_cpu_function_matches_decomposition(
+    impl: _fast.NormFn, name: str, channels_last: bool, dtype: torch.dtype
 ) -> None:
     xg = _grouped(name, channels_last, dtype)
     channels = xg.shape[2]
@@ -53,7 +70,7 @@ def test_torch_ops_function_matches_decomposition(
     b = torch.randn(channels).to(dtype).requires_grad_()
     dy = torch.randn(xg.shape, dtype=dtype)
     results = []
-    for fn in (_fast._torch_ops_norm, _math.ghost_norm_decomposed):
+    for fn in (impl, _math.ghost_norm_decomposed):
         x = xg.detach().clone().requires_grad_()
         y, mean, var = fn(x, w, b, 1e-5)
         (y * dy).sum().backward()
@@ -65,6 +82,83 @@ def test_torch_ops_function_matches_decomposition(
     assert results[0][6] == xg.stride(), "output layout differs from the input's"
 
 
-def test_select_routes_by_dtype_and_compile() -> None:
-    assert _fast.select(torch.zeros(1, 2, 3)) is _fast._torch_ops_norm
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 3, 8])
+@pytest.mark.parametrize(("shape", "channels_last"), [((16, 24), False), ((6, 5, 7, 9), False), ((6, 5, 7, 9), True)])
+def test_cpu_kernels_split_between_threads(
+    monkeypatch: pytest.MonkeyPatch, groups: int, shape: tuple[int, ...], channels_last: bool
+) -> None:
+    """Work is split by groups, or by channels when there are fewer groups than threads (a
+    tail group): every split gives the single-thread result."""
+    x = torch.randn(groups * shape[0], *shape[1:], dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xg = x.unflatten(0, (groups, shape[0]))
+    w, b = torch.rand(shape[1], dtype=torch.float64) + 0.5, torch.randn(shape[1], dtype=torch.float64)
+    dy = torch.randn(xg.shape, dtype=torch.float64)
+
+    def run(threads: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
+        x = xg.detach().clone().requires_grad_()
+        wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y, mean, var = _fast._cpu_kernel_norm(x, wi, bi, 1e-5)
+        y.backward(dy)
+        return [y, mean, var, x.grad, wi.grad, bi.grad]
+
+    single = run(1)
+    for threads in (2, 3, 5):
+        for got, want in zip(run(threads), single, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+def test_cpu_kernels_take_any_gradient_layout() -> None:
+    """The incoming gradient may be laid out unlike x (here: transposed storage)."""
+    xg = _grouped("nchw", False, torch.float64)
+    w = torch.rand(xg.shape[2], dtype=torch.float64) + 0.5
+    b = torch.randn(xg.shape[2], dtype=torch.float64)
+    dy = torch.randn(tuple(reversed(xg.shape)), dtype=torch.float64).permute(4, 3, 2, 1, 0)
+    grads = []
+    for fn in (_fast._cpu_kernel_norm, _math.ghost_norm_decomposed):
+        x = xg.detach().clone().requires_grad_()
+        fn(x, w, b, 1e-5)[0].backward(dy)
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+def test_select_routes_by_device_dtype_layout_and_compile() -> None:
+    cpu_fn = _fast._cpu_kernel_norm if _cpu.available() else _fast._torch_ops_norm
+    assert _fast.select(torch.zeros(1, 2, 3)) is cpu_fn
+    channels_last = torch.zeros(8, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert _fast.select(channels_last.unflatten(0, (2, 4))) is cpu_fn
+    # Not a dense view (every other sample): the kernels need one, torch ops do not.
+    assert _fast.select(torch.zeros(2, 8, 3)[:, ::2]) is _fast._torch_ops_norm
     assert _fast.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is _math.ghost_norm_decomposed
+
+
+def test_cpu_kernels_can_be_switched_off() -> None:
+    """FXGHOST_CPU_KERNELS=0 falls back to torch ops (and compiles nothing)."""
+    code = (
+        "import torch; from fxghost import _cpu, _fast; "
+        "assert not _cpu.available(); "
+        "assert _fast.select(torch.zeros(1, 2, 3)) is _fast._torch_ops_norm"
+    )
+    env = {**os.environ, "FXGHOST_CPU_KERNELS": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+
+
+@needs_kernels
+def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory) -> None:
+    """A fresh cache directory gets one compiled object; a second process reuses it."""
+    code = "from fxghost import _cpu; print(_cpu.library_path())"
+    env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
+    paths = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, timeout=300,
+            capture_output=True, text=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert paths[0] == paths[1]
+    assert os.path.dirname(paths[0]) == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(paths[0])]
