@@ -90,12 +90,11 @@ class _Layout:
 
     def dense(self, t: Tensor) -> Tensor | None:
         """``t`` as the contiguous ``(G, A, C, S)`` view the CPU kernels take (``S == 1`` for
-        rows), or ``None`` when that is not a view of ``t``."""
-        c = self.canon(t)
-        c = c.unsqueeze(-1) if self.rows else c
-        if not c.is_contiguous() or c.data_ptr() != t.data_ptr():
-            return None
-        return c
+        rows), or ``None`` when ``t``'s strides do not allow that view."""
+        if self.rows:
+            t = t.movedim(2, -1)
+            return t.reshape(self.groups, -1, self.channels, 1) if t.is_contiguous() else None
+        return t.reshape(self.groups, self.shape[1], self.channels, -1) if t.is_contiguous() else None
 
 
 def _forward_outputs(
