@@ -118,6 +118,7 @@ def layer_cases(device: str, quick: bool) -> list[LayerCase]:
     return [
         LayerCase((256, 64, 16, 16), (32,)),
         LayerCase((256, 64, 16, 16), (16,), compile=False),
+        LayerCase((256, 64, 16, 16), (32,), channels_last=True, compile=False),
         LayerCase((4096, 256), (128,)),
         LayerCase((4096, 256), (32,), compile=False),
     ]

@@ -53,27 +53,30 @@ class DualGraphModule(fx.GraphModule):
         return res  # type: ignore[no-any-return]
 
     def __reduce__(self) -> Any:
-        # GraphModule pickles only the current code; keep both graphs by pickling their code
-        # through two plain GraphModules over the same submodules.
-        train_gm = fx.GraphModule(self, self.train_graph)
-        eval_gm = fx.GraphModule(self, self.eval_graph)
-        return (_rebuild, (train_gm, eval_gm, type(self).__name__, self.training, self.meta))
+        # GraphModule pickles its __dict__ and the current graph's code, and rebuilds by
+        # re-tracing that code. Here both graphs travel as the code of two plain GraphModules,
+        # and the __dict__ itself (every submodule, parameter and buffer in the model's order,
+        # buffer persistence, the report) restores this module exactly: a GraphModule rebuilt
+        # from a graph alone would keep only what that graph references.
+        state = {k: v for k, v in self.__dict__.items() if k not in _GRAPH_ATTRS}
+        graphs = (fx.GraphModule(self, self.train_graph), fx.GraphModule(self, self.eval_graph))
+        return (_rebuild, (state, graphs, self._mode_graph_is_train, type(self).__name__))
+
+
+# Graphs are not picklable: they are rebuilt from code.
+_GRAPH_ATTRS = ("_graph", "train_graph", "eval_graph")
 
 
 def _rebuild(
-    train_gm: fx.GraphModule, eval_gm: fx.GraphModule, class_name: str, training: bool,
-    meta: dict[str, Any],
+    state: dict[str, Any],
+    graphs: tuple[fx.GraphModule, fx.GraphModule],
+    train_mode: bool,
+    class_name: str,
 ) -> DualGraphModule:
-    root = nn.Module()
-    for source in (train_gm, eval_gm):
-        for name, child in source.named_children():
-            if not hasattr(root, name):
-                root.add_module(name, child)
-        for name, p in source.named_parameters(recurse=False):
-            root.register_parameter(name, p)
-        for name, b in source.named_buffers(recurse=False):
-            root.register_buffer(name, b)
-    dual = DualGraphModule(root, train_gm.graph, eval_gm.graph, class_name)
-    dual.meta.update(meta)
-    dual.train(training)
+    dual = DualGraphModule.__new__(DualGraphModule)  # a fresh per-instance class, as usual
+    type(dual).__name__ = class_name
+    dual.__dict__.update(state)
+    dual.train_graph, dual.eval_graph = graphs[0].graph, graphs[1].graph
+    dual._mode_graph_is_train = train_mode
+    dual.graph = dual.train_graph if train_mode else dual.eval_graph  # sets the owner, recompiles
     return dual

@@ -306,18 +306,6 @@ def test_pickled_tensor_constants_still_work() -> None:
     assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
-_DUAL_REBUILD_BUG = (
-    "fxghost bug in fxghost/_dual.py: unpickling a DualGraphModule (what transform returns when "
-    "the train and eval traces differ) goes through _rebuild, which rebuilds from "
-    "fx.GraphModule(self, graph) copies (these keep only the attributes a graph references, so "
-    "unused submodules are dropped), registers every buffer with register_buffer(name, b) (so "
-    "non-persistent buffers and lifted _tensor_constantN become persistent state), and restores "
-    "meta but not the _fxghost_report attribute; the loaded module's state_dict then differs "
-    "from the model's and fxghost.report(loaded) raises"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_DUAL_REBUILD_BUG)
 def test_tensor_constants_stay_out_of_state_dict_after_pickling() -> None:
     # ConstantNet has no training branch, but its train and eval traces lift the constant under
     # different names (_tensor_constant0 and 1), so the graphs differ: a DualGraphModule.
@@ -373,15 +361,20 @@ def test_pickled_dual_graph_module_computes_the_same() -> None:
         assert torch.equal(loaded(x), y), f"training={training}"
 
 
-@pytest.mark.xfail(strict=True, reason=_DUAL_REBUILD_BUG)
 def test_pickled_dual_graph_module_keeps_state_dict_and_report() -> None:
     model = Branchy()
     gm = fxghost.transform(model, G)
     assert list(gm.state_dict()) == list(model.state_dict())  # before pickling: fine
     loaded = _pickle_round_trip(gm)
+    assert type(loaded).__name__ == type(gm).__name__
     assert fxghost.report(loaded).rewritten_names == fxghost.report(gm).rewritten_names
     assert list(loaded.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in model.named_parameters()]
     loaded.load_state_dict(model.state_dict(), strict=True)
+    # Still one graph per mode after loading (re-tracing renames nodes), in the saved mode.
+    assert loaded.training == gm.training
+    assert "dropout" not in loaded.eval().code
+    assert "dropout" in loaded.train().code
 
 
 def test_parameter_and_state_dict_order_match_the_model() -> None:
