@@ -116,10 +116,10 @@ class _Kernels:
         for dtype, sfx in _SUFFIX.items():
             fwd = getattr(lib, f"fxg_forward_{sfx}")
             fwd.argtypes = [ptr] * 7 + [i64, i64, i64, i64, f64, i64]
-            fwd.restype = None
+            fwd.restype = ctypes.c_int
             bwd = getattr(lib, f"fxg_backward_{sfx}")
             bwd.argtypes = [ptr] * 8 + [i64] * 5
-            bwd.restype = None
+            bwd.restype = ctypes.c_int
             self.forward[dtype], self.backward[dtype] = fwd, bwd
 
 
@@ -158,10 +158,12 @@ def forward(
         raise RuntimeError("fxghost: the CPU kernels are not available")
     groups, a, channels, s = x.shape
     mean, var, rstd = torch.empty(3, groups, channels, dtype=x.dtype).unbind(0)
-    kernels.forward[x.dtype](
+    failed = kernels.forward[x.dtype](
         _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(var), _ptr(rstd),
         groups, a, channels, s, float(eps), _threads(x.numel()),
     )
+    if failed:
+        raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
     return mean, var, rstd
 
 
@@ -175,8 +177,10 @@ def backward(
         raise RuntimeError("fxghost: the CPU kernels are not available")
     groups, a, channels, s = x.shape
     sum_dy, sum_dy_xhat = torch.empty(2, groups, channels, dtype=x.dtype).unbind(0)
-    kernels.backward[x.dtype](
+    failed = kernels.backward[x.dtype](
         _ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd), _ptr(dx),
         _ptr(sum_dy), _ptr(sum_dy_xhat), groups, a, channels, s, _threads(x.numel()),
     )
+    if failed:
+        raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
     return sum_dy, sum_dy_xhat

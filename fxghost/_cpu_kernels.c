@@ -120,20 +120,26 @@ static void NAME(coefficients)(const double *mu, const double *m2, double n, dou
     }
 }
 
+/* Per-thread scratch: two double and five T vectors of nc values. */
+static int NAME(scratch)(int64_t nc, double **d, T **t) {
+    *d = (double *)malloc(sizeof(double) * nc * 2);
+    *t = (T *)malloc(sizeof(T) * nc * 5);
+    if (*d && *t) return 1;
+    free(*d);
+    free(*t);
+    return 0;
+}
+
 /* Forward: y = (x - mean) * (rstd * w) + b, centred first so that |mean| >> std loses no
    precision; writes the per-(group, channel) mean, biased variance and rstd. */
-static void NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean_out,
+static int NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean_out,
                                 T *var_out, T *rstd_out, int64_t A, int64_t C, int64_t S,
                                 double eps, int64_t g0, int64_t g1, int64_t c0, int64_t c1) {
     int64_t nc = c1 - c0;
     double n = (double)(A * S);
-    double *dbuf = (double *)malloc(sizeof(double) * nc * 2);
-    T *tbuf = (T *)malloc(sizeof(T) * nc * 5);
-    if (!dbuf || !tbuf) {
-        free(dbuf);
-        free(tbuf);
-        return;
-    }
+    double *dbuf;
+    T *tbuf;
+    if (!NAME(scratch)(nc, &dbuf, &tbuf)) return 1;
     double *mu = dbuf, *m2 = dbuf + nc;
     T *scale = tbuf, *shift = tbuf + nc, *center = tbuf + 2 * nc, *bs = tbuf + 3 * nc,
       *bq = tbuf + 4 * nc;
@@ -219,6 +225,7 @@ static void NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mea
     }
     free(dbuf);
     free(tbuf);
+    return 0;
 }
 
 /* Per-channel sum(dy) and sum(dy * xhat) -> the (G, C) outputs, and the coefficients of
@@ -242,19 +249,15 @@ static void NAME(grad_coefficients)(const double *sdy, const double *sdx, double
 
 /* Backward: writes the per-(group, channel) sum(dy) and sum(dy * xhat) that the weight and bias
    gradients are made of, and the input gradient into dx unless it is NULL. */
-static void NAME(backward_range)(const T *dy, const T *x, const T *w, const T *mean,
+static int NAME(backward_range)(const T *dy, const T *x, const T *w, const T *mean,
                                  const T *rstd, T *dx, T *sum_dy_out, T *sum_dy_xhat_out,
                                  int64_t A, int64_t C, int64_t S, int64_t g0, int64_t g1,
                                  int64_t c0, int64_t c1) {
     int64_t nc = c1 - c0;
     double n = (double)(A * S);
-    double *dbuf = (double *)malloc(sizeof(double) * nc * 2);
-    T *tbuf = (T *)malloc(sizeof(T) * nc * 5);
-    if (!dbuf || !tbuf) {
-        free(dbuf);
-        free(tbuf);
-        return;
-    }
+    double *dbuf;
+    T *tbuf;
+    if (!NAME(scratch)(nc, &dbuf, &tbuf)) return 1;
     double *sdy = dbuf, *sdx = dbuf + nc;
     T *k = tbuf, *kb = tbuf + nc, *kc = tbuf + 2 * nc, *b0s = tbuf + 3 * nc, *b1s = tbuf + 4 * nc;
     for (int64_t g = g0; g < g1; g++) {
@@ -323,34 +326,39 @@ static void NAME(backward_range)(const T *dy, const T *x, const T *w, const T *m
     }
     free(dbuf);
     free(tbuf);
+    return 0;
 }
 
 /* The exported entry points: G groups split between nthreads threads, by groups when there are
-   enough of them, else by channels. */
-void NAME(fxg_forward)(const T *x, T *y, const T *w, const T *b, T *mean_out, T *var_out,
+   enough of them, else by channels. They return 0, or 1 when scratch memory ran out. */
+int NAME(fxg_forward)(const T *x, T *y, const T *w, const T *b, T *mean_out, T *var_out,
                        T *rstd_out, int64_t G, int64_t A, int64_t C, int64_t S, double eps,
                        int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
-#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    int failed = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];
         split_range(t, parts, G, C, r);
-        NAME(forward_range)(x, y, w, b, mean_out, var_out, rstd_out, A, C, S, eps, r[0], r[1],
-                            r[2], r[3]);
+        failed |= NAME(forward_range)(x, y, w, b, mean_out, var_out, rstd_out, A, C, S, eps, r[0],
+                                      r[1], r[2], r[3]);
     }
+    return failed;
 }
 
-void NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const T *rstd, T *dx,
+int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const T *rstd, T *dx,
                         T *sum_dy_out, T *sum_dy_xhat_out, int64_t G, int64_t A, int64_t C,
                         int64_t S, int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
-#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    int failed = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];
         split_range(t, parts, G, C, r);
-        NAME(backward_range)(dy, x, w, mean, rstd, dx, sum_dy_out, sum_dy_xhat_out, A, C, S,
-                             r[0], r[1], r[2], r[3]);
+        failed |= NAME(backward_range)(dy, x, w, mean, rstd, dx, sum_dy_out, sum_dy_xhat_out, A,
+                                       C, S, r[0], r[1], r[2], r[3]);
     }
+    return failed;
 }
 
 #endif

@@ -98,7 +98,7 @@ class _Layout:
 
 
 def _forward_outputs(
-    ctx: Any, layout: _Layout, xg: Tensor, weight: Tensor | None, stats: tuple[Tensor, ...]
+    ctx: Any, layout: _Layout, xg: Tensor, weight: Tensor | None, stats: tuple[Tensor, ...],
 ) -> tuple[Tensor, Tensor]:
     """What every Function's forward ends with: save ``x``, ``weight`` and the per-group
     ``(mean, rstd)`` for backward, and return ``(mean, var)`` in the standard shape, marked
@@ -120,6 +120,31 @@ def _param_grads(
     grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[1] else None
     grad_b = sum_dy.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[2] else None
     return grad_w, grad_b
+
+
+# (dy, x, weight, mean, rstd, input_grad, count) -> (grad_x or None, sum_dy, sum_dy_xhat)
+BackwardKernels = Callable[
+    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, int],
+    tuple["Tensor | None", Tensor, Tensor],
+]
+
+
+class _FusedGhostNorm(torch.autograd.Function):
+    """The backward of the Functions built on fused kernels: ``ctx.kernels`` (set by
+    :func:`_forward_outputs`) give the input gradient and the two per-(group, channel) sums, which
+    make the weight and bias gradients."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        xg, weight, mean, rstd = ctx.saved_tensors
+        grad_x, sum_dy, sum_dy_xhat = ctx.kernels(
+            dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.count
+        )
+        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
+        return grad_x, grad_w, grad_b, None
 
 
 class _TorchOpsGhostNorm(torch.autograd.Function):
@@ -185,7 +210,7 @@ def _torch_ops_norm(
     return _TorchOpsGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
-class _TritonGhostNorm(torch.autograd.Function):
+class _TritonGhostNorm(_FusedGhostNorm):
     """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
     forward reads x twice and writes y once; backward reads x and dy twice and writes dx once."""
 
@@ -203,22 +228,22 @@ class _TritonGhostNorm(torch.autograd.Function):
             shift = bias.float() - mean * scale  # type: ignore[union-attr]
         y = _triton.normalize(xg, scale, shift)
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
+        ctx.kernels = _triton_backward
         return y, mean_s, var_s
 
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        xg, weight, mean, rstd = ctx.saved_tensors
-        sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean, rstd)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _triton.backward_apply(
-                dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, ctx.count
-            )
-        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
-        return grad_x, grad_w, grad_b, None
+
+
+def _triton_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    input_grad: bool, count: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean, rstd)
+    grad_x = (
+        _triton.backward_apply(dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
+        if input_grad
+        else None
+    )
+    return grad_x, sum_dy, sum_dy_xhat
 
 
 def _triton_norm(
@@ -227,7 +252,7 @@ def _triton_norm(
     return _TritonGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
-class _CpuKernelGhostNorm(torch.autograd.Function):
+class _CpuKernelGhostNorm(_FusedGhostNorm):
     """Ghost normalization in the fused C kernels of :mod:`fxghost._cpu` (CPU, float32/float64,
     dense inputs): forward reads x twice and writes y once; backward reads x and dy twice and
     writes dx once, one ghost batch at a time so that the second read comes from cache."""
@@ -242,29 +267,29 @@ class _CpuKernelGhostNorm(torch.autograd.Function):
         x, y = layout.dense(xg), layout.dense(out)
         mean, var, rstd = _cpu.forward(x, y, _as_param(weight, xg), _as_param(bias, xg), eps)
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
+        ctx.kernels = _cpu_backward
         return out, mean_s, var_s
 
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        xg, weight, mean, rstd = ctx.saved_tensors
-        layout = _Layout(xg)
-        g = layout.dense(dy)
-        if g is None:  # the incoming gradient may have any layout: bring it to x's
-            g = layout.dense(torch.empty_like(xg).copy_(dy))
-        grad_x = torch.empty_like(xg) if ctx.needs_input_grad[0] else None
-        sum_dy, sum_dy_xhat = _cpu.backward(
-            g,  # type: ignore[arg-type]
-            layout.dense(xg),  # type: ignore[arg-type]
-            _as_param(weight, xg),
-            mean,
-            rstd,
-            None if grad_x is None else layout.dense(grad_x),
-        )
-        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
-        return grad_x, grad_w, grad_b, None
+
+
+def _cpu_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    input_grad: bool, count: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    layout = _Layout(xg)
+    g = layout.dense(dy)
+    if g is None:  # the incoming gradient may have any layout: bring it to x's
+        g = layout.dense(torch.empty_like(xg).copy_(dy))
+    grad_x = torch.empty_like(xg) if input_grad else None
+    sum_dy, sum_dy_xhat = _cpu.backward(
+        g,  # type: ignore[arg-type]
+        layout.dense(xg),  # type: ignore[arg-type]
+        _as_param(weight, xg),
+        mean,
+        rstd,
+        None if grad_x is None else layout.dense(grad_x),
+    )
+    return grad_x, sum_dy, sum_dy_xhat
 
 
 def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -70,6 +71,35 @@ def _user_frame(err: BaseException) -> str | None:
     return found
 
 
+def _same_program(a: fx.Graph, b: fx.Graph, root: nn.Module) -> bool:
+    """Whether two traces compute the same thing. Tensor constants that forward creates (lifted
+    as ``_tensor_constantN``) get a new name in each trace: they count as the same when their
+    values are."""
+
+    def canonical(graph: fx.Graph) -> tuple[str, list[Any]]:
+        consts = [
+            str(n.target)
+            for n in graph.nodes
+            if n.op == "get_attr" and str(n.target).startswith("_tensor_constant")
+        ]
+        src = graph.python_code("self").src
+        # Longest names first, so that _tensor_constant1 never rewrites part of _tensor_constant12.
+        for i, target in sorted(enumerate(consts), key=lambda item: -len(item[1])):
+            src = re.sub(rf"\b{target}\b", f"__fxghost_constant_{i}__", src)
+        return src, [getattr(root, t) for t in consts]
+
+    (src_a, consts_a), (src_b, consts_b) = canonical(a), canonical(b)
+    return src_a == src_b and all(
+        type(x) is type(y)
+        and (
+            x.dtype == y.dtype and x.shape == y.shape and bool(torch.equal(x, y))
+            if isinstance(x, torch.Tensor)
+            else x == y
+        )
+        for x, y in zip(consts_a, consts_b, strict=True)
+    )
+
+
 def trace(
     model: nn.Module,
     *,
@@ -108,7 +138,7 @@ def trace(
         for m, training in flags:  # never leave the caller's modes changed
             m.training = training
     name = model.__class__.__name__
-    if train_graph.python_code("self").src == eval_graph.python_code("self").src:
+    if _same_program(train_graph, eval_graph, tracer.root):
         gm = fx.GraphModule(tracer.root, train_graph, name)
     else:
         gm = DualGraphModule(tracer.root, train_graph, eval_graph, name)

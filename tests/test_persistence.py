@@ -21,6 +21,7 @@ from conftest import assert_close
 from torch import nn
 
 import fxghost
+from fxghost._dual import DualGraphModule
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -306,9 +307,34 @@ def test_pickled_tensor_constants_still_work() -> None:
     assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
+def test_tensor_constants_alone_do_not_make_a_dual_graph_module() -> None:
+    """The train and eval traces lift the constant under different names (_tensor_constant0
+    and 1); with equal values the programs are the same, so one graph serves both modes."""
+    gm = fxghost.transform(ConstantNet().double(), G)
+    assert not isinstance(gm, DualGraphModule)
+    assert [n for n, _ in gm.named_buffers() if "constant" in n] == ["_tensor_constant0"]
+
+
+class TrainOnlyConstant(nn.Module):
+    """A constant whose value depends on the mode: the traces differ only in that value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) + torch.full((3,), 1.0 if self.training else 2.0)
+
+
+def test_mode_dependent_constants_keep_a_graph_per_mode() -> None:
+    model = TrainOnlyConstant().double()
+    gm = fxghost.transform(model, G)
+    assert isinstance(gm, DualGraphModule)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    torch.testing.assert_close(gm.eval()(x), model.eval()(x))
+
+
 def test_tensor_constants_stay_out_of_state_dict_after_pickling() -> None:
-    # ConstantNet has no training branch, but its train and eval traces lift the constant under
-    # different names (_tensor_constant0 and 1), so the graphs differ: a DualGraphModule.
     model = ConstantNet().double()
     buf = io.BytesIO()
     torch.save(fxghost.transform(model, G), buf)
