@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,7 +116,7 @@ class _Kernels:
         self.backward = {}
         for dtype, sfx in _SUFFIX.items():
             fwd = getattr(lib, f"fxg_forward_{sfx}")
-            fwd.argtypes = [ptr] * 7 + [i64, i64, i64, i64, f64, i64]
+            fwd.argtypes = [ptr] * 7 + [i64] * 4 + [f64, i64]
             fwd.restype = ctypes.c_int
             bwd = getattr(lib, f"fxg_backward_{sfx}")
             bwd.argtypes = [ptr] * 8 + [i64] * 5
@@ -148,39 +149,51 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def forward(
-    x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalize the contiguous ``(G, A, C, S)`` tensor ``x`` into ``y`` (same shape);
-    returns ``(mean, biased var, rstd)``, each ``(G, C)`` in ``x``'s dtype."""
-    kernels = _kernels()
-    if kernels is None:
-        raise RuntimeError("fxghost: the CPU kernels are not available")
-    groups, a, channels, s = x.shape
-    mean, var, rstd = torch.empty(3, groups, channels, dtype=x.dtype).unbind(0)
-    failed = kernels.forward[x.dtype](
-        _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(var), _ptr(rstd),
-        groups, a, channels, s, float(eps), _threads(x.numel()),
-    )
+Dims = tuple[int, int, int, int]
+
+
+def _run(
+    fn: Any, tensors: tuple[Tensor | None, ...], dims: Dims, extra: tuple[float, ...], numel: int
+) -> None:
+    failed = fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel))
     if failed:
         raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
+
+
+def forward(
+    x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dims: Dims
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` into ``y`` (both dense, elements laid out as the contiguous
+    ``dims = (G, A, C, S)``); returns ``(mean, biased var, rstd)``, each ``(G, C)`` in ``x``'s
+    dtype. ``weight`` and ``bias`` are contiguous in ``x``'s dtype, or ``None``."""
+    kernels = _loaded()
+    mean, var, rstd = torch.empty(3, dims[0], dims[2], dtype=x.dtype).unbind(0)
+    tensors = (x, y, weight, bias, mean, var, rstd)
+    _run(kernels.forward[x.dtype], tensors, dims, (float(eps),), x.numel())
     return mean, var, rstd
 
 
 def backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, dx: Tensor | None
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dx: Tensor | None,
+    dims: Dims,
 ) -> tuple[Tensor, Tensor]:
-    """Per-(group, channel) ``sum(dy)`` and ``sum(dy * xhat)`` of contiguous ``(G, A, C, S)``
-    tensors, and the input gradient written into ``dx`` unless it is ``None``."""
+    """Per-(group, channel) ``sum(dy)`` and ``sum(dy * xhat)``, and the input gradient written
+    into ``dx`` unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in
+    :func:`forward`."""
+    kernels = _loaded()
+    sum_dy, sum_dy_xhat = torch.empty(2, dims[0], dims[2], dtype=x.dtype).unbind(0)
+    tensors = (dy, x, weight, mean, rstd, dx, sum_dy, sum_dy_xhat)
+    _run(kernels.backward[x.dtype], tensors, dims, (), x.numel())
+    return sum_dy, sum_dy_xhat
+
+
+def _loaded() -> _Kernels:
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("fxghost: the CPU kernels are not available")
-    groups, a, channels, s = x.shape
-    sum_dy, sum_dy_xhat = torch.empty(2, groups, channels, dtype=x.dtype).unbind(0)
-    failed = kernels.backward[x.dtype](
-        _ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd), _ptr(dx),
-        _ptr(sum_dy), _ptr(sum_dy_xhat), groups, a, channels, s, _threads(x.numel()),
-    )
-    if failed:
-        raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
-    return sum_dy, sum_dy_xhat
+    return kernels

@@ -12,6 +12,8 @@ inductor can fuse it with neighbouring ops.
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -88,13 +90,29 @@ class _Layout:
         """Per-group statistics in the ``(G, 1, C, 1...)`` shape of :mod:`fxghost._math`."""
         return stat.reshape(self.groups, 1, self.channels, *([1] * (len(self.shape) - 3)))
 
-    def dense(self, t: Tensor) -> Tensor | None:
-        """``t`` as the contiguous ``(G, A, C, S)`` view the CPU kernels take (``S == 1`` for
-        rows), or ``None`` when ``t``'s strides do not allow that view."""
-        if self.rows:
-            t = t.movedim(2, -1)
-            return t.reshape(self.groups, -1, self.channels, 1) if t.is_contiguous() else None
-        return t.reshape(self.groups, self.shape[1], self.channels, -1) if t.is_contiguous() else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """``(G, A, C, S)`` when a grouped tensor of this shape and stride has its elements in memory
+    as a contiguous tensor of that shape, as the CPU kernels read them; else ``None``.
+
+    "Rows" (``S == 1``, ``A`` = samples x spatial positions) when channels are innermost
+    (tabular, channels-last); "planes" (``A`` = samples, ``S`` = spatial positions) when the
+    tensor is contiguous. Decided from the tuples alone: it runs on every layer call.
+    """
+    groups, channels = shape[0], shape[2]
+    for order in ((0, 1, *range(3, len(shape)), 2), tuple(range(len(shape)))):
+        expected = 1
+        for d in reversed(order):
+            if shape[d] != 1 and stride[d] != expected:
+                break
+            expected *= shape[d]
+        else:
+            if order[-1] == 2:  # channels innermost
+                return (groups, math.prod(shape) // (groups * channels), channels, 1)
+            return (groups, shape[1], channels, math.prod(shape[3:]))
+    return None
 
 
 def _forward_outputs(
@@ -122,17 +140,18 @@ def _param_grads(
     return grad_w, grad_b
 
 
-# (dy, x, weight, mean, rstd, input_grad, count) -> (grad_x or None, sum_dy, sum_dy_xhat)
+# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, sum_dy, sum_dy_xhat), where
+# extra is what the Function's forward stored for its kernels in ctx.extra.
 BackwardKernels = Callable[
-    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, int],
+    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, Any],
     tuple["Tensor | None", Tensor, Tensor],
 ]
 
 
 class _FusedGhostNorm(torch.autograd.Function):
-    """The backward of the Functions built on fused kernels: ``ctx.kernels`` (set by
-    :func:`_forward_outputs`) give the input gradient and the two per-(group, channel) sums, which
-    make the weight and bias gradients."""
+    """The backward of the Functions built on fused kernels: ``ctx.kernels`` (set by their
+    forward) give the input gradient and the two per-(group, channel) sums, which make the weight
+    and bias gradients."""
 
     @staticmethod
     @once_differentiable
@@ -141,7 +160,7 @@ class _FusedGhostNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
         grad_x, sum_dy, sum_dy_xhat = ctx.kernels(
-            dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.count
+            dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
         )
         grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
         return grad_x, grad_w, grad_b, None
@@ -228,7 +247,7 @@ class _TritonGhostNorm(_FusedGhostNorm):
             shift = bias.float() - mean * scale  # type: ignore[union-attr]
         y = _triton.normalize(xg, scale, shift)
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
-        ctx.kernels = _triton_backward
+        ctx.kernels, ctx.extra = _triton_backward, ctx.count
         return y, mean_s, var_s
 
 
@@ -262,39 +281,37 @@ class _CpuKernelGhostNorm(_FusedGhostNorm):
         ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         layout = _Layout(xg)
-        out = torch.empty_like(xg)
-        # select() checked that xg is dense; empty_like gives out the same strides.
-        x, y = layout.dense(xg), layout.dense(out)
-        mean, var, rstd = _cpu.forward(x, y, _as_param(weight, xg), _as_param(bias, xg), eps)
+        dims = _kernel_dims(tuple(xg.shape), xg.stride())
+        if dims is None:  # select() routes only dense inputs here
+            raise ValueError(f"fxghost: the CPU kernels need a dense input, got strides {xg.stride()}")
+        out = torch.empty_like(xg)  # a dense input's strides: laid out as xg
+        mean, var, rstd = _cpu.forward(
+            xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims
+        )
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
-        ctx.kernels = _cpu_backward
+        ctx.kernels, ctx.extra = _cpu_backward, dims
         return out, mean_s, var_s
 
 
 
 def _cpu_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    input_grad: bool, count: int,
+    input_grad: bool, dims: tuple[int, int, int, int],
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    layout = _Layout(xg)
-    g = layout.dense(dy)
-    if g is None:  # the incoming gradient may have any layout: bring it to x's
-        g = layout.dense(torch.empty_like(xg).copy_(dy))
+    if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
+        dy = torch.empty_like(xg).copy_(dy)
     grad_x = torch.empty_like(xg) if input_grad else None
     sum_dy, sum_dy_xhat = _cpu.backward(
-        g,  # type: ignore[arg-type]
-        layout.dense(xg),  # type: ignore[arg-type]
-        _as_param(weight, xg),
-        mean,
-        rstd,
-        None if grad_x is None else layout.dense(grad_x),
+        dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims
     )
     return grad_x, sum_dy, sum_dy_xhat
 
 
 def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
     """A weight or bias as a contiguous vector in the input's dtype, as the C kernels read it."""
-    return None if p is None else p.detach().to(like.dtype).contiguous()
+    if p is None or (p.dtype == like.dtype and p.is_contiguous()):
+        return p  # only its data is read
+    return p.detach().to(like.dtype).contiguous()
 
 
 def _cpu_kernel_norm(
@@ -305,9 +322,8 @@ def _cpu_kernel_norm(
 
 def _cpu_kernels_apply(xg: Tensor) -> bool:
     return (
-        xg.device.type == "cpu"
-        and xg.dtype in (torch.float32, torch.float64)
-        and _Layout(xg).dense(xg) is not None
+        xg.dtype in (torch.float32, torch.float64)
+        and _kernel_dims(tuple(xg.shape), xg.stride()) is not None
         and _cpu.available()
     )
 
@@ -324,7 +340,7 @@ def select(xg: Tensor) -> NormFn:
         return _math.ghost_norm_decomposed
     if _triton.supported(xg):
         return _triton_norm
-    if _cpu_kernels_apply(xg):
+    if xg.device.type == "cpu" and _cpu_kernels_apply(xg):
         return _cpu_kernel_norm
     if xg.dtype in (torch.float32, torch.float64):
         return _torch_ops_norm

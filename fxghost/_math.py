@@ -123,18 +123,21 @@ def update_running_stats(
         a = momentum / requested
         build = _ema_weights if torch.compiler.is_compiling() else _cached_ema_weights
         weights = build(a, count, dtype, groups[0][0].device)
-        new_mean, new_var = running_mean.to(dtype), running_var.to(dtype)
+        # In place when the buffers are in the statistics dtype (the usual case).
+        in_place = running_mean.dtype == dtype and running_var.dtype == dtype
+        new_mean = running_mean if in_place else running_mean.to(dtype)
+        new_var = running_var if in_place else running_var.to(dtype)
         start, beta = 0, (1.0 - a) ** count
         for mean, var, n in groups:
             k = mean.numel() // channels
             w = weights[start : start + k]
             # One matrix-vector product per statistic: the weighted sum over ghost batches.
-            new_mean = torch.addmv(new_mean, mean.reshape(k, channels).t(), w, beta=beta)
-            new_var = torch.addmv(
-                new_var, var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1)
-            )
+            new_mean.addmv_(mean.reshape(k, channels).t(), w, beta=beta)
+            new_var.addmv_(var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1))
             start, beta = start + k, 1.0
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    if new_mean is not running_mean:
+        running_mean.copy_(new_mean)
+    if new_var is not running_var:
+        running_var.copy_(new_var)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(count)

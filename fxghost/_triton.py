@@ -363,9 +363,9 @@ def _geometry(xg: Tensor) -> tuple[int, int] | None:
 
 def supported(xg: Tensor) -> bool:
     """Whether the kernels here handle the grouped view ``xg`` (dtype, layout, device)."""
-    if triton is None or xg.dtype not in _DTYPES or not 3 <= xg.dim() <= 6 or xg.numel() == 0:
-        return False
     if xg.device.type != "cuda" and not (xg.device.type == "cpu" and _interpreting()):
+        return False
+    if triton is None or xg.dtype not in _DTYPES or not 3 <= xg.dim() <= 6 or xg.numel() == 0:
         return False
     return _geometry(xg) is not None
 

@@ -21,6 +21,7 @@ torch.Size([10, 3])
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -125,7 +126,7 @@ def ghost_norm(
     if n == 0:
         return main * 1, None
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
-    per_sample = main[0, 0].numel() // main.shape[2]
+    per_sample = math.prod(main.shape[3:])
     norm = _fast.select(main)
     y_main, mean_m, var_m = norm(main, weight, bias, eps)
     stats = [(mean_m, var_m, main.shape[1] * per_sample)]
