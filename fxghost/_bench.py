@@ -623,9 +623,18 @@ def _jobs(
     layer_timing: _Timing,
     model_timing: _Timing,
 ) -> list[_Job]:
-    """All jobs in run order: by section, then mode, then case."""
+    """All jobs in run order: by section, then mode, then case. With ``ghost_sizes`` given, cases
+    that differ only in their own ghost sizes (one shape listed once per size) run once per size."""
     torch_device = torch.device(device)
     jobs: list[_Job] = []
+    seen: set[tuple[str, str, str, int]] = set()
+
+    def add(job: _Job) -> None:
+        key = (job.section, job.mode, job.case, job.g)
+        if key not in seen:
+            seen.add(key)
+            jobs.append(job)
+
     for section in sections:
         for mode in modes:
             if section == "layer":
@@ -634,7 +643,7 @@ def _jobs(
                         continue
                     for g in ghost_sizes or lc.ghost_sizes:
                         label = "(" + ",".join(map(str, lc.shape)) + ") " + lc.dtype_label
-                        jobs.append(
+                        add(
                             _Job(
                                 section,
                                 mode,
@@ -649,7 +658,7 @@ def _jobs(
                     if mode == "compiled" and not mc.compile:
                         continue
                     for g in ghost_sizes or mc.ghost_sizes:
-                        jobs.append(
+                        add(
                             _Job(
                                 section,
                                 mode,
@@ -903,7 +912,8 @@ def _default_timing(device: str, quick: bool) -> tuple[_Timing, _Timing]:
         return _Timing(1, 3), _Timing(0, 2)
     if device == "cuda":
         return _Timing(10, 50), _Timing(5, 20)
-    return _Timing(3, 15), _Timing(2, 8)
+    # CPU layer steps take milliseconds but vary a lot (page faults of fresh memory): many rounds.
+    return _Timing(5, 40), _Timing(2, 8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,3 +103,12 @@ def test_ratios_are_speeds_within_a_case() -> None:
     assert fx.speed_vs_plain == 2.0 and fx.speed_vs_chunked == 4.0
     assert chunked.speed_vs_plain == 0.5 and plain.speed_vs_chunked == 2.0
     assert other.speed_vs_plain is None  # no plain in its case
+
+
+def test_ghost_size_override_runs_each_case_once_per_size() -> None:
+    """The CPU suite lists (256,64,16,16) once per ghost size; an override must not repeat it."""
+    timing = _bench._Timing(0, 1)
+    jobs = _bench._jobs(["layer"], ["eager"], "cpu", False, [16, 32], timing, timing)
+    keys = [(j.mode, j.case, j.g) for j in jobs]
+    assert len(keys) == len(set(keys))
+    assert sorted(g for _, c, g in keys if c == "(256,64,16,16) fp32") == [16, 32]
