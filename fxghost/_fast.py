@@ -26,6 +26,9 @@ from . import _cpu, _math, _triton
 
 __all__ = ["NormFn", "select"]
 
+# (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
+# a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
+# would make autograd clone the whole gradient in backward); mean and var (G, 1, C, 1...).
 NormFn = Callable[[Tensor, "Tensor | None", "Tensor | None", float], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -159,6 +162,7 @@ class _FusedGhostNorm(torch.autograd.Function):
         ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
+        dy = dy.unflatten(0, xg.shape[:2])  # splitting a dim is always a view
         grad_x, sum_dy, sum_dy_xhat = ctx.kernels(
             dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
         )
@@ -185,7 +189,8 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
         # E[x^2] - mean^2. The centred buffer then becomes the output, in place.
         # The output must not be a view made inside the Function (in-place ops downstream, such
         # as ReLU(inplace=True), would be refused), so compute into a canonical view of it.
-        out = torch.empty_like(xg)
+        flat = torch.empty_like(xg.flatten(0, 1))
+        out = flat.view(xg.shape)  # internal only: the Function returns flat, not a view
         y = layout.canon(out)
         torch.sub(x, mean, out=y)
         var = layout.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
@@ -197,7 +202,7 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
-        return out, mean_s, var_s
+        return flat, mean_s, var_s
 
     @staticmethod
     @once_differentiable
@@ -206,7 +211,7 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
         layout = _Layout(xg)
-        x, g = layout.canon(xg), layout.canon(dy)
+        x, g = layout.canon(xg), layout.canon(dy.unflatten(0, xg.shape[:2]))
         count = ctx.count
         sum_dy = layout.group_sum(g)
         buf = x - mean
@@ -245,7 +250,8 @@ class _TritonGhostNorm(_FusedGhostNorm):
         else:
             scale = rstd * weight.float()
             shift = bias.float() - mean * scale  # type: ignore[union-attr]
-        y = _triton.normalize(xg, scale, shift)
+        y = torch.empty_like(xg.flatten(0, 1))  # written through a grouped view of it
+        _triton.normalize(xg, scale, shift, out=y.unflatten(0, xg.shape[:2]))
         mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
         ctx.kernels, ctx.extra = _triton_backward, ctx.count
         return y, mean_s, var_s
@@ -284,7 +290,7 @@ class _CpuKernelGhostNorm(_FusedGhostNorm):
         dims = _kernel_dims(tuple(xg.shape), xg.stride())
         if dims is None:  # select() routes only dense inputs here
             raise ValueError(f"fxghost: the CPU kernels need a dense input, got strides {xg.stride()}")
-        out = torch.empty_like(xg)  # a dense input's strides: laid out as xg
+        out = torch.empty_like(xg.flatten(0, 1))  # a dense input's strides: laid out as xg
         mean, var, rstd = _cpu.forward(
             xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims
         )

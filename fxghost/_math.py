@@ -62,12 +62,16 @@ def ghost_norm_decomposed(
 
     This is the formulation inductor sees under ``torch.compile`` (it fuses it with neighbouring
     ops) and the fallback where no fused path applies. Returns ``(y, mean, var)``: ``y`` in the
-    input dtype and layout, ``mean`` and biased ``var`` of shape ``(G, 1, C, 1...)``.
+    input dtype and layout, sample-first (``xg.flatten(0, 1)``'s shape), ``mean`` and biased
+    ``var`` of shape ``(G, 1, C, 1...)``.
     """
     xs = xg.to(stat_dtype(xg.dtype))
     var, mean = torch.var_mean(xs, dim=reduce_dims(xg.dim()), correction=0, keepdim=True)
     _, scale, shift = affine_coefficients(mean, var, weight, bias, eps)
-    y = xs * scale + shift
+    # Per-sample coefficients (small: N x C), so that y is computed sample-first and is not a view.
+    groups, size = xg.shape[0], xg.shape[1]
+    scale, shift = (t.expand(groups, size, *t.shape[2:]).flatten(0, 1) for t in (scale, shift))
+    y = xs.flatten(0, 1) * scale + shift
     return y.to(xg.dtype), mean, var
 
 

@@ -499,11 +499,14 @@ def stats(xg: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def normalize(xg: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``xg * scale[g, ch] + shift[g, ch]`` in float32, returned in ``xg``'s dtype and layout."""
+def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """``xg * scale[g, ch] + shift[g, ch]`` in float32, in ``xg``'s dtype and layout: into ``out``
+    (laid out as ``xg``) when given."""
     plan = _plan(xg, _CONFIG.apply_tile)
     G, C = plan.G, plan.C
-    y = _like(xg)
+    y = _like(xg) if out is None else out
+    if y.shape != xg.shape or y.stride() != xg.stride():
+        raise ValueError("fxghost: normalize needs an output laid out as its input")
     with _device_guard(xg):
         _normalize_kernel[(G * plan.n_cb * plan.n_tiles,)](
             xg,

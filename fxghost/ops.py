@@ -34,8 +34,10 @@ from ._plan import plan_ghost_batches, uses_batch_stats
 
 __all__ = ["GhostGroups", "ghost_norm", "ghost_unview", "ghost_view"]
 
-#: ``(main, tail)``: ``main`` is a ``(G, c, C, *spatial)`` view of the full ghost batches, ``tail``
-#: a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when ``c`` divides ``N``.
+#: ``(main, tail)``. From :func:`ghost_view`: ``main`` a ``(G, c, C, *spatial)`` view of the full
+#: ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when
+#: ``c`` divides ``N``. From :func:`ghost_norm`: the normalized samples, sample-first
+#: (``(G * c, C, ...)`` and ``(r, C, ...)``).
 GhostGroups = tuple[Tensor, Optional[Tensor]]
 
 def _find_proxy(args: tuple[Any, ...]) -> torch.fx.Proxy | None:
@@ -121,10 +123,10 @@ def ghost_norm(
         y = F.batch_norm(
             main.squeeze(0), layer.running_mean, layer.running_var, weight, bias, False, 0.0, eps
         )
-        return y.unsqueeze(0), None
+        return y, None
     n = main.shape[0] * main.shape[1] + (tail.shape[1] if tail is not None else 0)
     if n == 0:
-        return main * 1, None
+        return main.flatten(0, 1) * 1, None
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
     norm = _fast.select(main)
@@ -148,12 +150,13 @@ def ghost_norm(
 
 @_fx_leaf("ghost_unview")
 def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
-    """Undo :func:`ghost_view`: back to ``(N, C, *spatial)`` (a view unless there is a tail)."""
-    main, tail = groups
-    flat = main.flatten(0, 1)
+    """The normalized batch ``(N, C, *spatial)`` from :func:`ghost_norm`'s pieces: the main one
+    itself, not a view of it (so that in-place ops after it cost nothing extra in backward), or
+    it and the tail concatenated."""
+    flat, tail = groups
     if tail is None:
         return flat
-    out = torch.cat([flat, tail.flatten(0, 1)])
+    out = torch.cat([flat, tail])
     # cat picks contiguous when a one-sample tail's layout is ambiguous; keep the input's.
     if flat.dim() in (4, 5) and flat.shape[0] > 1:
         fmt = torch.channels_last if flat.dim() == 4 else torch.channels_last_3d

@@ -446,3 +446,26 @@ def test_forward_branching_on_training_gets_one_graph_per_mode() -> None:
     assert "training = True" in copied.code
     retraced = torch.fx.symbolic_trace(gm)  # re-tracing sees the current mode's graph
     assert "training = False" in retraced.code
+
+
+def _autograd_node_names(t: torch.Tensor) -> set[str]:
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("n", [8, 10])  # without and with a tail ghost batch
+def test_inplace_relu_after_a_rewritten_layer_costs_no_copy(n: int) -> None:
+    """The rewritten layer's output is not a view: ReLU(inplace=True) on a view would make
+    autograd insert CopySlices, which clones the whole gradient in backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    gm = fxghost.transform(model, ghost_batch_size=4)
+    names = _autograd_node_names(gm(torch.randn(n, 3, 5, 5)))
+    assert "CopySlices" not in names, names
