@@ -6,8 +6,10 @@ statistics, and computes the input gradient from two per-group reductions:
 
     dx = w * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))        (per group and channel)
 
-Under ``torch.compile`` the decomposition in :mod:`fxghost._math` is used instead, so that
-inductor can fuse it with neighbouring ops.
+The statistics and elementwise work run in fused kernels where they exist: Triton on CUDA
+(:mod:`fxghost._triton`), compiled C on CPU (:mod:`fxghost._cpu`), torch ops otherwise. Under
+``torch.compile`` the decomposition in :mod:`fxghost._math` is used instead, so that inductor can
+fuse it with neighbouring ops.
 """
 
 from __future__ import annotations
