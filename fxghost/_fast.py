@@ -120,15 +120,30 @@ def _kernel_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, 
     return None
 
 
+# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, sum_dy, sum_dy_xhat), where
+# extra is what the Function's forward stored for its kernels in ctx.extra.
+BackwardKernels = Callable[
+    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, Any],
+    tuple["Tensor | None", Tensor, Tensor],
+]
+
+
 def _forward_outputs(
-    ctx: Any, layout: _Layout, xg: Tensor, weight: Tensor | None, stats: tuple[Tensor, ...],
+    ctx: Any,
+    layout: _Layout,
+    xg: Tensor,
+    weight: Tensor | None,
+    stats: tuple[Tensor, ...],
+    kernels: BackwardKernels,
+    extra: Any,
 ) -> tuple[Tensor, Tensor]:
     """What every Function's forward ends with: save ``x``, ``weight`` and the per-group
-    ``(mean, rstd)`` for backward, and return ``(mean, var)`` in the standard shape, marked
-    non-differentiable. ``stats`` is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
+    ``(mean, rstd)``, and the backward ``kernels`` with their ``extra`` argument, for backward;
+    return ``(mean, var)`` in the standard shape, marked non-differentiable. ``stats`` is
+    ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
     mean, rstd, var = stats
     ctx.save_for_backward(xg, weight, mean, rstd)
-    ctx.count = xg.numel() // (layout.groups * layout.channels)
+    ctx.kernels, ctx.extra = kernels, extra
     mean_s, var_s = layout.standard(mean), layout.standard(var)
     ctx.mark_non_differentiable(mean_s, var_s)
     return mean_s, var_s
@@ -145,18 +160,10 @@ def _param_grads(
     return grad_w, grad_b
 
 
-# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, sum_dy, sum_dy_xhat), where
-# extra is what the Function's forward stored for its kernels in ctx.extra.
-BackwardKernels = Callable[
-    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, Any],
-    tuple["Tensor | None", Tensor, Tensor],
-]
-
-
 class _FusedGhostNorm(torch.autograd.Function):
-    """The backward of the Functions built on fused kernels: ``ctx.kernels`` (set by their
-    forward) give the input gradient and the two per-(group, channel) sums, which make the weight
-    and bias gradients."""
+    """The backward every Function here shares: ``ctx.kernels`` (set by its forward through
+    :func:`_forward_outputs`) give the input gradient and the two per-(group, channel) sums,
+    which make the weight and bias gradients."""
 
     @staticmethod
     @once_differentiable
@@ -172,7 +179,7 @@ class _FusedGhostNorm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-class _TorchOpsGhostNorm(torch.autograd.Function):
+class _TorchOpsGhostNorm(_FusedGhostNorm):
     """Ghost normalization in a few large torch ops; any device, float32/float64.
 
     Elementwise steps use plain ``mul``/``add`` with per-(group, channel) operands: on CPU they
@@ -201,33 +208,32 @@ class _TorchOpsGhostNorm(torch.autograd.Function):
             y.mul_(rstd)
         else:
             y.mul_(rstd * layout.per_channel(weight)).add_(layout.per_channel(bias))  # type: ignore[arg-type]
-        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
+        mean_s, var_s = _forward_outputs(
+            ctx, layout, xg, weight, (mean, rstd, var), _torch_ops_backward, count
+        )
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
         return flat, mean_s, var_s
 
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        xg, weight, mean, rstd = ctx.saved_tensors
-        layout = _Layout(xg)
-        x, g = layout.canon(xg), layout.canon(dy.unflatten(0, xg.shape[:2]))
-        count = ctx.count
-        sum_dy = layout.group_sum(g)
-        buf = x - mean
-        sum_dy_xhat = layout.group_sum(buf.mul_(g)) * rstd
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            k = rstd if weight is None else rstd * layout.per_channel(weight)
-            # dx = k * dy + b * x + c with per-(group, channel) b, c; built in the spent buffer.
-            b = -k * rstd * sum_dy_xhat / count
-            c = -k * sum_dy / count - b * mean
-            torch.mul(x, b, out=buf).add_(c)
-            grad_x = layout.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
-        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
-        return grad_x, grad_w, grad_b, None
+
+def _torch_ops_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    input_grad: bool, count: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    layout = _Layout(xg)
+    x, g = layout.canon(xg), layout.canon(dy)
+    sum_dy = layout.group_sum(g)
+    buf = x - mean
+    sum_dy_xhat = layout.group_sum(buf.mul_(g)) * rstd
+    grad_x = None
+    if input_grad:
+        k = rstd if weight is None else rstd * layout.per_channel(weight)
+        # dx = k * dy + b * x + c with per-(group, channel) b, c; built in the spent buffer.
+        b = -k * rstd * sum_dy_xhat / count
+        c = -k * sum_dy / count - b * mean
+        torch.mul(x, b, out=buf).add_(c)
+        grad_x = layout.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
+    return grad_x, sum_dy, sum_dy_xhat
 
 
 def _torch_ops_norm(
@@ -254,8 +260,10 @@ class _TritonGhostNorm(_FusedGhostNorm):
             shift = bias.float() - mean * scale  # type: ignore[union-attr]
         y = torch.empty_like(xg.flatten(0, 1))  # written through a grouped view of it
         _triton.normalize(xg, scale, shift, out=y.unflatten(0, xg.shape[:2]))
-        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
-        ctx.kernels, ctx.extra = _triton_backward, ctx.count
+        count = xg.numel() // (layout.groups * layout.channels)
+        mean_s, var_s = _forward_outputs(
+            ctx, layout, xg, weight, (mean, rstd, var), _triton_backward, count
+        )
         return y, mean_s, var_s
 
 
@@ -296,8 +304,9 @@ class _CpuKernelGhostNorm(_FusedGhostNorm):
         mean, var, rstd = _cpu.forward(
             xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims
         )
-        mean_s, var_s = _forward_outputs(ctx, layout, xg, weight, (mean, rstd, var))
-        ctx.kernels, ctx.extra = _cpu_backward, dims
+        mean_s, var_s = _forward_outputs(
+            ctx, layout, xg, weight, (mean, rstd, var), _cpu_backward, dims
+        )
         return out, mean_s, var_s
 
 

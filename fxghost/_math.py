@@ -127,10 +127,9 @@ def update_running_stats(
         a = momentum / requested
         build = _ema_weights if torch.compiler.is_compiling() else _cached_ema_weights
         weights = build(a, count, dtype, groups[0][0].device)
-        # In place when the buffers are in the statistics dtype (the usual case).
-        in_place = running_mean.dtype == dtype and running_var.dtype == dtype
-        new_mean = running_mean if in_place else running_mean.to(dtype)
-        new_var = running_var if in_place else running_var.to(dtype)
+        # .to() returns the buffers themselves when already in the statistics dtype (the usual
+        # case): the update is then in place.
+        new_mean, new_var = running_mean.to(dtype), running_var.to(dtype)
         start, beta = 0, (1.0 - a) ** count
         for mean, var, n in groups:
             k = mean.numel() // channels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -32,17 +32,45 @@ BN_SHAPES = {
 }
 
 
-def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> nn.Module:
-    cls, shape = BN_SHAPES[kind]
-    bn = cls(shape[0], **kwargs)
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Single-threaded, for modules of small tensors (``pytestmark = usefixtures("one_thread")``):
+    with small inputs every op is short, and each OpenMP parallel region then costs more than it
+    saves; on a shared 2-core machine, where the second thread is often descheduled, one
+    BatchNorm call took 25 ms instead of 0.3 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def init_bn(bn: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``bn`` with non-trivial affine parameters (so their gradients mean something) and running
+    statistics away from their defaults, in ``dtype``."""
     with torch.no_grad():
-        if bn.affine:  # non-trivial affine parameters so their gradients mean something
+        if bn.affine:
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
         if bn.track_running_stats:
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.8, 1.2)
     return bn.to(dtype)
+
+
+def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> nn.Module:
+    cls, shape = BN_SHAPES[kind]
+    return init_bn(cls(shape[0], **kwargs), dtype)
+
+
+class ConstantNet(nn.Module):
+    """A forward that creates a tensor: tracing stores it as a ``_tensor_constant`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) + torch.arange(3.0)
 
 
 def input_shape(kind: str, n: int) -> tuple[int, ...]:

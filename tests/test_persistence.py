@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from conftest import assert_close
+from conftest import ConstantNet, assert_close
 from torch import nn
 
 import fxghost
@@ -29,14 +28,7 @@ REPO_ROOT = TESTS_DIR.parent
 G = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Single-threaded: on these tiny tensors OpenMP parallel regions cost more than they save,
-    badly so on a shared 2-core machine (see test_torchvision_models.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
@@ -274,17 +266,6 @@ def test_trained_model_deploys_as_the_plain_model(tmp_path: Path) -> None:
     # Eval with running statistics is plain BatchNorm eval on both sides.
     assert torch.equal(y_gm, y_plain)
     assert_close(y_gm, reference.eval()(x), "eval vs the chunked reference")
-
-
-class ConstantNet(nn.Module):
-    """A forward that creates a tensor: tracing stores it as a ``_tensor_constant`` attribute."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x) + torch.arange(3.0)
 
 
 def test_state_dict_keys_with_tensor_constants_in_forward() -> None:

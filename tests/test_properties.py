@@ -9,13 +9,12 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_state, run_side_by_side
+from conftest import ConstantNet, assert_same_state, init_bn, run_side_by_side
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -33,14 +32,7 @@ SETTINGS = settings(
 BN_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Single-threaded: on these tiny tensors OpenMP parallel regions cost more than they save,
-    badly so on a shared 2-core machine (see test_torchvision_models.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -64,14 +56,7 @@ class Layer:
             self.channels, momentum=self.momentum, affine=self.affine,
             track_running_stats=self.track,
         )
-        with torch.no_grad():
-            if bn.affine:  # non-trivial affine parameters so their gradients mean something
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-            if bn.track_running_stats:
-                bn.running_mean.uniform_(-0.2, 0.2)
-                bn.running_var.uniform_(0.8, 1.2)
-        return bn.to(self.dtype)
+        return init_bn(bn, self.dtype)
 
 
 @st.composite
@@ -327,17 +312,6 @@ class Untraceable(nn.Module):
         return y
 
 
-class WithConstant(nn.Module):
-    """A forward that creates a tensor: torch.fx stores it on the traced root."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x) + torch.arange(3.0)
-
-
 def _snapshot(model: nn.Module) -> dict[str, Any]:
     """Everything a transform could change: modules and their types, attributes, flags,
     registries, parameter and buffer identities and values."""
@@ -419,7 +393,7 @@ def test_successful_transform_does_not_modify_the_model() -> None:
 def test_transform_does_not_add_attributes_to_the_model() -> None:
     """torch.fx's tracer stores tensors created in forward on the traced root
     (``_tensor_constantN``): that must not be the caller's model."""
-    model = WithConstant()
+    model = ConstantNet()
     before = _snapshot(model)
     fxghost.transform(model, 2)
     _assert_unchanged(before, model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,15 +164,7 @@ _MODULES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run these tests single-threaded: with small float64 inputs every op is short, and each
-    OpenMP parallel region then costs more than it saves; on a shared 2-core machine, where the
-    second thread is often descheduled, one BatchNorm call took 25 ms instead of 0.3 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _selected(case: Case) -> Any:
