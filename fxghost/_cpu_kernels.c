@@ -1,34 +1,39 @@
 /* Fused ghost-normalization kernels for the CPU, compiled on first use by fxghost/_cpu.py.
  *
- * A grouped tensor is dense, element (g, a, c, s) at ((g * A + a) * C + c) * S + s:
- *   "rows"   S == 1: tabular (G, rows, C) and channels-last inputs, channels innermost;
- *   "planes" S > 1:  contiguous NCHW-like inputs (G, samples, C, spatial).
- * Statistics are per (group, channel) and two-pass (mean, then the centred sum of squares), so
- * they stay accurate when |mean| >> std. Partial sums run in the input type over short stretches
- * (at most RUN values per lane, or BLOCK_ROWS rows) and are carried in double beyond that:
- * converting every value to double halves the vector width and measured 2x slower.
- * Each call handles the groups [g0, g1) and channels [c0, c1), so that the caller can split work
- * between threads. Work is blocked so that a block's second and third passes hit cache.
+ * A grouped tensor is dense, element (g, a, c, s) at ((g * A + a) * C + c) * S + s: S == 1 for
+ * tabular (G, rows, C) and channels-last inputs (A = samples x positions), S = spatial positions
+ * for contiguous NCHW-like inputs (A = samples). Either way, the values of channels [c0, c1) of
+ * one row a are the contiguous segment x[(g*A + a)*C*S + c0*S ... + c1*S): every pass below walks
+ * such segments row after row and works on whole segments, so its inner loops are unit-stride
+ * vector loops over independent elements whatever S is.
  *
- * Plain C without torch headers: it compiles in about a second. Accumulators are small arrays of
- * independent lanes, which the compiler vectorizes without -ffast-math (that would break NaN
- * propagation).
+ * Statistics are per (group, channel) and two-pass (mean, then the centred sum of squares), so
+ * they stay accurate when |mean| >> std. Work goes in blocks of rows and channels that stay in
+ * L2 cache between passes: when a group's block fits, x streams from memory once per step; when
+ * it does not, blocks are merged with Chan's formula. Column sums run in the input type over at
+ * most RUN_ROWS rows and are carried in double beyond that.
+ * Each call handles the groups [g0, g1) and channels [c0, c1), so that the caller can split work
+ * between threads.
+ *
+ * Plain C without torch headers: it compiles in about a second. No -ffast-math (that would break
+ * NaN propagation); restrict-qualified pointers let the compiler vectorize without alias checks.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #ifndef T
-/* Independent accumulators per run (four AVX2 registers of float), and values per run stretch. */
-#define LANES 32
-#define RUN 1024
-/* Working-set size that stays in a core's L2 cache between passes, and rows per row block. */
+/* Working set that stays in a core's L2 cache between passes. */
 #define BLOCK_BYTES (128 * 1024)
-#define BLOCK_ROWS 64
+/* Rows summed in the input type before the sums are carried into double. */
+#define RUN_ROWS 64
+/* Shortest segment worth a vector loop, in elements: below it, blocks grow past BLOCK_BYTES. */
+#define MIN_SEGMENT 512
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 #define NAME(f) CAT(f, SFX)
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
 
 /* Built with -fopenmp, this links libgomp.so.1, and the dynamic linker resolves that to the copy
    torch has already loaded: the kernels share torch's OpenMP threads instead of competing with
@@ -48,6 +53,19 @@ static void split_range(int64_t t, int64_t parts, int64_t G, int64_t C, int64_t 
     }
 }
 
+/* Channels per block: a group's rows of the block take at most `budget` bytes, unless that
+   leaves segments shorter than MIN_SEGMENT elements. */
+static int64_t channel_block(int64_t A, int64_t S, int64_t nc, int64_t elem, int64_t budget) {
+    int64_t nb = budget / (A * S * elem);
+    nb = MAX(nb, (MIN_SEGMENT + S - 1) / S);
+    return MAX(1, MIN(nb, nc));
+}
+
+/* Rows per block, for segments of len elements in `streams` arrays. */
+static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
+    return MAX(1, BLOCK_BYTES / (len * elem * streams));
+}
+
 #define T float
 #define SFX f32
 #include "_cpu_kernels.c" /* itself, once per type */
@@ -62,270 +80,223 @@ static void split_range(int64_t t, int64_t parts, int64_t G, int64_t C, int64_t 
 
 #else
 
-/* Lane accumulators: runs add into LANES partial sums in T; flush() carries them into double
-   before they have summed more than RUN values each stretch, and resets them. */
-static void NAME(flush)(T *acc, double *total) {
-    /* Pairwise in T first: 32 dependent double additions per flush would cost more than the
-       run they follow. */
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int j = 0; j < width; j++) acc[j] += acc[j + width];
-    *total += (double)acc[0];
-    memset(acc, 0, sizeof(T) * LANES);
+/* acc[j] += x[r * ld + j] over n rows; four rows per load and store of the accumulators. */
+static void NAME(col_sum)(const T *restrict x, int64_t ld, int64_t n, int64_t len,
+                          T *restrict acc) {
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4, x += 4 * ld)
+        for (int64_t j = 0; j < len; j++)
+            acc[j] += (x[j] + x[j + ld]) + (x[j + 2 * ld] + x[j + 3 * ld]);
+    for (; r < n; r++, x += ld)
+        for (int64_t j = 0; j < len; j++) acc[j] += x[j];
 }
 
-static void NAME(add_run)(const T *p, int64_t n, T *acc) {
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += p[i + j];
-    for (; i < n; i++) acc[i % LANES] += p[i];
-}
-
-static void NAME(add_sq_run)(const T *p, int64_t n, T m, T *acc) {
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            T d = p[i + j] - m;
+/* acc[j] += (x[r * ld + j] - cen[j])^2 over n rows. */
+static void NAME(col_sq)(const T *restrict x, int64_t ld, int64_t n, int64_t len,
+                         const T *restrict cen, T *restrict acc) {
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4, x += 4 * ld)
+        for (int64_t j = 0; j < len; j++) {
+            T d0 = x[j] - cen[j], d1 = x[j + ld] - cen[j];
+            T d2 = x[j + 2 * ld] - cen[j], d3 = x[j + 3 * ld] - cen[j];
+            acc[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    for (; r < n; r++, x += ld)
+        for (int64_t j = 0; j < len; j++) {
+            T d = x[j] - cen[j];
             acc[j] += d * d;
         }
-    for (; i < n; i++) acc[i % LANES] += (p[i] - m) * (p[i] - m);
 }
 
-static void NAME(add_dy_run)(const T *dy, const T *x, int64_t n, T m, T *a0, T *a1) {
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            a0[j] += dy[i + j];
-            a1[j] += dy[i + j] * (x[i + j] - m);
+/* a0[j] += dy[r * ld + j] and a1[j] += dy[r * ld + j] * (x[r * ld + j] - cen[j]) over n rows. */
+static void NAME(col_dy)(const T *restrict dy, const T *restrict x, int64_t ld, int64_t n,
+                         int64_t len, const T *restrict cen, T *restrict a0, T *restrict a1) {
+    int64_t r = 0;
+    for (; r + 2 <= n; r += 2, x += 2 * ld, dy += 2 * ld)
+        for (int64_t j = 0; j < len; j++) {
+            a0[j] += dy[j] + dy[j + ld];
+            a1[j] += dy[j] * (x[j] - cen[j]) + dy[j + ld] * (x[j + ld] - cen[j]);
         }
-    for (; i < n; i++) {
-        a0[i % LANES] += dy[i];
-        a1[i % LANES] += dy[i] * (x[i] - m);
-    }
+    for (; r < n; r++, x += ld, dy += ld)
+        for (int64_t j = 0; j < len; j++) {
+            a0[j] += dy[j];
+            a1[j] += dy[j] * (x[j] - cen[j]);
+        }
 }
 
-/* Per-channel mean and M2 (sum of squared deviations) over n values -> the (G, C) outputs, and
-   the coefficients of y = (x - center) * scale + shift. */
-static void NAME(coefficients)(const double *mu, const double *m2, double n, double eps,
-                               const T *w, const T *b, int64_t cw, int64_t nc, T *scale,
-                               T *shift, T *center, T *mean_out, T *var_out, T *rstd_out) {
-    for (int64_t c = 0; c < nc; c++) {
-        double var = m2[c] / n;
-        double rstd = 1.0 / sqrt(var + eps);
-        scale[c] = (T)(w ? rstd * (double)w[cw + c] : rstd);
-        shift[c] = b ? b[cw + c] : (T)0;
-        center[c] = (T)mu[c];
-        mean_out[c] = (T)mu[c];
-        var_out[c] = (T)var;
-        rstd_out[c] = (T)rstd;
+/* out[c] += sum of acc[c * S ... c * S + S) in double, and acc is zeroed. */
+static void NAME(carry)(T *restrict acc, int64_t nb, int64_t S, double *restrict out) {
+    if (S == 1) {
+        for (int64_t c = 0; c < nb; c++) out[c] += (double)acc[c];
+    } else {
+        for (int64_t c = 0; c < nb; c++) {
+            double s = 0;
+            for (int64_t i = 0; i < S; i++) s += (double)acc[c * S + i];
+            out[c] += s;
+        }
     }
+    for (int64_t j = 0; j < nb * S; j++) acc[j] = 0;
 }
 
-/* Per-thread scratch: two double and five T vectors of nc values. */
-static int NAME(scratch)(int64_t nc, double **d, T **t) {
-    *d = (double *)malloc(sizeof(double) * nc * 2);
-    *t = (T *)malloc(sizeof(T) * nc * 5);
-    if (*d && *t) return 1;
-    free(*d);
-    free(*t);
+/* Per-channel values v laid out as one segment: row[c * S + i] = v[c]; v itself when S == 1. */
+static const T *NAME(expand)(const T *v, int64_t nb, int64_t S, T *restrict row) {
+    if (S == 1) return v;
+    for (int64_t c = 0; c < nb; c++)
+        for (int64_t i = 0; i < S; i++) row[c * S + i] = v[c];
+    return row;
+}
+
+/* Per-thread scratch: 6 * nb doubles and 9 segments of len values of T. */
+typedef struct {
+    double *d;
+    T *t;
+} NAME(scratch_t);
+
+static int NAME(scratch)(int64_t nb, int64_t len, NAME(scratch_t) *s) {
+    s->d = (double *)calloc((size_t)(6 * nb), sizeof(double));
+    s->t = (T *)calloc((size_t)(9 * len), sizeof(T));
+    if (s->d && s->t) return 1;
+    free(s->d);
+    free(s->t);
     return 0;
 }
 
-/* Forward: y = (x - mean) * (rstd * w) + b, centred first so that |mean| >> std loses no
-   precision; writes the per-(group, channel) mean, biased variance and rstd. */
+static void NAME(scratch_free)(NAME(scratch_t) *s) {
+    free(s->d);
+    free(s->t);
+}
+
+/* Forward of channels [b0, b0 + nb) of one group: y = (x - mean) * (rstd * w) + b, centred
+   first so that |mean| >> std loses no precision; writes the group's mean, biased variance and
+   rstd of these channels. */
+static void NAME(forward_block)(const T *restrict x, T *restrict y, const T *w, const T *b,
+                                T *mean_out, T *var_out, T *rstd_out, int64_t A, int64_t C,
+                                int64_t S, double eps, int64_t b0, int64_t nb,
+                                NAME(scratch_t) *s) {
+    int64_t ld = C * S, len = nb * S;
+    double *mu = s->d, *m2 = mu + nb, *bsum = m2 + nb, *bsq = bsum + nb;
+    T *acc = s->t, *cen_row = acc + len, *k_row = cen_row + len, *h_row = k_row + len,
+      *cv = h_row + len, *kv = cv + len, *hv = kv + len;
+    const T *cen;
+    const T *xs = x + b0 * S;
+    int64_t rb = row_block(len, sizeof(T), 1);
+    double seen = 0;
+    for (int64_t c = 0; c < nb; c++) mu[c] = m2[c] = 0;
+    for (int64_t a0 = 0; a0 < A; a0 += rb) {
+        int64_t a1 = MIN(A, a0 + rb);
+        double cnt = (double)((a1 - a0) * S), tot = seen + cnt;
+        for (int64_t c = 0; c < nb; c++) bsum[c] = bsq[c] = 0;
+        for (int64_t r = a0; r < a1; r += RUN_ROWS) {
+            NAME(col_sum)(xs + r * ld, ld, MIN(RUN_ROWS, a1 - r), len, acc);
+            NAME(carry)(acc, nb, S, bsum);
+        }
+        /* Centred on the block mean rounded to T; the rounding shifts M2 by cnt * delta^2. */
+        for (int64_t c = 0; c < nb; c++) cv[c] = (T)(bsum[c] / cnt);
+        cen = NAME(expand)(cv, nb, S, cen_row);
+        for (int64_t r = a0; r < a1; r += RUN_ROWS) {
+            NAME(col_sq)(xs + r * ld, ld, MIN(RUN_ROWS, a1 - r), len, cen, acc);
+            NAME(carry)(acc, nb, S, bsq);
+        }
+        for (int64_t c = 0; c < nb; c++) {
+            double bm = bsum[c] / cnt, dr = (double)cv[c] - bm;
+            double bm2 = bsq[c] - cnt * dr * dr;
+            double delta = bm - mu[c];
+            mu[c] += delta * (cnt / tot);
+            m2[c] += bm2 + delta * delta * (seen * cnt / tot);
+        }
+        seen = tot;
+    }
+    for (int64_t c = 0; c < nb; c++) {
+        double var = m2[c] / seen;
+        double rstd = 1.0 / sqrt(var + eps);
+        kv[c] = (T)(w ? rstd * (double)w[b0 + c] : rstd);
+        hv[c] = b ? b[b0 + c] : (T)0;
+        cv[c] = (T)mu[c];
+        mean_out[b0 + c] = (T)mu[c];
+        var_out[b0 + c] = (T)var;
+        rstd_out[b0 + c] = (T)rstd;
+    }
+    cen = NAME(expand)(cv, nb, S, cen_row);
+    const T *kr = NAME(expand)(kv, nb, S, k_row), *hr = NAME(expand)(hv, nb, S, h_row);
+    T *ys = y + b0 * S;
+    for (int64_t a = 0; a < A; a++) {
+        const T *restrict p = xs + a * ld;
+        T *restrict q = ys + a * ld;
+        for (int64_t j = 0; j < len; j++) q[j] = (p[j] - cen[j]) * kr[j] + hr[j];
+    }
+}
+
 static int NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean_out,
                                 T *var_out, T *rstd_out, int64_t A, int64_t C, int64_t S,
                                 double eps, int64_t g0, int64_t g1, int64_t c0, int64_t c1) {
-    int64_t nc = c1 - c0;
-    double n = (double)(A * S);
-    double *dbuf;
-    T *tbuf;
-    if (!NAME(scratch)(nc, &dbuf, &tbuf)) return 1;
-    double *mu = dbuf, *m2 = dbuf + nc;
-    T *scale = tbuf, *shift = tbuf + nc, *center = tbuf + 2 * nc, *bs = tbuf + 3 * nc,
-      *bq = tbuf + 4 * nc;
-    for (int64_t g = g0; g < g1; g++) {
-        const T *xg = x + g * A * C * S;
-        T *yg = y + g * A * C * S;
-        T *mo = mean_out + g * C + c0, *vo = var_out + g * C + c0, *ro = rstd_out + g * C + c0;
-        if (S == 1) {
-            /* Rows: blocks of rows that stay in cache for their second pass, each reduced
-               two-pass and merged with Chan's formula, so x streams from memory once. */
-            int64_t rb = BLOCK_BYTES / (int64_t)(sizeof(T) * nc);
-            rb = rb < 1 ? 1 : rb > BLOCK_ROWS ? BLOCK_ROWS : rb;
-            double seen = 0;
-            for (int64_t c = 0; c < nc; c++) mu[c] = m2[c] = 0;
-            for (int64_t a0 = 0; a0 < A; a0 += rb) {
-                int64_t a1 = a0 + rb < A ? a0 + rb : A;
-                double cnt = (double)(a1 - a0), tot = seen + cnt;
-                for (int64_t c = 0; c < nc; c++) bs[c] = bq[c] = 0;
-                for (int64_t a = a0; a < a1; a++) {
-                    const T *row = xg + a * C + c0;
-                    for (int64_t c = 0; c < nc; c++) bs[c] += row[c];
-                }
-                for (int64_t c = 0; c < nc; c++) bs[c] = (T)((double)bs[c] / cnt);
-                for (int64_t a = a0; a < a1; a++) {
-                    const T *row = xg + a * C + c0;
-                    for (int64_t c = 0; c < nc; c++) {
-                        T d = row[c] - bs[c];
-                        bq[c] += d * d;
-                    }
-                }
-                for (int64_t c = 0; c < nc; c++) {
-                    double delta = (double)bs[c] - mu[c];
-                    mu[c] += delta * (cnt / tot);
-                    m2[c] += (double)bq[c] + delta * delta * (seen * cnt / tot);
-                }
-                seen = tot;
-            }
-            NAME(coefficients)(mu, m2, n, eps, w, b, c0, nc, scale, shift, center, mo, vo, ro);
-            for (int64_t a = 0; a < A; a++) {
-                const T *row = xg + a * C + c0;
-                T *out = yg + a * C + c0;
-                for (int64_t c = 0; c < nc; c++)
-                    out[c] = (row[c] - center[c]) * scale[c] + shift[c];
-            }
-        } else {
-            /* Planes: blocks of channels that stay in cache for all three passes (a block's
-               runs are adjacent in memory for each sample). */
-            int64_t cb = BLOCK_BYTES / (int64_t)(sizeof(T) * A * S);
-            cb = cb < 1 ? 1 : cb;
-            for (int64_t b0 = 0; b0 < nc; b0 += cb) {
-                int64_t b1 = b0 + cb < nc ? b0 + cb : nc;
-                for (int64_t c = b0; c < b1; c++) {
-                    T acc[LANES] = {0};
-                    double s = 0, q = 0;
-                    for (int64_t a = 0, since = 0; a < A; a++, since += S) {
-                        if (since >= RUN * LANES) NAME(flush)(acc, &s), since = 0;
-                        NAME(add_run)(xg + (a * C + c0 + c) * S, S, acc);
-                    }
-                    NAME(flush)(acc, &s);
-                    mu[c] = s / n;
-                    /* Centre on the mean rounded to T, as the normalization does; the rounding
-                       only shifts M2 by n * delta^2. */
-                    T m = (T)mu[c];
-                    for (int64_t a = 0, since = 0; a < A; a++, since += S) {
-                        if (since >= RUN * LANES) NAME(flush)(acc, &q), since = 0;
-                        NAME(add_sq_run)(xg + (a * C + c0 + c) * S, S, m, acc);
-                    }
-                    NAME(flush)(acc, &q);
-                    double delta = (double)m - mu[c];
-                    m2[c] = q - n * delta * delta;
-                }
-                NAME(coefficients)(mu + b0, m2 + b0, n, eps, w, b, c0 + b0, b1 - b0, scale + b0,
-                                   shift + b0, center + b0, mo + b0, vo + b0, ro + b0);
-                for (int64_t a = 0; a < A; a++)
-                    for (int64_t c = b0; c < b1; c++) {
-                        const T *p = xg + (a * C + c0 + c) * S;
-                        T *q = yg + (a * C + c0 + c) * S;
-                        T k = scale[c], h = shift[c], m = center[c];
-                        for (int64_t i = 0; i < S; i++) q[i] = (p[i] - m) * k + h;
-                    }
-            }
-        }
-    }
-    free(dbuf);
-    free(tbuf);
+    int64_t nb = channel_block(A, S, c1 - c0, sizeof(T), BLOCK_BYTES);
+    NAME(scratch_t) s;
+    if (!NAME(scratch)(nb, nb * S, &s)) return 1;
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t b0 = c0; b0 < c1; b0 += nb)
+            NAME(forward_block)(x + g * A * C * S, y + g * A * C * S, w, b, mean_out + g * C,
+                                var_out + g * C, rstd_out + g * C, A, C, S, eps, b0,
+                                MIN(nb, c1 - b0), &s);
+    NAME(scratch_free)(&s);
     return 0;
 }
 
-/* Per-channel sum(dy) and sum(dy * xhat) -> the (G, C) outputs, and the coefficients of
-   dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n) = dy * k + (x - mean) * kb + kc. */
-static void NAME(grad_coefficients)(const double *sdy, const double *sdx, double n, const T *w,
-                                    int64_t cw, int64_t nc, const T *mean, const T *rstd,
-                                    T *sum_dy_out, T *sum_dy_xhat_out, T *k, T *kb, T *kc) {
-    for (int64_t c = 0; c < nc; c++) {
-        double r = (double)rstd[c];
+/* Backward of channels [b0, b0 + nb) of one group: the group's sum(dy) and sum(dy * xhat) of
+   these channels, and dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n), written as
+   dy * k + (x - mean) * kb + kc, unless dx is NULL. */
+static void NAME(backward_block)(const T *restrict dy, const T *restrict x, const T *w,
+                                 const T *mean, const T *rstd, T *restrict dx, T *sum_dy_out,
+                                 T *sum_dy_xhat_out, int64_t A, int64_t C, int64_t S,
+                                 int64_t b0, int64_t nb, NAME(scratch_t) *s) {
+    int64_t ld = C * S, len = nb * S;
+    double *sdy = s->d, *sdx = sdy + nb, n = (double)(A * S);
+    T *a0 = s->t, *a1 = a0 + len, *rows = a1 + len, *kv = rows + 4 * len, *kbv = kv + nb,
+      *kcv = kbv + nb;
+    const T *xs = x + b0 * S, *dys = dy + b0 * S;
+    for (int64_t c = 0; c < nb; c++) sdy[c] = sdx[c] = 0;
+    const T *cen = NAME(expand)(mean + b0, nb, S, rows);
+    for (int64_t r = 0; r < A; r += RUN_ROWS) {
+        NAME(col_dy)(dys + r * ld, xs + r * ld, ld, MIN(RUN_ROWS, A - r), len, cen, a0, a1);
+        NAME(carry)(a0, nb, S, sdy);
+        NAME(carry)(a1, nb, S, sdx);
+    }
+    for (int64_t c = 0; c < nb; c++) {
+        double r = (double)rstd[b0 + c];
         double sdxh = sdx[c] * r;
-        double kk = w ? r * (double)w[cw + c] : r;
-        double bb = -kk * r * sdxh / n;
-        sum_dy_out[c] = (T)sdy[c];
-        sum_dy_xhat_out[c] = (T)sdxh;
-        k[c] = (T)kk;
-        kb[c] = (T)bb;
-        kc[c] = (T)(-kk * sdy[c] / n);
-        (void)mean;
+        double kk = w ? r * (double)w[b0 + c] : r;
+        sum_dy_out[b0 + c] = (T)sdy[c];
+        sum_dy_xhat_out[b0 + c] = (T)sdxh;
+        kv[c] = (T)kk;
+        kbv[c] = (T)(-kk * r * sdxh / n);
+        kcv[c] = (T)(-kk * sdy[c] / n);
+    }
+    if (!dx) return;
+    const T *kr = NAME(expand)(kv, nb, S, rows + len), *kbr = NAME(expand)(kbv, nb, S, rows + 2 * len),
+            *kcr = NAME(expand)(kcv, nb, S, rows + 3 * len);
+    T *dxs = dx + b0 * S;
+    for (int64_t a = 0; a < A; a++) {
+        const T *restrict p = xs + a * ld, *restrict d = dys + a * ld;
+        T *restrict q = dxs + a * ld;
+        for (int64_t j = 0; j < len; j++) q[j] = d[j] * kr[j] + (p[j] - cen[j]) * kbr[j] + kcr[j];
     }
 }
 
-/* Backward: writes the per-(group, channel) sum(dy) and sum(dy * xhat) that the weight and bias
-   gradients are made of, and the input gradient into dx unless it is NULL. */
 static int NAME(backward_range)(const T *dy, const T *x, const T *w, const T *mean,
                                  const T *rstd, T *dx, T *sum_dy_out, T *sum_dy_xhat_out,
                                  int64_t A, int64_t C, int64_t S, int64_t g0, int64_t g1,
                                  int64_t c0, int64_t c1) {
-    int64_t nc = c1 - c0;
-    double n = (double)(A * S);
-    double *dbuf;
-    T *tbuf;
-    if (!NAME(scratch)(nc, &dbuf, &tbuf)) return 1;
-    double *sdy = dbuf, *sdx = dbuf + nc;
-    T *k = tbuf, *kb = tbuf + nc, *kc = tbuf + 2 * nc, *b0s = tbuf + 3 * nc, *b1s = tbuf + 4 * nc;
+    /* Two input streams share the cache. */
+    int64_t nb = channel_block(A, S, c1 - c0, sizeof(T), BLOCK_BYTES / 2);
+    NAME(scratch_t) s;
+    if (!NAME(scratch)(nb, nb * S, &s)) return 1;
     for (int64_t g = g0; g < g1; g++) {
-        const T *xg = x + g * A * C * S, *dyg = dy + g * A * C * S;
-        T *dxg = dx ? dx + g * A * C * S : NULL;
-        const T *mg = mean + g * C + c0, *rg = rstd + g * C + c0;
-        T *so = sum_dy_out + g * C + c0, *sxo = sum_dy_xhat_out + g * C + c0;
-        if (S == 1) {
-            for (int64_t c = 0; c < nc; c++) sdy[c] = sdx[c] = 0;
-            for (int64_t a0 = 0; a0 < A; a0 += BLOCK_ROWS) {
-                int64_t a1 = a0 + BLOCK_ROWS < A ? a0 + BLOCK_ROWS : A;
-                for (int64_t c = 0; c < nc; c++) b0s[c] = b1s[c] = 0;
-                for (int64_t a = a0; a < a1; a++) {
-                    const T *xr = xg + a * C + c0, *dr = dyg + a * C + c0;
-                    for (int64_t c = 0; c < nc; c++) {
-                        b0s[c] += dr[c];
-                        b1s[c] += dr[c] * (xr[c] - mg[c]);
-                    }
-                }
-                for (int64_t c = 0; c < nc; c++) {
-                    sdy[c] += (double)b0s[c];
-                    sdx[c] += (double)b1s[c];
-                }
-            }
-            NAME(grad_coefficients)(sdy, sdx, n, w, c0, nc, mg, rg, so, sxo, k, kb, kc);
-            if (!dxg) continue;
-            for (int64_t a = 0; a < A; a++) {
-                const T *xr = xg + a * C + c0, *dr = dyg + a * C + c0;
-                T *out = dxg + a * C + c0;
-                for (int64_t c = 0; c < nc; c++)
-                    out[c] = dr[c] * k[c] + (xr[c] - mg[c]) * kb[c] + kc[c];
-            }
-        } else {
-            int64_t cb = BLOCK_BYTES / (int64_t)(2 * sizeof(T) * A * S);
-            cb = cb < 1 ? 1 : cb;
-            for (int64_t p0 = 0; p0 < nc; p0 += cb) {
-                int64_t p1 = p0 + cb < nc ? p0 + cb : nc;
-                for (int64_t c = p0; c < p1; c++) {
-                    T a0[LANES] = {0}, a1[LANES] = {0};
-                    sdy[c] = sdx[c] = 0;
-                    for (int64_t a = 0, since = 0; a < A; a++, since += S) {
-                        if (since >= RUN * LANES) {
-                            NAME(flush)(a0, &sdy[c]);
-                            NAME(flush)(a1, &sdx[c]);
-                            since = 0;
-                        }
-                        int64_t off = (a * C + c0 + c) * S;
-                        NAME(add_dy_run)(dyg + off, xg + off, S, mg[c], a0, a1);
-                    }
-                    NAME(flush)(a0, &sdy[c]);
-                    NAME(flush)(a1, &sdx[c]);
-                }
-                NAME(grad_coefficients)(sdy + p0, sdx + p0, n, w, c0 + p0, p1 - p0, mg + p0,
-                                        rg + p0, so + p0, sxo + p0, k + p0, kb + p0, kc + p0);
-                if (!dxg) continue;
-                for (int64_t a = 0; a < A; a++)
-                    for (int64_t c = p0; c < p1; c++) {
-                        int64_t off = (a * C + c0 + c) * S;
-                        const T *xr = xg + off, *dr = dyg + off;
-                        T *out = dxg + off;
-                        T kk = k[c], bb = kb[c], cc = kc[c], m = mg[c];
-                        for (int64_t i = 0; i < S; i++) out[i] = dr[i] * kk + (xr[i] - m) * bb + cc;
-                    }
-            }
-        }
+        int64_t off = g * A * C * S;
+        for (int64_t b0 = c0; b0 < c1; b0 += nb)
+            NAME(backward_block)(dy + off, x + off, w, mean + g * C, rstd + g * C,
+                                 dx ? dx + off : NULL, sum_dy_out + g * C,
+                                 sum_dy_xhat_out + g * C, A, C, S, b0, MIN(nb, c1 - b0), &s);
     }
-    free(dbuf);
-    free(tbuf);
+    NAME(scratch_free)(&s);
     return 0;
 }
 
