@@ -147,12 +147,16 @@ static const T *NAME(expand)(const T *v, int64_t nb, int64_t S, T *restrict row)
 }
 
 /* Per-thread scratch: 6 * nb doubles and 9 segments of len values of T. */
+/* Laid out by the largest block (nb, len), whatever block uses it: a smaller last block must not
+   move the arrays, or its temporaries would land in the next block's zeroed accumulators. */
 typedef struct {
     double *d;
     T *t;
+    int64_t nb, len;
 } NAME(scratch_t);
 
 static int NAME(scratch)(int64_t nb, int64_t len, NAME(scratch_t) *s) {
+    s->nb = nb, s->len = len;
     s->d = (double *)calloc((size_t)(6 * nb), sizeof(double));
     s->t = (T *)calloc((size_t)(9 * len), sizeof(T));
     if (s->d && s->t) return 1;
@@ -174,9 +178,10 @@ static void NAME(forward_block)(const T *restrict x, T *restrict y, const T *w, 
                                 int64_t S, double eps, int64_t b0, int64_t nb,
                                 NAME(scratch_t) *s) {
     int64_t ld = C * S, len = nb * S;
-    double *mu = s->d, *m2 = mu + nb, *bsum = m2 + nb, *bsq = bsum + nb;
-    T *acc = s->t, *cen_row = acc + len, *k_row = cen_row + len, *h_row = k_row + len,
-      *cv = h_row + len, *kv = cv + len, *hv = kv + len;
+    int64_t sn = s->nb, sl = s->len;
+    double *mu = s->d, *m2 = mu + sn, *bsum = m2 + sn, *bsq = bsum + sn;
+    T *acc = s->t, *cen_row = acc + sl, *k_row = cen_row + sl, *h_row = k_row + sl,
+      *cv = h_row + sl, *kv = cv + sl, *hv = kv + sl;
     const T *cen;
     const T *xs = x + b0 * S;
     int64_t rb = row_block(len, sizeof(T), 1);
@@ -249,9 +254,10 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
                                  T *sum_dy_xhat_out, int64_t A, int64_t C, int64_t S,
                                  int64_t b0, int64_t nb, NAME(scratch_t) *s) {
     int64_t ld = C * S, len = nb * S;
-    double *sdy = s->d, *sdx = sdy + nb, n = (double)(A * S);
-    T *a0 = s->t, *a1 = a0 + len, *rows = a1 + len, *kv = rows + 4 * len, *kbv = kv + nb,
-      *kcv = kbv + nb;
+    int64_t sn = s->nb, sl = s->len;
+    double *sdy = s->d, *sdx = sdy + sn, n = (double)(A * S);
+    T *a0 = s->t, *a1 = a0 + sl, *rows = a1 + sl, *kv = rows + 4 * sl, *kbv = kv + sn,
+      *kcv = kbv + sn;
     const T *xs = x + b0 * S, *dys = dy + b0 * S;
     for (int64_t c = 0; c < nb; c++) sdy[c] = sdx[c] = 0;
     const T *cen = NAME(expand)(mean + b0, nb, S, rows);
@@ -271,8 +277,9 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
         kcv[c] = (T)(-kk * sdy[c] / n);
     }
     if (!dx) return;
-    const T *kr = NAME(expand)(kv, nb, S, rows + len), *kbr = NAME(expand)(kbv, nb, S, rows + 2 * len),
-            *kcr = NAME(expand)(kcv, nb, S, rows + 3 * len);
+    const T *kr = NAME(expand)(kv, nb, S, rows + sl),
+            *kbr = NAME(expand)(kbv, nb, S, rows + 2 * sl),
+            *kcr = NAME(expand)(kcv, nb, S, rows + 3 * sl);
     T *dxs = dx + b0 * S;
     for (int64_t a = 0; a < A; a++) {
         const T *restrict p = xs + a * ld, *restrict d = dys + a * ld;

@@ -112,6 +112,37 @@ def test_cpu_kernels_split_between_threads(
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+# Shapes past the kernels' 128 KB cache blocks: several channel blocks per group, the last one
+# smaller (64 channels of 256 positions, or 64 of 2049), row blocks merged with Chan's formula
+# (600 rows of 100 channels), and one channel per block with long rows (8000 positions).
+BLOCKED = [(2, 3, 64, 256), (3, 2, 64, 2049), (2, 600, 100), (2, 3, 5, 8000)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", BLOCKED, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_blocked_shapes_match_decomposition(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype, threads: int
+) -> None:
+    monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
+    torch.manual_seed(0)
+    xg = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
+    w = (torch.rand(shape[2]) + 0.5).to(dtype)
+    b = torch.randn(shape[2]).to(dtype)
+    dy = torch.randn(xg.flatten(0, 1).shape).to(dtype)
+    results = []
+    for fn in (_fast._cpu_kernel_norm, _math.ghost_norm_decomposed):
+        x, wi, bi = (t.clone().requires_grad_() for t in (xg, w, b))
+        y, mean, var = fn(x, wi, bi, 1e-5)
+        y.backward(dy)
+        results.append((y, mean, var, x.grad, wi.grad, bi.grad))
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    names = ("y", "mean", "var", "grad x", "grad w", "grad b")
+    for name, got, want in zip(names, *results, strict=True):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @needs_kernels
 def test_cpu_kernels_take_any_gradient_layout() -> None:
     """The incoming gradient may be laid out unlike x (here: transposed storage)."""
