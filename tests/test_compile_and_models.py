@@ -9,8 +9,10 @@ import torch
 import torchvision
 from conftest import assert_close, assert_same_state, make_bn
 from torch import nn
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fxghost
+from fxghost import _cpu
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 
@@ -52,6 +54,36 @@ def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool
         assert_same_state(model, reference, f"step {step}")
         model.zero_grad()
         reference.zero_grad()
+
+
+@pytest.mark.skipif(not _cpu.available(), reason="no C compiler: the CPU kernels are not built here")
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
+    """On CPU, torch.compile gets the C kernels as custom ops (forward and backward) for the
+    BatchNorm2d and the decomposition for the BatchNorm1d on (N, C); the result still matches the
+    reference, running statistics included."""
+    torch._dynamo.reset()
+    model = _small_net()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    x = torch.randn(10, 3, 5, 3, dtype=torch.float64)  # uneven: a tail ghost batch of 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = compiled(x1), reference(x2)
+    assert_close(y, y_ref, "output")
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    assert_close(x1.grad, x2.grad, "input grad")
+    assert_same_state(model, reference, "after one step")
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    backward = "\n".join(g.code for g in backend.bw_graphs)
+    # The BatchNorm2d's main and tail groups; the BatchNorm1d is decomposed (var_mean).
+    assert forward.count("fxghost.cpu_ghost_norm.default") == 2
+    assert backward.count("fxghost.cpu_ghost_norm_backward.default") == 2
+    assert "var_mean" in forward
 
 
 # Deep models amplify float64 rounding through layers whose ghost batches hold few values per

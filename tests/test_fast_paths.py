@@ -195,3 +195,48 @@ def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory)
     assert paths[0] == paths[1]
     assert os.path.dirname(paths[0]) == str(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(paths[0])]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("name", "channels_last"), [("tabular", False), ("nchw", False), ("nchw", True)])
+def test_cpu_custom_ops_pass_opcheck(name: str, channels_last: bool, dtype: torch.dtype) -> None:
+    """The ops torch.compile runs on CPU: schema, fake (meta) outputs, autograd registration."""
+    xg = _grouped(name, channels_last, dtype).requires_grad_()
+    channels = xg.shape[2]
+    w = (torch.rand(channels) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(channels).to(dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.fxghost.cpu_ghost_norm.default, (xg, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.fxghost.cpu_ghost_norm.default, (xg, None, None, 1e-5))
+    mean = torch.randn(xg.shape[0], channels, dtype=dtype)
+    rstd = torch.rand(xg.shape[0], channels, dtype=dtype) + 0.5
+    dy = torch.randn(xg.shape, dtype=dtype)
+    args = (dy, xg.detach(), w.detach(), mean, rstd)
+    torch.library.opcheck(torch.ops.fxghost.cpu_ghost_norm_backward.default, args)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: _fast._cpu_op_norm(x, w, b, 1e-5)[0],
+        tuple(t.detach().double().requires_grad_() for t in (xg, w, b)),
+    )
+
+
+@needs_kernels
+def test_cpu_custom_op_takes_layouts_the_trace_did_not_see() -> None:
+    """Compiled code may hand the op a strided input: it computes densely and returns the
+    layout the fake implementation promised."""
+    xg = _grouped("nchw", False, torch.float64)
+    strided = torch.zeros(xg.shape[0], 2 * xg.shape[1], *xg.shape[2:], dtype=xg.dtype)[:, ::2]
+    strided.copy_(xg)  # every other sample of a larger tensor
+    w = torch.rand(xg.shape[2], dtype=torch.float64) + 0.5
+    b = torch.randn(xg.shape[2], dtype=torch.float64)
+    got = torch.ops.fxghost.cpu_ghost_norm(strided, w, b, 1e-5)
+    want = _fast._cpu_norm_op(xg, w, b, 1e-5)
+    assert got[0].stride() == torch.empty_like(strided.flatten(0, 1)).stride()
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(xg.shape, dtype=torch.float64)
+    mean, rstd = want[1], want[3]
+    got_b = torch.ops.fxghost.cpu_ghost_norm_backward(dy, strided, w, mean, rstd)
+    want_b = torch.ops.fxghost.cpu_ghost_norm_backward(dy, xg, w, mean, rstd)
+    for g, e in zip(got_b, want_b, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
