@@ -785,6 +785,10 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "quick": args.quick,
         "compile": not args.no_compile,
         "cold_compile": not args.compile_cache,
+        # Allocator settings change CPU results a lot (page faults of fresh memory): record them.
+        "allocator_env": {
+            k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_", "LD_PRELOAD"))
+        },
         "ratios": "speed: reference median time / implementation median time, same mode",
         "step_mem": "peak memory of one step above what was live before it, MiB",
     }

@@ -357,6 +357,7 @@ def _cpu_kernel_norm(
 @torch.library.custom_op(
     "fxghost::cpu_ghost_norm",
     mutates_args=(),
+    device_types="cpu",
     schema="(Tensor xg, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _cpu_norm_op(
@@ -380,6 +381,7 @@ def _(xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tup
 @torch.library.custom_op(
     "fxghost::cpu_ghost_norm_backward",
     mutates_args=(),
+    device_types="cpu",
     schema="(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
 )
 def _cpu_norm_backward_op(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,12 @@ from fxghost import _bench
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # A subprocess: the suite resets torch._dynamo and Inductor's caches, which must not leak
     # into the other tests of this process.
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=ROOT
+        [sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -41,9 +43,11 @@ def _by_key(results: list[dict]) -> dict[tuple[str, str, str, int], set[str]]:
 def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
     out = tmp_path / "quick.json"
     args = "benchmarks/run.py --quick --no-compile --device cpu --out".split()
-    result = _run(*args, str(out))
+    # An allocator setting, which moves CPU results a lot, is recorded with them.
+    result = _run(*args, str(out), env={"MALLOC_TRIM_THRESHOLD_": "33554432"})
     assert result.returncode == 0, result.stdout + result.stderr
     data = _load(out)
+    assert data["meta"]["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "33554432"
 
     groups = _by_key(data["results"])
     assert {k[0] for k in groups} == {"layer", "model"}
