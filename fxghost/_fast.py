@@ -8,8 +8,9 @@ statistics, and computes the input gradient from two per-group reductions:
 
 The statistics and elementwise work run in fused kernels where they exist: Triton on CUDA
 (:mod:`fxghost._triton`), compiled C on CPU (:mod:`fxghost._cpu`), torch ops otherwise. Under
-``torch.compile`` the decomposition in :mod:`fxghost._math` is used instead, so that inductor can
-fuse it with neighbouring ops.
+``torch.compile`` the C kernels run as custom ops on CPU inputs with spatial dims (inductor's code
+for them was slower); everywhere else the decomposition in :mod:`fxghost._math` is used, so that
+inductor can fuse it with neighbouring ops.
 """
 
 from __future__ import annotations
