@@ -355,6 +355,22 @@ def _cpu_kernel_norm(
 # tabular (N, C) inputs inductor's code is as fast as the kernels and can fuse with the
 # neighbouring Linear and ReLU, so those keep the decomposition. The eager path keeps the
 # autograd.Function, which costs less per call than a custom op.
+def _on_dense(
+    xg: Tensor,
+    like: Callable[[Tensor], Tensor],
+    run: Callable[[Tensor, tuple[int, int, int, int]], tuple[Any, ...]],
+) -> tuple[Any, ...]:
+    """``run(xg, dims)`` when the kernels can read ``xg`` as it is. Otherwise (compiled code may
+    pass a layout its trace did not see) ``run`` on a contiguous copy, with the full-size first
+    result copied into ``like(xg)``: the layout the custom op's fake implementation promised."""
+    dims = _kernel_dims(tuple(xg.shape), xg.stride())
+    if dims is not None:
+        return run(xg, dims)
+    dense = xg.contiguous()
+    first, *rest = run(dense, _dense_dims(dense))
+    return (like(xg).copy_(first), *rest)
+
+
 @torch.library.custom_op(
     "fxghost::cpu_ghost_norm",
     mutates_args=(),
@@ -365,12 +381,11 @@ def _cpu_norm_op(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` as :func:`_cpu_forward` returns them."""
-    dims = _kernel_dims(tuple(xg.shape), xg.stride())
-    if dims is None:  # a layout the trace did not see: compute dense, return as traced
-        dense = xg.contiguous()
-        y, mean, var, rstd = _cpu_forward(dense, weight, bias, eps, _dense_dims(dense))
-        return torch.empty_like(xg.flatten(0, 1)).copy_(y), mean, var, rstd
-    return _cpu_forward(xg, weight, bias, eps, dims)
+    return _on_dense(  # type: ignore[return-value]
+        xg,
+        lambda t: torch.empty_like(t.flatten(0, 1)),
+        lambda t, dims: _cpu_forward(t, weight, bias, eps, dims),
+    )
 
 
 @_cpu_norm_op.register_fake
@@ -389,15 +404,9 @@ def _cpu_norm_backward_op(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_x, sum_dy, sum_dy_xhat)``; ``dy`` grouped like ``xg``."""
-    dims = _kernel_dims(tuple(xg.shape), xg.stride())
-    if dims is None:
-        dense = xg.contiguous()
-        grad_x, sum_dy, sum_dy_xhat = _cpu_backward(
-            dy, dense, weight, mean, rstd, True, _dense_dims(dense)
-        )
-        return torch.empty_like(xg).copy_(grad_x), sum_dy, sum_dy_xhat  # type: ignore[arg-type]
-    grad_x, sum_dy, sum_dy_xhat = _cpu_backward(dy, xg, weight, mean, rstd, True, dims)
-    return grad_x, sum_dy, sum_dy_xhat  # type: ignore[return-value]
+    return _on_dense(  # type: ignore[return-value]
+        xg, torch.empty_like, lambda t, dims: _cpu_backward(dy, t, weight, mean, rstd, True, dims)
+    )
 
 
 @_cpu_norm_backward_op.register_fake
