@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,12 +94,18 @@ class _Layout:
 
     def standard(self, stat: Tensor) -> Tensor:
         """Per-group statistics in the ``(G, 1, C, 1...)`` shape of :mod:`fxghost._math`."""
-        return stat.reshape(self.groups, 1, self.channels, *([1] * (len(self.shape) - 3)))
+        return _standard(stat, self.shape)
 
+
+def _standard(stat: Tensor, shape: Sequence[int]) -> Tensor:
+    """``stat`` holding ``(G, C)`` values, shaped ``(G, 1, C, 1...)`` for a grouped ``shape``."""
+    return stat.reshape(shape[0], 1, shape[2], *([1] * (len(shape) - 3)))
 
 
 @functools.lru_cache(maxsize=1024)
-def _kernel_dims(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+def _kernel_dims(
+    shape: tuple[int, ...], stride: tuple[int, ...]
+) -> tuple[int, int, int, int] | None:
     """``(G, A, C, S)`` when a grouped tensor of this shape and stride has its elements in memory
     as a contiguous tensor of that shape, as the CPU kernels read them; else ``None``.
 
@@ -268,7 +274,6 @@ class _TritonGhostNorm(_FusedGhostNorm):
         return y, mean_s, var_s
 
 
-
 def _triton_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     input_grad: bool, count: int,
@@ -291,7 +296,7 @@ def _triton_norm(
 class _CpuKernelGhostNorm(_FusedGhostNorm):
     """Ghost normalization in the fused C kernels of :mod:`fxghost._cpu` (CPU, float32/float64,
     dense inputs): forward reads x twice and writes y once; backward reads x and dy twice and
-    writes dx once, one ghost batch at a time so that the second read comes from cache."""
+    writes dx once, in cache-sized blocks so that each second read comes from cache."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -316,11 +321,11 @@ def _cpu_forward(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
     dims: tuple[int, int, int, int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, var, rstd)`` from the C kernels; ``y`` sample-first, the statistics ``(G, C)``."""
+    """``(y, mean, var, rstd)`` from the C kernels: ``y`` sample-first, the statistics
+    ``(G, C)``."""
     out = torch.empty_like(xg.flatten(0, 1))  # a dense input's strides: laid out as xg
     mean, var, rstd = _cpu.forward(xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims)
     return out, mean, var, rstd
-
 
 
 def _cpu_backward(
@@ -349,12 +354,6 @@ def _cpu_kernel_norm(
     return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
-# Under torch.compile on CPU the C kernels run as custom ops for inputs with spatial dims: there
-# inductor's code for the decomposition measured no faster than compiled chunked BatchNorm (NCHW,
-# 0.9-1.1x) or slower (channels_last, 0.7x), the kernels 1.4-1.8x faster than chunked. On
-# tabular (N, C) inputs inductor's code is as fast as the kernels and can fuse with the
-# neighbouring Linear and ReLU, so those keep the decomposition. The eager path keeps the
-# autograd.Function, which costs less per call than a custom op.
 def _on_dense(
     xg: Tensor,
     like: Callable[[Tensor], Tensor],
@@ -371,11 +370,18 @@ def _on_dense(
     return (like(xg).copy_(first), *rest)
 
 
+# Under torch.compile on CPU the C kernels run as custom ops for inputs with spatial dims: there
+# inductor's code for the decomposition measured no faster than compiled chunked BatchNorm (NCHW,
+# 0.9-1.1x) or slower (channels_last, 0.7x), the kernels 1.4-1.8x faster than chunked. On
+# tabular (N, C) inputs inductor's code is as fast as the kernels and can fuse with the
+# neighbouring Linear and ReLU, so those keep the decomposition. The eager path keeps the
+# autograd.Function, which costs less per call than a custom op.
 @torch.library.custom_op(
     "fxghost::cpu_ghost_norm",
     mutates_args=(),
     device_types="cpu",
-    schema="(Tensor xg, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema="(Tensor xg, Tensor? weight, Tensor? bias, float eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _cpu_norm_op(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -398,7 +404,8 @@ def _(xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tup
     "fxghost::cpu_ghost_norm_backward",
     mutates_args=(),
     device_types="cpu",
-    schema="(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd)"
+    " -> (Tensor, Tensor, Tensor)",
 )
 def _cpu_norm_backward_op(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
@@ -439,8 +446,7 @@ def _cpu_op_norm(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, var, _ = torch.ops.fxghost.cpu_ghost_norm(xg, weight, bias, eps)
-    standard = (xg.shape[0], 1, xg.shape[2], *([1] * (xg.dim() - 3)))
-    return y, mean.reshape(standard), var.reshape(standard)
+    return y, _standard(mean, xg.shape), _standard(var, xg.shape)
 
 
 @torch.compiler.assume_constant_result
@@ -473,9 +479,9 @@ def select(xg: Tensor) -> NormFn:
 
     Under ``torch.compile``: on CPU the C kernels as custom ops for dense float32/float64
     inputs with spatial dims; else the decomposition, for inductor to fuse with neighbouring
-    ops. In eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or channels-last
-    layouts); on CPU the compiled C kernels for dense float32/float64 inputs; else the torch-ops
-    Function for float32/float64, else the decomposition.
+    ops. In eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or
+    channels-last layouts); on CPU the compiled C kernels for dense float32/float64 inputs; else
+    the torch-ops Function for float32/float64, else the decomposition.
     """
     if torch.compiler.is_compiling():
         return _cpu_op_norm if _cpu_op_applies(xg) else _math.ghost_norm_decomposed

@@ -61,9 +61,9 @@ def ghost_norm_decomposed(
     """Ghost-normalize ``xg`` in plain differentiable ops.
 
     This is the formulation inductor sees under ``torch.compile`` (it fuses it with neighbouring
-    ops), except for CPU inputs with spatial dims, and the fallback where no fused path applies. Returns ``(y, mean, var)``: ``y`` in the
-    input dtype and layout, sample-first (``xg.flatten(0, 1)``'s shape), ``mean`` and biased
-    ``var`` of shape ``(G, 1, C, 1...)``.
+    ops), except for CPU inputs with spatial dims, and the fallback where no fused path applies.
+    Returns ``(y, mean, var)``: ``y`` in the input dtype and layout, sample-first
+    (``xg.flatten(0, 1)``'s shape), ``mean`` and biased ``var`` of shape ``(G, 1, C, 1...)``.
     """
     xs = xg.to(stat_dtype(xg.dtype))
     var, mean = torch.var_mean(xs, dim=reduce_dims(xg.dim()), correction=0, keepdim=True)
