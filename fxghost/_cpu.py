@@ -2,8 +2,11 @@
 
 PyTorch has no CPU kernel for per-(group, channel) statistics, and composing one from torch ops
 streams the tensor through memory a dozen times per step (a 2-core machine is memory-bound long
-before it is compute-bound). The kernels here read x twice and write y once in the forward, read
-x and dy twice and write dx once in the backward, and keep each group hot in cache between passes.
+before it is compute-bound). The kernels here read x from memory once and write y once in the
+forward, read x and dy once and write dx once in the backward (large outputs with non-temporal
+stores), and keep each block hot in cache between passes. The backward returns the weight and
+bias gradients themselves, and :func:`running_update` applies the running-statistics update:
+in eager mode the small torch ops they replace cost more than the kernels on tabular layers.
 
 The C source is plain C99 without torch headers, so it compiles in about a second with the
 system's C compiler (the one ``torch.compile`` uses on CPU); the shared object is cached under
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "backward", "forward", "library_path"]
+__all__ = ["available", "backward", "forward", "library_path", "running_update"]
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -114,6 +117,7 @@ class _Kernels:
         ptr, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
         self.forward = {}
         self.backward = {}
+        self.running = {}
         for dtype, sfx in _SUFFIX.items():
             fwd = getattr(lib, f"fxg_forward_{sfx}")
             fwd.argtypes = [ptr] * 7 + [i64] * 4 + [f64, i64]
@@ -121,7 +125,10 @@ class _Kernels:
             bwd = getattr(lib, f"fxg_backward_{sfx}")
             bwd.argtypes = [ptr] * 8 + [i64] * 5
             bwd.restype = ctypes.c_int
-            self.forward[dtype], self.backward[dtype] = fwd, bwd
+            run = getattr(lib, f"fxg_running_{sfx}")
+            run.argtypes = [ptr] * 3 + [i64] * 2 + [f64] * 2 + [ptr] * 2
+            run.restype = None
+            self.forward[dtype], self.backward[dtype], self.running[dtype] = fwd, bwd, run
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,14 +190,54 @@ def backward(
     dx: Tensor | None,
     dims: Dims,
 ) -> tuple[Tensor, Tensor]:
-    """Per-(group, channel) ``sum(dy)`` and ``sum(dy * xhat)``, and the input gradient written
-    into ``dx`` unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in
-    :func:`forward`."""
+    """The weight and bias gradients before any dtype cast, ``sum(dy * xhat)`` and ``sum(dy)``
+    over all groups (each ``(C,)`` in ``x``'s dtype), and the input gradient written into ``dx``
+    unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`."""
     kernels = _loaded()
-    sum_dy, sum_dy_xhat = (torch.empty(dims[0], dims[2], dtype=x.dtype) for _ in range(2))
-    tensors = (dy, x, weight, mean, rstd, dx, sum_dy, sum_dy_xhat)
+    grad_w, grad_b = (torch.empty(dims[2], dtype=x.dtype) for _ in range(2))
+    tensors = (dy, x, weight, mean, rstd, dx, grad_w, grad_b)
     _run(kernels.backward[x.dtype], tensors, dims, (), x.numel())
-    return sum_dy, sum_dy_xhat
+    return grad_w, grad_b
+
+
+def running_update(
+    mean: Tensor,
+    var: Tensor,
+    weights: Tensor,
+    start: int,
+    beta: float,
+    unbias: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+) -> None:
+    """``running = beta * running + sum_g weights[start + g] * stat[g]`` in place, for the mean
+    and for the variance scaled by ``unbias``, with ``mean`` and ``var`` holding contiguous
+    ``(G, C)`` values and every tensor in one dtype (see :func:`applies_to_running`). One call
+    instead of the dozen small torch ops of :func:`fxghost._math.update_running_stats`."""
+    channels = running_mean.numel()
+    _loaded().running[mean.dtype](
+        mean.data_ptr(),
+        var.data_ptr(),
+        weights.data_ptr() + start * weights.element_size(),
+        mean.numel() // channels,
+        channels,
+        beta,
+        unbias,
+        running_mean.data_ptr(),
+        running_var.data_ptr(),
+    )
+
+
+def applies_to_running(*tensors: Tensor) -> bool:
+    """Whether :func:`running_update` can take these tensors: CPU, dense, one float dtype."""
+    dtype = tensors[0].dtype
+    return (
+        dtype in _SUFFIX
+        and all(
+            t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+        )
+        and available()
+    )
 
 
 def _loaded() -> _Kernels:

@@ -13,7 +13,10 @@
  * it does not, blocks are merged with Chan's formula. Column sums run in the input type over at
  * most RUN_ROWS rows and are carried in double beyond that.
  * Each call handles the groups [g0, g1) and channels [c0, c1), so that the caller can split work
- * between threads.
+ * between threads. Outputs of STREAM_MIN_BYTES or more are written with non-temporal stores where
+ * the compiler targets AVX. The backward also totals its per-group sums into the weight and bias
+ * gradients, and fxg_running applies the closed-form running-statistics update, so that eager
+ * Python makes one call where it would make a dozen small torch ops.
  *
  * Plain C without torch headers: it compiles in about a second. No -ffast-math (that would break
  * NaN propagation); restrict-qualified pointers let the compiler vectorize without alias checks.
@@ -21,6 +24,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #ifndef T
 /* Working set that stays in a core's L2 cache between passes. */
@@ -29,6 +35,13 @@
 #define RUN_ROWS 64
 /* Shortest segment worth a vector loop, in elements: below it, blocks grow past BLOCK_BYTES. */
 #define MIN_SEGMENT 512
+/* Outputs (y, dx) of at least this many bytes are written with non-temporal stores. An output
+   this much larger than a core's L2 is out of cache by the time the next op reads it, so a normal
+   store only adds a read of every line before it is overwritten: measured 25-30% faster for
+   16 MB outputs on an AMD EPYC VM, and neutral to slightly slower for 4 MB ones. */
+#ifndef STREAM_MIN_BYTES
+#define STREAM_MIN_BYTES (8 << 20)
+#endif
 #define CAT2(a, b) a##_##b
 #define CAT(a, b) CAT2(a, b)
 #define NAME(f) CAT(f, SFX)
@@ -68,15 +81,47 @@ static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
 
 #define T float
 #define SFX f32
+#ifdef __AVX__
+#define VEC __m256
+#define VLEN 8
+#define VLOAD _mm256_loadu_ps
+#define VADD _mm256_add_ps
+#define VSUB _mm256_sub_ps
+#define VMUL _mm256_mul_ps
+#define VSTREAM _mm256_stream_ps
+#endif
 #include "_cpu_kernels.c" /* itself, once per type */
 #undef T
 #undef SFX
+#undef VEC
+#undef VLEN
+#undef VLOAD
+#undef VADD
+#undef VSUB
+#undef VMUL
+#undef VSTREAM
 
 #define T double
 #define SFX f64
+#ifdef __AVX__
+#define VEC __m256d
+#define VLEN 4
+#define VLOAD _mm256_loadu_pd
+#define VADD _mm256_add_pd
+#define VSUB _mm256_sub_pd
+#define VMUL _mm256_mul_pd
+#define VSTREAM _mm256_stream_pd
+#endif
 #include "_cpu_kernels.c" /* itself, once per type */
 #undef T
 #undef SFX
+#undef VEC
+#undef VLEN
+#undef VLOAD
+#undef VADD
+#undef VSUB
+#undef VMUL
+#undef VSTREAM
 
 #else
 
@@ -146,6 +191,49 @@ static const T *NAME(expand)(const T *v, int64_t nb, int64_t S, T *restrict row)
     return row;
 }
 
+/* Leading elements of q before a 32-byte boundary (all of len when streaming is off or
+   unavailable): the stores after them may be non-temporal. */
+static int64_t NAME(stream_head)(const T *q, int64_t len, int nt) {
+#ifdef __AVX__
+    if (nt) {
+        int64_t head = (int64_t)((32 - ((uintptr_t)q & 31)) & 31) / (int64_t)sizeof(T);
+        if ((uintptr_t)q % sizeof(T) == 0 && head + VLEN <= len) return head;
+    }
+#endif
+    (void)q, (void)nt;
+    return len;
+}
+
+/* q[j] = (p[j] - cen[j]) * k[j] + h[j] */
+static void NAME(norm_row)(const T *restrict p, const T *restrict cen, const T *restrict k,
+                           const T *restrict h, T *restrict q, int64_t len, int nt) {
+    int64_t j = NAME(stream_head)(q, len, nt);
+    for (int64_t i = 0; i < j; i++) q[i] = (p[i] - cen[i]) * k[i] + h[i];
+#ifdef __AVX__
+    for (; j + VLEN <= len; j += VLEN) {
+        VEC v = VMUL(VSUB(VLOAD(p + j), VLOAD(cen + j)), VLOAD(k + j));
+        VSTREAM(q + j, VADD(v, VLOAD(h + j)));
+    }
+    for (; j < len; j++) q[j] = (p[j] - cen[j]) * k[j] + h[j];
+#endif
+}
+
+/* q[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j] */
+static void NAME(grad_row)(const T *restrict d, const T *restrict p, const T *restrict cen,
+                           const T *restrict k, const T *restrict kb, const T *restrict kc,
+                           T *restrict q, int64_t len, int nt) {
+    int64_t j = NAME(stream_head)(q, len, nt);
+    for (int64_t i = 0; i < j; i++) q[i] = d[i] * k[i] + (p[i] - cen[i]) * kb[i] + kc[i];
+#ifdef __AVX__
+    for (; j + VLEN <= len; j += VLEN) {
+        VEC v = VADD(VMUL(VLOAD(d + j), VLOAD(k + j)),
+                     VMUL(VSUB(VLOAD(p + j), VLOAD(cen + j)), VLOAD(kb + j)));
+        VSTREAM(q + j, VADD(v, VLOAD(kc + j)));
+    }
+    for (; j < len; j++) q[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j];
+#endif
+}
+
 /* Per-thread scratch: 6 * nb doubles and 9 segments of len values of T. */
 /* Laid out by the largest block (nb, len), whatever block uses it: a smaller last block must not
    move the arrays, or its temporaries would land in the next block's zeroed accumulators. */
@@ -153,10 +241,11 @@ typedef struct {
     double *d;
     T *t;
     int64_t nb, len;
+    int nt; /* outputs written with non-temporal stores */
 } NAME(scratch_t);
 
-static int NAME(scratch)(int64_t nb, int64_t len, NAME(scratch_t) *s) {
-    s->nb = nb, s->len = len;
+static int NAME(scratch)(int64_t nb, int64_t len, int nt, NAME(scratch_t) *s) {
+    s->nb = nb, s->len = len, s->nt = nt;
     s->d = (double *)calloc((size_t)(6 * nb), sizeof(double));
     s->t = (T *)calloc((size_t)(9 * len), sizeof(T));
     if (s->d && s->t) return 1;
@@ -166,6 +255,10 @@ static int NAME(scratch)(int64_t nb, int64_t len, NAME(scratch_t) *s) {
 }
 
 static void NAME(scratch_free)(NAME(scratch_t) *s) {
+#ifdef __AVX__
+    /* Non-temporal stores are weakly ordered: make them visible before the threads join. */
+    if (s->nt) _mm_sfence();
+#endif
     free(s->d);
     free(s->t);
 }
@@ -224,19 +317,17 @@ static void NAME(forward_block)(const T *restrict x, T *restrict y, const T *w, 
     cen = NAME(expand)(cv, nb, S, cen_row);
     const T *kr = NAME(expand)(kv, nb, S, k_row), *hr = NAME(expand)(hv, nb, S, h_row);
     T *ys = y + b0 * S;
-    for (int64_t a = 0; a < A; a++) {
-        const T *restrict p = xs + a * ld;
-        T *restrict q = ys + a * ld;
-        for (int64_t j = 0; j < len; j++) q[j] = (p[j] - cen[j]) * kr[j] + hr[j];
-    }
+    for (int64_t a = 0; a < A; a++)
+        NAME(norm_row)(xs + a * ld, cen, kr, hr, ys + a * ld, len, s->nt);
 }
 
 static int NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean_out,
                                 T *var_out, T *rstd_out, int64_t A, int64_t C, int64_t S,
-                                double eps, int64_t g0, int64_t g1, int64_t c0, int64_t c1) {
+                                double eps, int64_t g0, int64_t g1, int64_t c0, int64_t c1,
+                                int nt) {
     int64_t nb = channel_block(A, S, c1 - c0, sizeof(T), BLOCK_BYTES);
     NAME(scratch_t) s;
-    if (!NAME(scratch)(nb, nb * S, &s)) return 1;
+    if (!NAME(scratch)(nb, nb * S, nt, &s)) return 1;
     for (int64_t g = g0; g < g1; g++)
         for (int64_t b0 = c0; b0 < c1; b0 += nb)
             NAME(forward_block)(x + g * A * C * S, y + g * A * C * S, w, b, mean_out + g * C,
@@ -250,8 +341,8 @@ static int NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean
    these channels, and dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n), written as
    dy * k + (x - mean) * kb + kc, unless dx is NULL. */
 static void NAME(backward_block)(const T *restrict dy, const T *restrict x, const T *w,
-                                 const T *mean, const T *rstd, T *restrict dx, T *sum_dy_out,
-                                 T *sum_dy_xhat_out, int64_t A, int64_t C, int64_t S,
+                                 const T *mean, const T *rstd, T *restrict dx, double *sum_dy_out,
+                                 double *sum_dy_xhat_out, int64_t A, int64_t C, int64_t S,
                                  int64_t b0, int64_t nb, NAME(scratch_t) *s) {
     int64_t ld = C * S, len = nb * S;
     int64_t sn = s->nb, sl = s->len;
@@ -270,8 +361,8 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
         double r = (double)rstd[b0 + c];
         double sdxh = sdx[c] * r;
         double kk = w ? r * (double)w[b0 + c] : r;
-        sum_dy_out[b0 + c] = (T)sdy[c];
-        sum_dy_xhat_out[b0 + c] = (T)sdxh;
+        sum_dy_out[b0 + c] = sdy[c];
+        sum_dy_xhat_out[b0 + c] = sdxh;
         kv[c] = (T)kk;
         kbv[c] = (T)(-kk * r * sdxh / n);
         kcv[c] = (T)(-kk * sdy[c] / n);
@@ -281,21 +372,18 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
             *kbr = NAME(expand)(kbv, nb, S, rows + 2 * sl),
             *kcr = NAME(expand)(kcv, nb, S, rows + 3 * sl);
     T *dxs = dx + b0 * S;
-    for (int64_t a = 0; a < A; a++) {
-        const T *restrict p = xs + a * ld, *restrict d = dys + a * ld;
-        T *restrict q = dxs + a * ld;
-        for (int64_t j = 0; j < len; j++) q[j] = d[j] * kr[j] + (p[j] - cen[j]) * kbr[j] + kcr[j];
-    }
+    for (int64_t a = 0; a < A; a++)
+        NAME(grad_row)(dys + a * ld, xs + a * ld, cen, kr, kbr, kcr, dxs + a * ld, len, s->nt);
 }
 
 static int NAME(backward_range)(const T *dy, const T *x, const T *w, const T *mean,
-                                 const T *rstd, T *dx, T *sum_dy_out, T *sum_dy_xhat_out,
+                                 const T *rstd, T *dx, double *sum_dy_out, double *sum_dy_xhat_out,
                                  int64_t A, int64_t C, int64_t S, int64_t g0, int64_t g1,
-                                 int64_t c0, int64_t c1) {
+                                 int64_t c0, int64_t c1, int nt) {
     /* Two input streams share the cache. */
     int64_t nb = channel_block(A, S, c1 - c0, sizeof(T), BLOCK_BYTES / 2);
     NAME(scratch_t) s;
-    if (!NAME(scratch)(nb, nb * S, &s)) return 1;
+    if (!NAME(scratch)(nb, nb * S, nt, &s)) return 1;
     for (int64_t g = g0; g < g1; g++) {
         int64_t off = g * A * C * S;
         for (int64_t b0 = c0; b0 < c1; b0 += nb)
@@ -313,30 +401,61 @@ int NAME(fxg_forward)(const T *x, T *y, const T *w, const T *b, T *mean_out, T *
                        T *rstd_out, int64_t G, int64_t A, int64_t C, int64_t S, double eps,
                        int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
-    int failed = 0;
+    int nt = G * A * C * S * (int64_t)sizeof(T) >= STREAM_MIN_BYTES, failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];
         split_range(t, parts, G, C, r);
         failed |= NAME(forward_range)(x, y, w, b, mean_out, var_out, rstd_out, A, C, S, eps, r[0],
-                                      r[1], r[2], r[3]);
+                                      r[1], r[2], r[3], nt);
     }
     return failed;
 }
 
+/* The per-(group, channel) sums of the backward, totalled over the groups into the weight and
+   bias gradients (C values each) in double, in group order, so the result does not depend on the
+   thread count. */
 int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const T *rstd, T *dx,
-                        T *sum_dy_out, T *sum_dy_xhat_out, int64_t G, int64_t A, int64_t C,
-                        int64_t S, int64_t nthreads) {
+                        T *grad_w, T *grad_b, int64_t G, int64_t A, int64_t C, int64_t S,
+                        int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
-    int failed = 0;
+    double *sum_dy = (double *)malloc((size_t)(2 * G * C) * sizeof(double));
+    double *sum_dy_xhat = sum_dy + G * C;
+    if (!sum_dy) return 1;
+    int nt = G * A * C * S * (int64_t)sizeof(T) >= STREAM_MIN_BYTES, failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];
         split_range(t, parts, G, C, r);
-        failed |= NAME(backward_range)(dy, x, w, mean, rstd, dx, sum_dy_out, sum_dy_xhat_out, A,
-                                       C, S, r[0], r[1], r[2], r[3]);
+        failed |= NAME(backward_range)(dy, x, w, mean, rstd, dx, sum_dy, sum_dy_xhat, A, C, S,
+                                       r[0], r[1], r[2], r[3], nt);
     }
+    for (int64_t c = 0; c < C; c++) {
+        double tw = 0, tb = 0;
+        for (int64_t g = 0; g < G; g++) {
+            tw += sum_dy_xhat[g * C + c];
+            tb += sum_dy[g * C + c];
+        }
+        grad_w[c] = (T)tw;
+        grad_b[c] = (T)tb;
+    }
+    free(sum_dy);
     return failed;
+}
+
+/* The running statistics after G ghost batches, in closed form (fxghost/_math.py derives it):
+   r = beta * r + scale * sum_g wts[g] * stat[g], for mean (scale 1) and var (scale `unbias`). */
+void NAME(fxg_running)(const T *mean, const T *var, const T *wts, int64_t G, int64_t C,
+                        double beta, double unbias, T *running_mean, T *running_var) {
+    for (int64_t c = 0; c < C; c++) {
+        double m = 0, v = 0;
+        for (int64_t g = 0; g < G; g++) {
+            m += (double)wts[g] * (double)mean[g * C + c];
+            v += (double)wts[g] * (double)var[g * C + c];
+        }
+        running_mean[c] = (T)(beta * (double)running_mean[c] + m);
+        running_var[c] = (T)(beta * (double)running_var[c] + unbias * v);
+    }
 }
 
 #endif

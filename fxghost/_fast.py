@@ -127,8 +127,10 @@ def _kernel_dims(
     return None
 
 
-# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, sum_dy, sum_dy_xhat), where
-# extra is what the Function's forward stored for its kernels in ctx.extra.
+# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, dweight, dbias), where extra
+# is what the Function's forward stored for its kernels in ctx.extra, and dweight = sum(dy * xhat)
+# and dbias = sum(dy) over all samples, (C,) in the statistics dtype: the parameter gradients
+# before their cast to the parameters' dtype.
 BackwardKernels = Callable[
     [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, Any],
     tuple["Tensor | None", Tensor, Tensor],
@@ -150,6 +152,8 @@ def _forward_outputs(
     ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
     mean, rstd, var = stats
     ctx.save_for_backward(xg, weight, mean, rstd)
+    # mean and var are not differentiable: no zero gradients need to be made up for them.
+    ctx.set_materialize_grads(False)
     ctx.kernels, ctx.extra = kernels, extra
     mean_s, var_s = layout.standard(mean), layout.standard(var)
     ctx.mark_non_differentiable(mean_s, var_s)
@@ -157,14 +161,23 @@ def _forward_outputs(
 
 
 def _param_grads(
-    ctx: Any, weight: Tensor | None, sum_dy: Tensor, sum_dy_xhat: Tensor
+    ctx: Any, weight: Tensor | None, dweight: Tensor, dbias: Tensor
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Weight and bias gradients from the per-(group, channel) sums: summed over the groups."""
+    """Weight and bias gradients from the kernels' ``(C,)`` totals, in the parameters' dtype."""
     if weight is None:
         return None, None
-    grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[1] else None
-    grad_b = sum_dy.sum(0).flatten().to(weight.dtype) if ctx.needs_input_grad[2] else None
-    return grad_w, grad_b
+    grads = []
+    for total, needed in ((dweight, ctx.needs_input_grad[1]), (dbias, ctx.needs_input_grad[2])):
+        if needed and total.dtype != weight.dtype:
+            total = total.to(weight.dtype)
+        grads.append(total if needed else None)
+    return grads[0], grads[1]
+
+
+def _totals(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dweight, dbias)``: per-(group, channel) sums, in any shape holding ``(G, C)``, summed
+    over the groups."""
+    return sum_dy_xhat.sum(0).flatten(), sum_dy.sum(0).flatten()
 
 
 class _FusedGhostNorm(torch.autograd.Function):
@@ -175,14 +188,16 @@ class _FusedGhostNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
+        ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        if dy is None:  # grads are not materialized, and only y is differentiable
+            return None, None, None, None
         xg, weight, mean, rstd = ctx.saved_tensors
-        dy = dy.unflatten(0, xg.shape[:2])  # splitting a dim is always a view
-        grad_x, sum_dy, sum_dy_xhat = ctx.kernels(
+        dy = dy.view(xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
+        grad_x, dweight, dbias = ctx.kernels(
             dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
         )
-        grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
+        grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
         return grad_x, grad_w, grad_b, None
 
 
@@ -240,7 +255,7 @@ def _torch_ops_backward(
         c = -k * sum_dy / count - b * mean
         torch.mul(x, b, out=buf).add_(c)
         grad_x = layout.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
-    return grad_x, sum_dy, sum_dy_xhat
+    return (grad_x, *_totals(sum_dy, sum_dy_xhat))
 
 
 def _torch_ops_norm(
@@ -284,7 +299,7 @@ def _triton_backward(
         if input_grad
         else None
     )
-    return grad_x, sum_dy, sum_dy_xhat
+    return (grad_x, *_totals(sum_dy, sum_dy_xhat))
 
 
 def _triton_norm(
@@ -335,10 +350,8 @@ def _cpu_backward(
     if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
         dy = torch.empty_like(xg).copy_(dy)
     grad_x = torch.empty_like(xg) if input_grad else None
-    sum_dy, sum_dy_xhat = _cpu.backward(
-        dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims
-    )
-    return grad_x, sum_dy, sum_dy_xhat
+    dweight, dbias = _cpu.backward(dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims)
+    return grad_x, dweight, dbias
 
 
 def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
@@ -410,7 +423,8 @@ def _(xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tup
 def _cpu_norm_backward_op(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, sum_dy, sum_dy_xhat)``; ``dy`` grouped like ``xg``."""
+    """``(grad_x, dweight, dbias)`` as :data:`BackwardKernels` returns them; ``dy`` grouped like
+    ``xg``."""
     return _on_dense(  # type: ignore[return-value]
         xg, torch.empty_like, lambda t, dims: _cpu_backward(dy, t, weight, mean, rstd, True, dims)
     )
@@ -420,7 +434,8 @@ def _cpu_norm_backward_op(
 def _(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(xg), torch.empty_like(mean), torch.empty_like(mean)
+    totals = [xg.new_empty((xg.shape[2],)) for _ in range(2)]
+    return torch.empty_like(xg), *totals
 
 
 def _cpu_op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -432,10 +447,10 @@ def _cpu_op_backward(
     ctx: Any, dy: Tensor, *_unused: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
     xg, weight, mean, rstd = ctx.saved_tensors
-    grad_x, sum_dy, sum_dy_xhat = torch.ops.fxghost.cpu_ghost_norm_backward(
+    grad_x, dweight, dbias = torch.ops.fxghost.cpu_ghost_norm_backward(
         dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd
     )
-    grad_w, grad_b = _param_grads(ctx, weight, sum_dy, sum_dy_xhat)
+    grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
     return grad_x, grad_w, grad_b, None
 
 
@@ -485,9 +500,11 @@ def select(xg: Tensor) -> NormFn:
     """
     if torch.compiler.is_compiling():
         return _cpu_op_norm if _cpu_op_applies(xg) else _math.ghost_norm_decomposed
-    if _triton.supported(xg):
+    cpu = xg.is_cpu
+    # On CPU the Triton kernels run only in the interpreter: asked first, as cheaply as possible.
+    if (not cpu or _triton.interpreting()) and _triton.supported(xg):
         return _triton_norm
-    if xg.device.type == "cpu" and _cpu_kernels_apply(xg):
+    if cpu and _cpu_kernels_apply(xg):
         return _cpu_kernel_norm
     if xg.dtype in (torch.float32, torch.float64):
         return _torch_ops_norm

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _cpu
+
 __all__ = [
     "affine_coefficients",
     "ghost_norm_decomposed",
@@ -125,7 +127,8 @@ def update_running_stats(
         new_var = running_var.to(dtype) * keep + unbiased.sum(0) / total
     else:
         a = momentum / requested
-        build = _ema_weights if torch.compiler.is_compiling() else _cached_ema_weights
+        compiling = torch.compiler.is_compiling()
+        build = _ema_weights if compiling else _cached_ema_weights
         weights = build(a, count, dtype, groups[0][0].device)
         # .to() returns the buffers themselves when already in the statistics dtype (the usual
         # case): the update is then in place.
@@ -133,10 +136,15 @@ def update_running_stats(
         start, beta = 0, (1.0 - a) ** count
         for mean, var, n in groups:
             k = mean.numel() // channels
-            w = weights[start : start + k]
-            # One matrix-vector product per statistic: the weighted sum over ghost batches.
-            new_mean.addmv_(mean.reshape(k, channels).t(), w, beta=beta)
-            new_var.addmv_(var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1))
+            if not compiling and _cpu.applies_to_running(mean, var, weights, new_mean, new_var):
+                # The same sums in one C call: in eager these small ops cost more than the
+                # kernels of a tabular layer.
+                _cpu.running_update(mean, var, weights, start, beta, n / (n - 1), new_mean, new_var)
+            else:
+                w = weights[start : start + k]
+                # One matrix-vector product per statistic: the weighted sum over ghost batches.
+                new_mean.addmv_(mean.reshape(k, channels).t(), w, beta=beta)
+                new_var.addmv_(var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1))
             start, beta = start + k, 1.0
     if new_mean is not running_mean:
         running_mean.copy_(new_mean)

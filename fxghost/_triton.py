@@ -335,7 +335,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter on the CPU (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -363,7 +364,7 @@ def _geometry(xg: Tensor) -> tuple[int, int] | None:
 
 def supported(xg: Tensor) -> bool:
     """Whether the kernels here handle the grouped view ``xg`` (dtype, layout, device)."""
-    if xg.device.type != "cuda" and not (xg.device.type == "cpu" and _interpreting()):
+    if xg.device.type != "cuda" and not (xg.device.type == "cpu" and interpreting()):
         return False
     if triton is None or xg.dtype not in _DTYPES or not 3 <= xg.dim() <= 6 or xg.numel() == 0:
         return False

@@ -104,11 +104,12 @@ def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) ->
     plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
     if plan.requested == 0:  # empty eval batch without running statistics
         return x.unsqueeze(0), None
+    # view, not unflatten (the same view, through one more dispatch per call).
     if not plan.tail:
-        return x.unflatten(0, (plan.full, plan.size)), None
+        return x.view(plan.full, plan.size, *x.shape[1:]), None
     # split, not narrow: narrow's backward zero-fills a full-size gradient per piece.
     body, tail = x.split([plan.full * plan.size, plan.tail])
-    return body.unflatten(0, (plan.full, plan.size)), tail.unsqueeze(0)
+    return body.view(plan.full, plan.size, *x.shape[1:]), tail.unsqueeze(0)
 
 
 @_fx_leaf("ghost_norm")

@@ -116,16 +116,22 @@ def test_cpu_kernels_split_between_threads(
 # smaller (64 channels of 256 positions, or 64 of 2049), row blocks merged with Chan's formula
 # (600 rows of 100 channels), and one channel per block with long rows (8000 positions).
 BLOCKED = [(2, 3, 64, 256), (3, 2, 64, 2049), (2, 600, 100), (2, 3, 5, 8000)]
+# Past the 8 MB from which y and dx are written with non-temporal stores, with rows and segments
+# that start off the 32-byte boundary the vector stores need: 250 channels of one position, and
+# 67 channels of 1001 positions. Sized for float64; float32 takes twice the samples.
+STREAMED = [(4, 1100, 250), (2, 8, 67, 1001)]
 
 
 @needs_kernels
-@pytest.mark.parametrize("shape", BLOCKED, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", BLOCKED + STREAMED, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_kernels_blocked_shapes_match_decomposition(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype, threads: int
 ) -> None:
     monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
+    if shape in STREAMED and dtype == torch.float32:
+        shape = (shape[0], 2 * shape[1], *shape[2:])
     torch.manual_seed(0)
     xg = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
     w = (torch.rand(shape[2]) + 0.5).to(dtype)
