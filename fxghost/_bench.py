@@ -463,8 +463,21 @@ def _model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[_Builde
 
 @dataclass(frozen=True)
 class _Timing:
+    """``warmup`` untimed rounds, then rounds until ``repeats`` steps per implementation are timed.
+    In a round each implementation runs ``block`` steps in a row; with ``block > 1`` the first of
+    them is not timed, so that timed steps follow a step of the same implementation."""
+
     warmup: int
     repeats: int
+    block: int = 1
+
+    @property
+    def timed_per_block(self) -> int:
+        return max(1, self.block - 1)
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.repeats // self.timed_per_block)
 
 
 @dataclass
@@ -576,20 +589,31 @@ def _run_job(
                 _progress(f"      {impl}: FAILED {r.error[:300]}")
         times: dict[str, list[float]] = {}
         order = list(steps)
-        # Warm-up and timing interleave the implementations; each round starts with the next
-        # one, so none is always first (right after another's allocations or cache effects).
-        for rnd in range(job.timing.warmup + job.timing.repeats):
-            sink: dict[str, list[float]] = {} if rnd < job.timing.warmup else times
+        timing = job.timing
+        # Rounds interleave the implementations, so that a slow spell of a shared machine hits
+        # them all; each round starts with the next one. Within a round each runs a block of
+        # steps whose first is untimed: on CPU a step right after another implementation's pays
+        # for that one's allocation pattern (glibc hands memory back to the OS, and the next
+        # step page-faults it in again), which a training loop running one implementation
+        # never sees.
+        for rnd in range(timing.warmup + timing.rounds):
+            sink: dict[str, list[float]] = {} if rnd < timing.warmup else times
             for k in range(len(order)):
                 impl = order[(rnd + k) % len(order)]
-                if impl not in steps:
-                    continue
-                try:
-                    clock.time(impl, steps[impl], sink)
-                except Exception as exc:
-                    results[impl].error = f"{type(exc).__name__}: {exc}"
-                    del steps[impl]
+                for i in range(timing.block):
+                    if impl not in steps:
+                        break
+                    try:
+                        if timing.block > 1 and i == 0:
+                            steps[impl]()
+                        else:
+                            clock.time(impl, steps[impl], sink)
+                    except Exception as exc:
+                        results[impl].error = f"{type(exc).__name__}: {exc}"
+                        del steps[impl]
             clock.collect(sink)
+        for ts in times.values():
+            del ts[timing.repeats :]
         for impl in list(steps):
             r = results[impl]
             try:
@@ -892,7 +916,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup",
         type=_non_negative,
         default=None,
-        help="untimed steps after the first call (default: per section and device)",
+        help="untimed rounds after the first call (default: per section and device)",
+    )
+    p.add_argument(
+        "--block",
+        type=_positive,
+        default=None,
+        help="steps each implementation runs in a row per round, the first of them untimed "
+        "when above 1 (default: 4 for CPU layers, 3 for CPU models, 1 on CUDA)",
     )
     p.add_argument(
         "--ghost-sizes",
@@ -915,9 +946,11 @@ def _default_timing(device: str, quick: bool) -> tuple[_Timing, _Timing]:
     if quick:
         return _Timing(1, 3), _Timing(0, 2)
     if device == "cuda":
+        # The caching allocator keeps one implementation's memory pattern from reaching the next.
         return _Timing(10, 50), _Timing(5, 20)
-    # CPU layer steps take milliseconds but vary a lot (page faults of fresh memory): many rounds.
-    return _Timing(5, 40), _Timing(2, 8)
+    # CPU layer steps take milliseconds but vary a lot (page faults of fresh memory): many rounds,
+    # in blocks of steps (see _run_job).
+    return _Timing(3, 45, block=4), _Timing(1, 8, block=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -933,7 +966,9 @@ def main(argv: list[str] | None = None) -> int:
 
     layer_timing, model_timing = _default_timing(device, args.quick)
     overrides = {
-        k: v for k, v in (("warmup", args.warmup), ("repeats", args.repeats)) if v is not None
+        k: v
+        for k, v in (("warmup", args.warmup), ("repeats", args.repeats), ("block", args.block))
+        if v is not None
     }
     layer_timing, model_timing = (
         replace(layer_timing, **overrides),

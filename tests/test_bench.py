@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fxghost import _bench
 
@@ -87,13 +88,51 @@ def test_quick_compiled_layer_case(tmp_path: Path) -> None:
 
 def test_options_parse_and_reject() -> None:
     parser = _bench.build_parser()
-    argv = "--sections model,layer --impls fxghost,plain --ghost-sizes 16,32 --repeats 3 --warmup 0"
+    argv = (
+        "--sections model,layer --impls fxghost,plain --ghost-sizes 16,32 --repeats 3 --warmup 0 "
+        "--block 2"
+    )
     args = parser.parse_args(argv.split())
     assert args.sections == ["layer", "model"] and args.impls == ["plain", "fxghost"]
     assert args.ghost_sizes == [16, 32] and args.repeats == 3 and args.warmup == 0
-    for bad in ("--sections layers", "--ghost-sizes 0", "--ghost-sizes a", "--repeats 0"):
+    assert args.block == 2
+    bad_args = ("--sections layers", "--ghost-sizes 0", "--ghost-sizes a", "--repeats 0")
+    for bad in (*bad_args, "--block 0"):
         with pytest.raises(SystemExit):
             parser.parse_args(bad.split())
+
+
+def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    clock = [0.0]
+    # A fake clock that each step advances: by 1 s when it follows a step of another
+    # implementation (the steps that must stay untimed), by 1 ms otherwise.
+    monkeypatch.setattr(_bench.time, "perf_counter", lambda: clock[0])
+
+    def make() -> tuple[object, dict]:
+        def build(impl: str, compiled: bool):  # noqa: ANN202
+            def step() -> None:
+                clock[0] += 1e-3 if calls and calls[-1] == impl else 1.0
+                calls.append(impl)
+
+            return step
+
+        return build, {}
+
+    timing = _bench._Timing(warmup=1, repeats=5, block=3)
+    job = _bench._Job("layer", "eager", "fake", 4, make, timing)
+    results = _bench._run_job(job, ["a", "b"], torch.device("cpu"), False, _bench._CpuPeakMemory())
+    for r in results:
+        assert r.times_ms == pytest.approx([1.0] * 5)
+    # The first calls, then rounds of 3 steps of one implementation each, starting in turn with
+    # a and with b.
+    expected = ["a", "b"]
+    for rnd in range(1 + 3):  # warm-up, then ceil(5 / 2) timed rounds
+        order = ["a", "b"] if rnd % 2 == 0 else ["b", "a"]
+        expected += [order[0]] * 3 + [order[1]] * 3
+    assert calls[: len(expected)] == expected
 
 
 def test_ratios_are_speeds_within_a_case() -> None:
