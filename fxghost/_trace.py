@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import operator
 import os
 import re
 import traceback
@@ -27,13 +28,33 @@ class TracingError(RuntimeError):
         self.location = location
 
 
+class _InplaceProxy(fx.Proxy):
+    """A Proxy that records augmented assignments (``out += identity``) as the in-place operators
+    they are. ``fx.Proxy`` has no in-place magic methods, so Python falls back to
+    ``out = out + identity``: a fresh activation for every residual add that the model itself
+    computes in place (on CPU each one page-faults in new memory), and a changed meaning where the
+    updated tensor is shared."""
+
+
+def _inplace_method(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], fx.Proxy]:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv"):
+    setattr(_InplaceProxy, f"__{_name}__", _inplace_method(getattr(operator, _name)))
+
+
 class GhostTracer(fx.Tracer):
     """``torch.fx.Tracer`` that also keeps the given module types or qualified names (glob patterns
     allowed) as leaves, called as black boxes.
 
     Every BatchNorm subclass is a leaf too: tracing into one would freeze its ``self.training``
     branch into the graph (eval would then silently use batch statistics), and its input checks
-    branch on tensor shapes that tracing cannot follow.
+    branch on tensor shapes that tracing cannot follow. ``+=``, ``-=``, ``*=`` and ``/=`` stay
+    in-place operators in the graph, as the model wrote them (plain FX makes them out-of-place).
     """
 
     def __init__(
@@ -50,6 +71,9 @@ class GhostTracer(fx.Tracer):
             raise TypeError(
                 f"fxghost: leaf_modules takes module classes or qualified names, got {bad!r}"
             )
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):

@@ -216,6 +216,52 @@ def test_idempotent_and_no_batchnorm_is_unchanged() -> None:
     assert fxghost.report(fxghost.transform(plain, 4)).layers == []
 
 
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(x))
+        out += x  # as torchvision's ResNet blocks write it
+        out *= self.scale
+        out -= 1.0
+        out /= 2.0
+        return torch.relu(out)
+
+
+def test_augmented_assignments_stay_in_place() -> None:
+    """Plain FX turns ``out += x`` into ``out = out + x`` (a new activation per residual add);
+    fxghost's tracer keeps the in-place operators the model wrote, with the same results."""
+    import operator
+
+    model = _Residual().double()
+    gm = fxghost.transform(model, 4)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    for op in (operator.iadd, operator.imul, operator.isub, operator.itruediv):
+        assert targets.count(op) == 1, op
+    assert "out += x" not in gm.code and "+= x" in gm.code
+    # The in-place chain writes into the BatchNorm output itself: keep a handle on it.
+    bn_out: list[torch.Tensor] = []
+    real_unview = ops.ghost_unview._fn
+
+    def keep(*args: object) -> torch.Tensor:
+        bn_out.append(real_unview(*args))
+        return bn_out[-1]
+
+    gm.eval()
+    ops.ghost_unview._fn = keep
+    try:
+        with torch.no_grad():
+            y = gm(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    finally:
+        ops.ghost_unview._fn = real_unview
+    assert torch.equal(torch.relu(bn_out[0]), y)
+    run_side_by_side(model, 4, [(12, 3, 4, 4), (10, 3, 4, 4)], [(2, 3, 4, 4)])
+
+
 def test_pass_on_existing_graph_module_does_not_mutate_it() -> None:
     model = _net()
     traced = torch.fx.symbolic_trace(model)
