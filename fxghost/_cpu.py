@@ -127,7 +127,7 @@ class _Kernels:
             bwd.restype = ctypes.c_int
             run = getattr(lib, f"fxg_running_{sfx}")
             run.argtypes = [ptr] * 3 + [i64] * 2 + [f64] * 2 + [ptr] * 2
-            run.restype = None
+            run.restype = ctypes.c_int
             self.forward[dtype], self.backward[dtype], self.running[dtype] = fwd, bwd, run
 
 
@@ -162,7 +162,10 @@ Dims = tuple[int, int, int, int]
 def _run(
     fn: Any, tensors: tuple[Tensor | None, ...], dims: Dims, extra: tuple[float, ...], numel: int
 ) -> None:
-    failed = fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel))
+    _check(fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel)))
+
+
+def _check(failed: int) -> None:
     if failed:
         raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
 
@@ -215,7 +218,7 @@ def running_update(
     ``(G, C)`` values and every tensor in one dtype (see :func:`applies_to_running`). One call
     instead of the dozen small torch ops of :func:`fxghost._math.update_running_stats`."""
     channels = running_mean.numel()
-    _loaded().running[mean.dtype](
+    failed = _loaded().running[mean.dtype](
         mean.data_ptr(),
         var.data_ptr(),
         weights.data_ptr() + start * weights.element_size(),
@@ -226,6 +229,7 @@ def running_update(
         running_mean.data_ptr(),
         running_var.data_ptr(),
     )
+    _check(failed)
 
 
 def applies_to_running(*tensors: Tensor) -> bool:
@@ -233,9 +237,7 @@ def applies_to_running(*tensors: Tensor) -> bool:
     dtype = tensors[0].dtype
     return (
         dtype in _SUFFIX
-        and all(
-            t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
-        )
+        and all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
         and available()
     )
 

@@ -444,18 +444,26 @@ int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const
 }
 
 /* The running statistics after G ghost batches, in closed form (fxghost/_math.py derives it):
-   r = beta * r + scale * sum_g wts[g] * stat[g], for mean (scale 1) and var (scale `unbias`). */
-void NAME(fxg_running)(const T *mean, const T *var, const T *wts, int64_t G, int64_t C,
-                        double beta, double unbias, T *running_mean, T *running_var) {
-    for (int64_t c = 0; c < C; c++) {
-        double m = 0, v = 0;
-        for (int64_t g = 0; g < G; g++) {
-            m += (double)wts[g] * (double)mean[g * C + c];
-            v += (double)wts[g] * (double)var[g * C + c];
+   r = beta * r + scale * sum_g wts[g] * stat[g], for mean (scale 1) and var (scale `unbias`).
+   Returns 0, or 1 when scratch memory ran out. */
+int NAME(fxg_running)(const T *mean, const T *var, const T *wts, int64_t G, int64_t C,
+                       double beta, double unbias, T *running_mean, T *running_var) {
+    double *m = (double *)calloc((size_t)(2 * C), sizeof(double)), *v = m + C;
+    if (!m) return 1;
+    for (int64_t g = 0; g < G; g++) { /* row by row: unit-stride loops over the channels */
+        double wg = (double)wts[g];
+        const T *mg = mean + g * C, *vg = var + g * C;
+        for (int64_t c = 0; c < C; c++) {
+            m[c] += wg * (double)mg[c];
+            v[c] += wg * (double)vg[c];
         }
-        running_mean[c] = (T)(beta * (double)running_mean[c] + m);
-        running_var[c] = (T)(beta * (double)running_var[c] + unbias * v);
     }
+    for (int64_t c = 0; c < C; c++) {
+        running_mean[c] = (T)(beta * (double)running_mean[c] + m[c]);
+        running_var[c] = (T)(beta * (double)running_var[c] + unbias * v[c]);
+    }
+    free(m);
+    return 0;
 }
 
 #endif
