@@ -92,10 +92,6 @@ class _Layout:
         """A ``(C,)`` vector shaped to broadcast against canonical tensors."""
         return v.view(1, 1, -1) if self.rows else v.view(1, 1, -1, 1)
 
-    def standard(self, stat: Tensor) -> Tensor:
-        """Per-group statistics in the ``(G, 1, C, 1...)`` shape of :mod:`fxghost._math`."""
-        return _standard(stat, self.shape)
-
 
 def _standard(stat: Tensor, shape: Sequence[int]) -> Tensor:
     """``stat`` holding ``(G, C)`` values, shaped ``(G, 1, C, 1...)`` for a grouped ``shape``."""
@@ -139,7 +135,6 @@ BackwardKernels = Callable[
 
 def _forward_outputs(
     ctx: Any,
-    layout: _Layout,
     xg: Tensor,
     weight: Tensor | None,
     stats: tuple[Tensor, ...],
@@ -155,7 +150,7 @@ def _forward_outputs(
     # mean and var are not differentiable: no zero gradients need to be made up for them.
     ctx.set_materialize_grads(False)
     ctx.kernels, ctx.extra = kernels, extra
-    mean_s, var_s = layout.standard(mean), layout.standard(var)
+    mean_s, var_s = _standard(mean, xg.shape), _standard(var, xg.shape)
     ctx.mark_non_differentiable(mean_s, var_s)
     return mean_s, var_s
 
@@ -231,7 +226,7 @@ class _TorchOpsGhostNorm(_FusedGhostNorm):
         else:
             y.mul_(rstd * layout.per_channel(weight)).add_(layout.per_channel(bias))  # type: ignore[arg-type]
         mean_s, var_s = _forward_outputs(
-            ctx, layout, xg, weight, (mean, rstd, var), _torch_ops_backward, count
+            ctx, xg, weight, (mean, rstd, var), _torch_ops_backward, count
         )
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
@@ -284,7 +279,7 @@ class _TritonGhostNorm(_FusedGhostNorm):
         _triton.normalize(xg, scale, shift, out=y.unflatten(0, xg.shape[:2]))
         count = xg.numel() // (layout.groups * layout.channels)
         mean_s, var_s = _forward_outputs(
-            ctx, layout, xg, weight, (mean, rstd, var), _triton_backward, count
+            ctx, xg, weight, (mean, rstd, var), _triton_backward, count
         )
         return y, mean_s, var_s
 
@@ -320,7 +315,7 @@ class _CpuKernelGhostNorm(_FusedGhostNorm):
         dims = _dense_dims(xg)
         out, mean, var, rstd = _cpu_forward(xg, weight, bias, eps, dims)
         mean_s, var_s = _forward_outputs(
-            ctx, _Layout(xg), xg, weight, (mean, rstd, var), _cpu_backward, dims
+            ctx, xg, weight, (mean, rstd, var), _cpu_backward, dims
         )
         return out, mean_s, var_s
 

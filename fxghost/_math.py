@@ -130,9 +130,10 @@ def update_running_stats(
         compiling = torch.compiler.is_compiling()
         build = _ema_weights if compiling else _cached_ema_weights
         weights = build(a, count, dtype, groups[0][0].device)
-        # .to() returns the buffers themselves when already in the statistics dtype (the usual
-        # case): the update is then in place.
-        new_mean, new_var = running_mean.to(dtype), running_var.to(dtype)
+        # The buffers themselves when already in the statistics dtype (the usual case): the
+        # update is then in place. (Checked here: .to() returns self too, through a dispatch.)
+        new_mean = running_mean if running_mean.dtype == dtype else running_mean.to(dtype)
+        new_var = running_var if running_var.dtype == dtype else running_var.to(dtype)
         start, beta = 0, (1.0 - a) ** count
         for mean, var, n in groups:
             k = mean.numel() // channels
