@@ -90,16 +90,7 @@ static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
 #define VMUL _mm256_mul_ps
 #define VSTREAM _mm256_stream_ps
 #endif
-#include "_cpu_kernels.c" /* itself, once per type */
-#undef T
-#undef SFX
-#undef VEC
-#undef VLEN
-#undef VLOAD
-#undef VADD
-#undef VSUB
-#undef VMUL
-#undef VSTREAM
+#include "_cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
 
 #define T double
 #define SFX f64
@@ -112,16 +103,7 @@ static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
 #define VMUL _mm256_mul_pd
 #define VSTREAM _mm256_stream_pd
 #endif
-#include "_cpu_kernels.c" /* itself, once per type */
-#undef T
-#undef SFX
-#undef VEC
-#undef VLEN
-#undef VLOAD
-#undef VADD
-#undef VSUB
-#undef VMUL
-#undef VSTREAM
+#include "_cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
 
 #else
 
@@ -465,5 +447,16 @@ int NAME(fxg_running)(const T *mean, const T *var, const T *wts, int64_t G, int6
     free(m);
     return 0;
 }
+
+/* The type and its vector macros, defined by the includer for this copy only. */
+#undef T
+#undef SFX
+#undef VEC
+#undef VLEN
+#undef VLOAD
+#undef VADD
+#undef VSUB
+#undef VMUL
+#undef VSTREAM
 
 #endif
