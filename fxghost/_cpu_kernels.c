@@ -377,13 +377,18 @@ static int NAME(backward_range)(const T *dy, const T *x, const T *w, const T *me
     return 0;
 }
 
+/* Whether a (G, A, C, S) output is large enough for non-temporal stores. */
+static int NAME(streamed)(int64_t G, int64_t A, int64_t C, int64_t S) {
+    return G * A * C * S * (int64_t)sizeof(T) >= STREAM_MIN_BYTES;
+}
+
 /* The exported entry points: G groups split between nthreads threads, by groups when there are
    enough of them, else by channels. They return 0, or 1 when scratch memory ran out. */
 int NAME(fxg_forward)(const T *x, T *y, const T *w, const T *b, T *mean_out, T *var_out,
                        T *rstd_out, int64_t G, int64_t A, int64_t C, int64_t S, double eps,
                        int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
-    int nt = G * A * C * S * (int64_t)sizeof(T) >= STREAM_MIN_BYTES, failed = 0;
+    int nt = NAME(streamed)(G, A, C, S), failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];
@@ -402,9 +407,9 @@ int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const
                         int64_t nthreads) {
     int64_t parts = split_parts(G, C, nthreads);
     double *sum_dy = (double *)malloc((size_t)(2 * G * C) * sizeof(double));
-    double *sum_dy_xhat = sum_dy + G * C;
     if (!sum_dy) return 1;
-    int nt = G * A * C * S * (int64_t)sizeof(T) >= STREAM_MIN_BYTES, failed = 0;
+    double *sum_dy_xhat = sum_dy + G * C;
+    int nt = NAME(streamed)(G, A, C, S), failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
     for (int64_t t = 0; t < parts; t++) {
         int64_t r[4];

@@ -161,12 +161,14 @@ def _param_grads(
     """Weight and bias gradients from the kernels' ``(C,)`` totals, in the parameters' dtype."""
     if weight is None:
         return None, None
-    grads = []
-    for total, needed in ((dweight, ctx.needs_input_grad[1]), (dbias, ctx.needs_input_grad[2])):
-        if needed and total.dtype != weight.dtype:
-            total = total.to(weight.dtype)
-        grads.append(total if needed else None)
-    return grads[0], grads[1]
+    dtype = weight.dtype
+
+    def cast(total: Tensor) -> Tensor:
+        # .to() would return a total already in this dtype too, but through a dispatch.
+        return total if total.dtype == dtype else total.to(dtype)
+
+    _, needs_w, needs_b, _ = ctx.needs_input_grad
+    return (cast(dweight) if needs_w else None), (cast(dbias) if needs_b else None)
 
 
 def _totals(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:

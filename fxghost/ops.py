@@ -104,7 +104,7 @@ def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) ->
     plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
     if plan.requested == 0:  # empty eval batch without running statistics
         return x.unsqueeze(0), None
-    # view, not unflatten (the same view, through one more dispatch per call).
+    # view, not unflatten: unflatten makes the same view through one more dispatch per call.
     if not plan.tail:
         return x.view(plan.full, plan.size, *x.shape[1:]), None
     # split, not narrow: narrow's backward zero-fills a full-size gradient per piece.
