@@ -21,22 +21,25 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "backward", "forward", "library_path", "running_update"]
+__all__ = ["available", "backward", "build", "enabled", "forward", "library_path", "running_update"]
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_log = logging.getLogger("fxghost")
 # Below this many elements a second thread costs more than it saves.
 _PARALLEL_MIN_NUMEL = 1 << 16
 
@@ -61,29 +64,41 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _compile(cc: str, out: Path) -> bool:
-    for flags in (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"]):
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        cmd = [cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", str(tmp), str(_SOURCE), "-lm"]
-        try:
-            done = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        if done.returncode == 0:
-            os.replace(tmp, out)  # atomic: concurrent processes may build the same object
-            return True
-        tmp.unlink(missing_ok=True)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def library_path() -> Path | None:
-    """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
-    if os.environ.get("FXGHOST_CPU_KERNELS", "1") == "0" or not _SOURCE.exists():
+def _compile(cmd: list[str], out: Path) -> str | None:
+    """Run ``cmd`` (a compile command ending in ``-o``) into ``out``; ``None`` on success, else
+    the compiler's message."""
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        done = subprocess.run(
+            [*cmd, str(tmp)], capture_output=True, text=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    if done.returncode == 0:
+        os.replace(tmp, out)  # atomic: concurrent processes may build the same object
         return None
-    cc = os.environ.get("CC") or next(
-        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
-    )
+    tmp.unlink(missing_ok=True)
+    return done.stderr or done.stdout
+
+
+def build(
+    stem: str,
+    sources: Sequence[Path],
+    compiler: tuple[str, tuple[str, ...]],
+    flag_sets: Sequence[Sequence[str]],
+    link: Sequence[str] = (),
+    key: Sequence[str] = (),
+) -> Path | None:
+    """A shared object compiled from ``sources[0]`` (which includes the others), cached under
+    :func:`_cache_dir`; ``None`` when it cannot be built.
+
+    ``compiler`` is ``(environment variable, names to look for)``; each of ``flag_sets`` is tried
+    in turn. The cache key covers the sources, the compiler, the flags, the machine and ``key``.
+    A failed build leaves a ``.failed`` file with the compiler's messages, so that later processes
+    do not try again (delete it to retry).
+    """
+    env, names = compiler
+    cc = os.environ.get(env) or next((c for c in names if shutil.which(c)), None)
     if cc is None:
         return None
     try:
@@ -92,23 +107,49 @@ def library_path() -> Path | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(
-        b"\0".join(
-            s.encode() if isinstance(s, str) else s
-            for s in (_SOURCE.read_bytes(), cc, version, platform.machine(), _cpu_signature())
-        )
-    ).hexdigest()[:16]
+    texts = [cc, version, platform.machine(), _cpu_signature(), *link, *key]
+    texts += [" ".join(flags) for flags in flag_sets]
+    parts = [p.read_bytes() for p in sources] + [t.encode() for t in texts]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "fxghost"):
-        path = directory / f"cpu_kernels_{key}.so"
+        path = directory / f"{stem}_{digest}.so"
+        failed = path.with_suffix(".failed")
         if path.exists():
             return path
+        if failed.exists():
+            return None
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
-        if _compile(cc, path):
-            return path
+        _log.info("fxghost: compiling %s into %s", sources[0].name, path)
+        message = ""
+        for flags in flag_sets:
+            error = _compile([cc, *flags, "-fPIC", "-shared", str(sources[0]), *link, "-o"], path)
+            if error is None:
+                return path
+            message += f"$ {cc} {' '.join(flags)}\n{error}\n"
+        try:
+            failed.write_text(message)
+        except OSError:
+            pass
+        return None
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> Path | None:
+    """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
+    if not enabled() or not _SOURCE.exists():
+        return None
+    std = ["-O3", "-std=c99"]
+    flag_sets = [[*std, "-march=native", "-fopenmp"], [*std, "-fopenmp"], std]
+    return build("cpu_kernels", [_SOURCE], ("CC", ("cc", "gcc", "clang")), flag_sets, ["-lm"])
+
+
+def enabled() -> bool:
+    """Whether compiled CPU code may be used at all (``FXGHOST_CPU_KERNELS`` is not ``0``)."""
+    return os.environ.get("FXGHOST_CPU_KERNELS", "1") != "0"
 
 
 class _Kernels:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _cpu, _math, _triton
+from . import _cpu, _cpu_autograd, _math, _triton
 
 __all__ = ["NormFn", "select"]
 
@@ -358,9 +358,20 @@ def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
     return p.detach().to(like.dtype).contiguous()
 
 
+def _cpu_function_norm(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+
+
 def _cpu_kernel_norm(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The C kernels in eager mode: through the C++ autograd op where it is built (the same
+    kernels with the same arguments, without the Python around them), else the Function."""
+    op = _cpu_autograd.op()
+    if op is not None:
+        return op(xg, weight, bias, eps)  # type: ignore[no-any-return]
     return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 

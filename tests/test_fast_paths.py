@@ -8,15 +8,32 @@ import sys
 
 import pytest
 import torch
+from conftest import run_side_by_side
 
-from fxghost import _cpu, _fast, _math
+from fxghost import _cpu, _cpu_autograd, _fast, _math
 
 needs_kernels = pytest.mark.skipif(
     not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
 )
-# The CPU Functions: the compiled C kernels and the torch-ops fallback used without a compiler.
+needs_op = pytest.mark.skipif(
+    not _cpu_autograd.available(),
+    reason="no C++ compiler or torch headers: the CPU autograd op is not built here",
+)
+
+
+def _autograd_op_norm(
+    xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = _cpu_autograd.op()
+    assert op is not None
+    return op(xg, w, b, eps)  # type: ignore[no-any-return]
+
+
+# The eager CPU paths: the C kernels through the C++ autograd op and through the Python Function
+# (where the op cannot be built), and the torch-ops fallback used without a compiler.
 CPU_IMPLS = [
-    pytest.param(_fast._cpu_kernel_norm, id="cpu_kernels", marks=needs_kernels),
+    pytest.param(_autograd_op_norm, id="cpu_autograd_op", marks=needs_op),
+    pytest.param(_fast._cpu_function_norm, id="cpu_function", marks=needs_kernels),
     pytest.param(_fast._torch_ops_norm, id="torch_ops"),
 ]
 
@@ -102,7 +119,7 @@ def test_cpu_kernels_split_between_threads(
         monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
         x = xg.detach().clone().requires_grad_()
         wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
-        y, mean, var = _fast._cpu_kernel_norm(x, wi, bi, 1e-5)
+        y, mean, var = _fast._cpu_function_norm(x, wi, bi, 1e-5)
         y.backward(dy)
         return [y, mean, var, x.grad, wi.grad, bi.grad]
 
@@ -138,7 +155,8 @@ def test_cpu_kernels_blocked_shapes_match_decomposition(
     b = torch.randn(shape[2]).to(dtype)
     dy = torch.randn(xg.flatten(0, 1).shape).to(dtype)
     results = []
-    for fn in (_fast._cpu_kernel_norm, _math.ghost_norm_decomposed):
+    # The Function, whose thread count is patched; the op runs the same kernels (checked below).
+    for fn in (_fast._cpu_function_norm, _math.ghost_norm_decomposed):
         x, wi, bi = (t.clone().requires_grad_() for t in (xg, w, b))
         y, mean, var = fn(x, wi, bi, 1e-5)
         y.backward(dy)
@@ -149,8 +167,8 @@ def test_cpu_kernels_blocked_shapes_match_decomposition(
         torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@needs_kernels
-def test_cpu_kernels_take_any_gradient_layout() -> None:
+@pytest.mark.parametrize("impl", CPU_IMPLS[:2])
+def test_cpu_kernels_take_any_gradient_layout(impl: _fast.NormFn) -> None:
     """The incoming gradient may be laid out unlike x (here: transposed storage)."""
     xg = _grouped("nchw", False, torch.float64)
     w = torch.rand(xg.shape[2], dtype=torch.float64) + 0.5
@@ -158,11 +176,127 @@ def test_cpu_kernels_take_any_gradient_layout() -> None:
     flat = xg.flatten(0, 1).shape
     dy = torch.randn(tuple(reversed(flat)), dtype=torch.float64).permute(3, 2, 1, 0)
     grads = []
-    for fn in (_fast._cpu_kernel_norm, _math.ghost_norm_decomposed):
+    for fn in (impl, _math.ghost_norm_decomposed):
         x = xg.detach().clone().requires_grad_()
         fn(x, w, b, 1e-5)[0].backward(dy)
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+# (grouped shape, channels_last): small, and past the kernels' parallel and streaming sizes.
+OP_SHAPES = [
+    ((3, 4, 5), False),
+    ((2, 3, 4, 5, 3), False),
+    ((2, 3, 4, 5, 3), True),
+    ((2, 2, 3, 2, 3, 2), True),
+    ((4, 64, 300), False),
+    ((2, 8, 67, 1001), False),
+]
+
+
+@needs_op
+@pytest.mark.parametrize(("shape", "channels_last"), OP_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "params", ["affine", "none", "other_dtype", "frozen"], ids=lambda v: f"params={v}"
+)
+def test_autograd_op_is_the_function_bit_for_bit(
+    shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, params: str
+) -> None:
+    """The C++ op and the Python Function run the same kernels with the same arguments: every
+    output and gradient is identical, with or without affine parameters, with parameters in
+    another dtype (cast for the kernels, gradients returned in theirs), and with parameters or
+    input that need no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(shape[0] * shape[1], *shape[2:], dtype=torch.float64) * 3 + 5
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    xg = x.to(dtype).unflatten(0, shape[:2])
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    pdtype = other if params == "other_dtype" else dtype
+    w = (torch.rand(shape[2]) + 0.5).to(pdtype)
+    b = torch.randn(shape[2]).to(pdtype)
+    dy = torch.randn(xg.flatten(0, 1).shape).to(dtype)
+    results = []
+    for fn in (_autograd_op_norm, _fast._cpu_function_norm):
+        xi = xg.clone().requires_grad_(params != "frozen")
+        wi, bi = (t.clone().requires_grad_(params != "frozen") for t in (w, b))
+        if params == "frozen":
+            wi.requires_grad_()  # only the weight needs a gradient
+        y, mean, var = fn(xi, *((None, None) if params == "none" else (wi, bi)), 1e-5)
+        if y.requires_grad:
+            y.backward(dy)
+        results.append([y, mean, var, xi.grad, wi.grad, bi.grad])
+    names = ("y", "mean", "var", "grad x", "grad w", "grad b")
+    for name, got, want in zip(names, *results, strict=True):
+        if want is None:
+            assert got is None, name
+        else:
+            assert got.dtype == want.dtype and got.stride() == want.stride(), name
+            assert torch.equal(got, want), name
+    if params == "frozen":
+        assert results[0][4] is not None and results[0][5] is None
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_double_backward_raises(impl: _fast.NormFn) -> None:
+    """The backward is not differentiable: a second differentiation raises instead of giving
+    silently wrong second derivatives (create_graph=True alone is allowed)."""
+    xg = _grouped("tabular", False, torch.float64).requires_grad_()
+    w = torch.rand(xg.shape[2], dtype=torch.float64, requires_grad=True)
+    y = impl(xg, w, torch.zeros_like(w), 1e-5)[0]
+    (grad,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiat"):
+        grad.sum().backward()
+
+
+@needs_op
+def test_eager_layers_run_the_autograd_op() -> None:
+    """A transformed model's eager CPU step goes through the C++ op (its backward node), and
+    matches the chunked reference."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8)).double()
+    # Uneven batches too (a tail ghost batch normalized by a second op call), then eval.
+    gm = run_side_by_side(model, 4, [(12, 6), (10, 6)], [(5, 6)])
+    y = gm.train()(torch.randn(12, 6, dtype=torch.float64))
+    assert "fxghost::GhostNorm" in y.grad_fn.name()
+
+
+def test_autograd_op_can_be_switched_off() -> None:
+    """FXGHOST_CPU_AUTOGRAD=0 keeps the C kernels, through the Python Function."""
+    code = (
+        "import torch; from fxghost import _cpu, _cpu_autograd, _fast; "
+        "assert _cpu_autograd.op() is None; "
+        "x = torch.randn(2, 3, 4, requires_grad=True); "
+        "y = _fast._cpu_kernel_norm(x, None, None, 1e-5)[0]; "
+        "assert (type(y.grad_fn).__name__ == '_CpuKernelGhostNormBackward') == _cpu.available()"
+    )
+    env = {**os.environ, "FXGHOST_CPU_AUTOGRAD": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+
+
+def test_failed_build_is_remembered(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source that does not compile gives None and a .failed file with the compiler's message;
+    the next attempt does not compile again."""
+    if _cpu.library_path() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("FXGHOST_CACHE_DIR", str(tmp_path))
+    source = tmp_path / "broken.c"
+    source.write_text("int f(void) { return undefined_name; }\n")
+    compiler = ("CC", ("cc", "gcc", "clang"))
+    assert _cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]]) is None
+    (failed,) = tmp_path.glob("broken_*.failed")
+    message = failed.read_text()
+    assert "undefined_name" in message and "-O0" in message and "-O1" in message
+    assert not list(tmp_path.glob("*.so"))
+
+    def no_compile(*args: object) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(_cpu, "_compile", no_compile)
+    assert _cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]]) is None
 
 
 def test_select_routes_by_device_dtype_layout_and_compile() -> None:

@@ -1,0 +1,222 @@
+/* The eager CPU ghost normalization as one C++ autograd op, fxghost::eager_cpu_ghost_norm,
+ * compiled on first use by fxghost/_cpu_autograd.py.
+ *
+ * It runs the same C kernels as the ctypes path (_cpu_kernels.c, included below), with the same
+ * arguments, so its results are bit for bit those of fxghost._fast._CpuKernelGhostNorm. What it
+ * removes is the Python around them: the autograd.Function's forward and backward, the ctypes
+ * argument conversion and a dozen small tensor calls. On a tabular (N, C) layer these cost about
+ * as much as the kernels themselves; here they are a dispatcher call and a C++ autograd node.
+ */
+#define restrict __restrict__
+extern "C" {
+#include "_cpu_kernels.c"
+}
+#undef restrict
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+/* A named namespace: autograd shows the backward node as CppNode<fxghost::GhostNorm>. */
+namespace fxghost {
+
+using Dims = std::array<int64_t, 4>;
+
+/* (G, A, C, S) when the grouped tensor's elements lie in memory as a contiguous tensor of that
+   shape: channels innermost ("rows", S == 1) or a contiguous tensor ("planes"). The same test as
+   fxghost._fast._kernel_dims, which select() has already passed. */
+std::optional<Dims> kernel_dims(const Tensor &xg) {
+    auto shape = xg.sizes();
+    auto stride = xg.strides();
+    const int64_t n = static_cast<int64_t>(shape.size());
+    const int64_t groups = shape[0], channels = shape[2];
+    std::vector<int64_t> order(n);
+    for (int channels_last = 1; channels_last >= 0; channels_last--) {
+        for (int64_t i = 0; i < n; i++) order[i] = i;
+        if (channels_last) { /* (0, 1, 3, ..., n - 1, 2) */
+            order.erase(order.begin() + 2);
+            order.push_back(2);
+        }
+        int64_t expected = 1;
+        bool dense = true;
+        for (int64_t i = n - 1; i >= 0 && dense; i--) {
+            const int64_t d = order[i];
+            if (shape[d] != 1 && stride[d] != expected) dense = false;
+            expected *= shape[d];
+        }
+        if (!dense) continue;
+        const int64_t per_group = groups * channels;
+        if (channels_last) return Dims{groups, per_group ? xg.numel() / per_group : 0, channels, 1};
+        int64_t spatial = 1;
+        for (int64_t d = 3; d < n; d++) spatial *= shape[d];
+        return Dims{groups, shape[1], channels, spatial};
+    }
+    return std::nullopt;
+}
+
+Dims dense_dims(const Tensor &xg) {
+    auto dims = kernel_dims(xg);
+    TORCH_CHECK(dims, "fxghost: the CPU kernels need a dense input, got strides ", xg.strides());
+    return *dims;
+}
+
+int64_t threads(int64_t numel) {
+    /* Below this many elements a parallel region costs more than it saves (as in _cpu.py). */
+    return numel >= (int64_t{1} << 16) ? at::get_num_threads() : 1;
+}
+
+/* A weight or bias as the kernels read it: contiguous, in the input's dtype; or none. */
+Tensor as_param(const std::optional<Tensor> &p, const Tensor &like) {
+    if (!p || !p->defined()) return Tensor();
+    if (p->scalar_type() == like.scalar_type() && p->is_contiguous()) return *p;
+    return p->detach().to(like.scalar_type()).contiguous();
+}
+
+template <typename T>
+const T *ptr_or_null(const Tensor &t) {
+    return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+/* (G, C) values shaped (G, 1, C, 1...) for a grouped tensor of `dim` dims. */
+Tensor standard(const Tensor &stat, int64_t dim) {
+    std::vector<int64_t> shape(dim, 1);
+    shape[0] = stat.size(0);
+    shape[2] = stat.size(1);
+    return stat.view(shape);
+}
+
+void check(int failed) {
+    /* torch.OutOfMemoryError in Python, where the ctypes path raises MemoryError. */
+    TORCH_CHECK_WITH(OutOfMemoryError, !failed,
+                     "fxghost: the CPU kernels could not allocate their scratch memory");
+}
+
+struct GhostNorm : public torch::autograd::Function<GhostNorm> {
+    static variable_list forward(AutogradContext *ctx, const Tensor &xg,
+                                 const std::optional<Tensor> &weight,
+                                 const std::optional<Tensor> &bias, double eps) {
+        const Dims d = dense_dims(xg);
+        /* A dense input's strides: y is laid out as xg, sample-first, and not a view. */
+        Tensor y = at::empty_like(xg.flatten(0, 1));
+        auto opts = xg.options();
+        Tensor mean = at::empty({d[0], d[2]}, opts), var = at::empty({d[0], d[2]}, opts),
+               rstd = at::empty({d[0], d[2]}, opts);
+        Tensor w = as_param(weight, xg), b = as_param(bias, xg);
+        const int64_t nt = threads(xg.numel());
+        if (xg.scalar_type() == at::kFloat) {
+            check(fxg_forward_f32(xg.const_data_ptr<float>(), y.data_ptr<float>(),
+                                  ptr_or_null<float>(w), ptr_or_null<float>(b),
+                                  mean.data_ptr<float>(), var.data_ptr<float>(),
+                                  rstd.data_ptr<float>(), d[0], d[1], d[2], d[3], eps, nt));
+        } else {
+            TORCH_CHECK(xg.scalar_type() == at::kDouble,
+                        "fxghost: the CPU kernels take float32 and float64, got ",
+                        xg.scalar_type());
+            check(fxg_forward_f64(xg.const_data_ptr<double>(), y.data_ptr<double>(),
+                                  ptr_or_null<double>(w), ptr_or_null<double>(b),
+                                  mean.data_ptr<double>(), var.data_ptr<double>(),
+                                  rstd.data_ptr<double>(), d[0], d[1], d[2], d[3], eps, nt));
+        }
+        ctx->save_for_backward({xg, weight ? *weight : Tensor(), mean, rstd});
+        /* mean and var are not differentiable: no zero gradients need to be made up for them. */
+        ctx->set_materialize_grads(false);
+        Tensor mean_s = standard(mean, xg.dim()), var_s = standard(var, xg.dim());
+        ctx->mark_non_differentiable({mean_s, var_s});
+        return {y, mean_s, var_s};
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+        variable_list out;
+        {
+            at::NoGradGuard no_grad;
+            auto saved = ctx->get_saved_variables();
+            const Tensor &xg = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+            const Dims d = dense_dims(xg);
+            Tensor dy = grads[0].view(xg.sizes()); /* splitting dim 0 into (G, c): a view */
+            if (dy.strides() != xg.strides()) dy = at::empty_like(xg).copy_(dy);
+            Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(xg) : Tensor();
+            Tensor gw = at::empty({d[2]}, xg.options()), gb = at::empty({d[2]}, xg.options());
+            Tensor w = as_param(weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, xg);
+            const int64_t nt = threads(xg.numel());
+            if (xg.scalar_type() == at::kFloat) {
+                check(fxg_backward_f32(dy.const_data_ptr<float>(), xg.const_data_ptr<float>(),
+                                       ptr_or_null<float>(w), mean.const_data_ptr<float>(),
+                                       rstd.const_data_ptr<float>(),
+                                       dx.defined() ? dx.data_ptr<float>() : nullptr,
+                                       gw.data_ptr<float>(), gb.data_ptr<float>(), d[0], d[1],
+                                       d[2], d[3], nt));
+            } else {
+                check(fxg_backward_f64(dy.const_data_ptr<double>(), xg.const_data_ptr<double>(),
+                                       ptr_or_null<double>(w), mean.const_data_ptr<double>(),
+                                       rstd.const_data_ptr<double>(),
+                                       dx.defined() ? dx.data_ptr<double>() : nullptr,
+                                       gw.data_ptr<double>(), gb.data_ptr<double>(), d[0], d[1],
+                                       d[2], d[3], nt));
+            }
+            /* The totals are in the input's dtype; the gradients go in the parameters'. */
+            auto param_grad = [&](Tensor total, size_t i) {
+                if (!weight.defined() || !ctx->needs_input_grad(i)) return Tensor();
+                return total.scalar_type() == weight.scalar_type() ? total
+                                                                  : total.to(weight.scalar_type());
+            };
+            out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor()};
+        }
+        return once_differentiable(grads, std::move(out));
+    }
+
+    /* As torch.autograd.function.once_differentiable: with create_graph=True the gradients get a
+       grad_fn that raises if they are differentiated again, instead of silently having none. */
+    static variable_list once_differentiable(const variable_list &grads, variable_list out) {
+        bool requires_grad = false;
+        for (const auto &g : grads) requires_grad |= g.defined() && g.requires_grad();
+        if (!at::GradMode::is_enabled() || !requires_grad) return out;
+        variable_list aliases;
+        for (const auto &t : out) {
+            if (!t.defined()) {
+                aliases.emplace_back();
+                continue;
+            }
+            Tensor alias = t.detach();
+            alias.set_requires_grad(true);
+            aliases.push_back(std::move(alias));
+        }
+        auto error = std::make_shared<torch::autograd::DelayedError>(
+            "fxghost: trying to differentiate twice the ghost normalization, whose backward is "
+            "not differentiable (as with @once_differentiable)",
+            static_cast<int64_t>(aliases.size()));
+        return error->apply(std::move(aliases));
+    }
+};
+
+std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm(const Tensor &xg,
+                                                        const std::optional<Tensor> &weight,
+                                                        const std::optional<Tensor> &bias,
+                                                        double eps) {
+    auto out = GhostNorm::apply(xg, weight, bias, eps);
+    return {out[0], out[1], out[2]};
+}
+
+} // namespace fxghost
+
+/* A fragment: fxghost::cpu_ghost_norm and its backward are defined from Python (torch.library). */
+TORCH_LIBRARY_FRAGMENT(fxghost, m) {
+    m.def("eager_cpu_ghost_norm(Tensor xg, Tensor? weight, Tensor? bias, float eps)"
+          " -> (Tensor, Tensor, Tensor)");
+}
+
+/* CompositeImplicitAutograd: the op is its own autograd formula (the Function above), so the
+   dispatcher runs it directly, without a separate autograd kernel. */
+TORCH_LIBRARY_IMPL(fxghost, CompositeImplicitAutograd, m) {
+    m.impl("eager_cpu_ghost_norm", fxghost::eager_cpu_ghost_norm);
+}
