@@ -46,6 +46,7 @@ def library_path() -> Path | None:
         # C++ contracts a * b + c into FMAs by default, ISO C does not: the kernels must round
         # as in the C build for the results to be the same bit for bit.
         "-ffp-contract=off",
+        "-fno-math-errno",  # as in the C build
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{include}",
         f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",

@@ -216,6 +216,47 @@ static void NAME(grad_row)(const T *restrict d, const T *restrict p, const T *re
 #endif
 }
 
+/* The per-channel results of a forward block, from its mean mu and centred sum of squares m2
+   over `seen` values: mean, biased variance and rstd, and the coefficients of
+   y = (x - cen) * k + h. Its own function so that restrict-qualified pointers let the loop
+   vectorize (with -fno-math-errno for sqrt): with small ghost batches this per-channel work
+   costs as much as the passes over the data. w and b may be NULL. */
+static void NAME(forward_coefs)(int64_t nb, const double *restrict mu, const double *restrict m2,
+                                double seen, double eps, const T *restrict w, const T *restrict b,
+                                T *restrict cv, T *restrict kv, T *restrict hv,
+                                T *restrict mean_out, T *restrict var_out, T *restrict rstd_out) {
+    for (int64_t c = 0; c < nb; c++) {
+        double var = m2[c] / seen;
+        double rstd = 1.0 / sqrt(var + eps);
+        kv[c] = (T)(w ? rstd * (double)w[c] : rstd);
+        hv[c] = b ? b[c] : (T)0;
+        cv[c] = (T)mu[c];
+        mean_out[c] = (T)mu[c];
+        var_out[c] = (T)var;
+        rstd_out[c] = (T)rstd;
+    }
+}
+
+/* The per-channel results of a backward block from its sums of dy and dy * (x - mean) over n
+   values: the group's sum(dy) and sum(dy * xhat), and the coefficients of
+   dx = dy * k + (x - mean) * kb + kc. Its own function for the same reason. w may be NULL. */
+static void NAME(backward_coefs)(int64_t nb, const double *restrict sdy,
+                                 const double *restrict sdx, double n, const T *restrict rstd,
+                                 const T *restrict w, double *restrict sum_dy_out,
+                                 double *restrict sum_dy_xhat_out, T *restrict kv,
+                                 T *restrict kbv, T *restrict kcv) {
+    for (int64_t c = 0; c < nb; c++) {
+        double r = (double)rstd[c];
+        double sdxh = sdx[c] * r;
+        double kk = w ? r * (double)w[c] : r;
+        sum_dy_out[c] = sdy[c];
+        sum_dy_xhat_out[c] = sdxh;
+        kv[c] = (T)kk;
+        kbv[c] = (T)(-kk * r * sdxh / n);
+        kcv[c] = (T)(-kk * sdy[c] / n);
+    }
+}
+
 /* Per-thread scratch: 6 * nb doubles and 9 segments of len values of T. */
 /* Laid out by the largest block (nb, len), whatever block uses it: a smaller last block must not
    move the arrays, or its temporaries would land in the next block's zeroed accumulators. */
@@ -286,16 +327,8 @@ static void NAME(forward_block)(const T *restrict x, T *restrict y, const T *w, 
         }
         seen = tot;
     }
-    for (int64_t c = 0; c < nb; c++) {
-        double var = m2[c] / seen;
-        double rstd = 1.0 / sqrt(var + eps);
-        kv[c] = (T)(w ? rstd * (double)w[b0 + c] : rstd);
-        hv[c] = b ? b[b0 + c] : (T)0;
-        cv[c] = (T)mu[c];
-        mean_out[b0 + c] = (T)mu[c];
-        var_out[b0 + c] = (T)var;
-        rstd_out[b0 + c] = (T)rstd;
-    }
+    NAME(forward_coefs)(nb, mu, m2, seen, eps, w ? w + b0 : NULL, b ? b + b0 : NULL, cv, kv, hv,
+                        mean_out + b0, var_out + b0, rstd_out + b0);
     cen = NAME(expand)(cv, nb, S, cen_row);
     const T *kr = NAME(expand)(kv, nb, S, k_row), *hr = NAME(expand)(hv, nb, S, h_row);
     T *ys = y + b0 * S;
@@ -339,16 +372,8 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
         NAME(carry)(a0, nb, S, sdy);
         NAME(carry)(a1, nb, S, sdx);
     }
-    for (int64_t c = 0; c < nb; c++) {
-        double r = (double)rstd[b0 + c];
-        double sdxh = sdx[c] * r;
-        double kk = w ? r * (double)w[b0 + c] : r;
-        sum_dy_out[b0 + c] = sdy[c];
-        sum_dy_xhat_out[b0 + c] = sdxh;
-        kv[c] = (T)kk;
-        kbv[c] = (T)(-kk * r * sdxh / n);
-        kcv[c] = (T)(-kk * sdy[c] / n);
-    }
+    NAME(backward_coefs)(nb, sdy, sdx, n, rstd + b0, w ? w + b0 : NULL, sum_dy_out + b0,
+                         sum_dy_xhat_out + b0, kv, kbv, kcv);
     if (!dx) return;
     const T *kr = NAME(expand)(kv, nb, S, rows + sl),
             *kbr = NAME(expand)(kbv, nb, S, rows + 2 * sl),
