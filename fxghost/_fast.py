@@ -7,7 +7,9 @@ statistics, and computes the input gradient from two per-group reductions:
     dx = w * rstd * (dy - mean(dy) - xhat * mean(dy * xhat))        (per group and channel)
 
 The statistics and elementwise work run in fused kernels where they exist: Triton on CUDA
-(:mod:`fxghost._triton`), compiled C on CPU (:mod:`fxghost._cpu`), torch ops otherwise. Under
+(:mod:`fxghost._triton`), compiled C on CPU (:mod:`fxghost._cpu`; in eager mode called from the
+same Function written in C++, :mod:`fxghost._cpu_autograd`, where that builds), torch ops
+otherwise. Under
 ``torch.compile`` the C kernels run as custom ops on CPU inputs with spatial dims (inductor's code
 for them was slower); everywhere else the decomposition in :mod:`fxghost._math` is used, so that
 inductor can fuse it with neighbouring ops.
@@ -396,7 +398,7 @@ def _on_dense(
 # 0.9-1.1x) or slower (channels_last, 0.7x), the kernels 1.4-1.8x faster than chunked. On
 # tabular (N, C) inputs inductor's code is as fast as the kernels and can fuse with the
 # neighbouring Linear and ReLU, so those keep the decomposition. The eager path keeps the
-# autograd.Function, which costs less per call than a custom op.
+# C++ autograd op (or the autograd.Function), which cost less per call than a Python custom op.
 @torch.library.custom_op(
     "fxghost::cpu_ghost_norm",
     mutates_args=(),
