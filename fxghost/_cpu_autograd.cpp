@@ -135,17 +135,30 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
         return {y, mean_s, var_s};
     }
 
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    /* grads by reference: the engine's own list, so that the incoming gradient's use count
+       says whether anything else holds it (a copy of the list would hold it too). */
+    static variable_list backward(AutogradContext *ctx, variable_list &grads) {
         if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+        bool requires_grad = false; /* create_graph: see once_differentiable */
+        for (const auto &g : grads) requires_grad |= g.defined() && g.requires_grad();
         variable_list out;
         {
             at::NoGradGuard no_grad;
             auto saved = ctx->get_saved_variables();
             const Tensor &xg = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
             const Dims d = dense_dims(xg);
+            const bool owned = spent(grads[0], xg);
             Tensor dy = grads[0].view(xg.sizes()); /* splitting dim 0 into (G, c): a view */
-            if (dy.strides() != xg.strides()) dy = at::empty_like(xg).copy_(dy);
-            Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(xg) : Tensor();
+            grads.clear(); /* dy is the only reference to the incoming gradient now */
+            bool own_dy = owned;
+            if (dy.strides() != xg.strides()) { /* bring it to x's layout, in a copy of our own */
+                dy = at::empty_like(xg).copy_(dy);
+                own_dy = true;
+            }
+            /* The input gradient written over dy where no one else can see dy: one activation-
+               sized allocation (and its page faults) fewer per layer, and a lower peak. */
+            Tensor dx;
+            if (ctx->needs_input_grad(0)) dx = own_dy ? dy : at::empty_like(xg);
             Tensor gw = at::empty({d[2]}, xg.options()), gb = at::empty({d[2]}, xg.options());
             Tensor w = as_param(weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, xg);
             const int64_t nt = threads(xg.numel());
@@ -172,14 +185,23 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             };
             out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor()};
         }
-        return once_differentiable(grads, std::move(out));
+        return once_differentiable(requires_grad, std::move(out));
+    }
+
+    /* Whether the incoming gradient can be overwritten: nothing else holds the tensor or its
+       memory (the autograd engine hands it over; a caller's own dy, a retained or hooked
+       gradient, or a slice of a larger gradient is held elsewhere), it is not part of a graph
+       (create_graph), and it has x's dtype and device. */
+    static bool spent(const Tensor &g, const Tensor &xg) {
+        return g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() &&
+               g.scalar_type() == xg.scalar_type() && g.device() == xg.device() &&
+               g.layout() == at::kStrided && !g.is_conj() && !g.is_neg() &&
+               g.storage_offset() == 0 && !g.is_inference();
     }
 
     /* As torch.autograd.function.once_differentiable: with create_graph=True the gradients get a
        grad_fn that raises if they are differentiated again, instead of silently having none. */
-    static variable_list once_differentiable(const variable_list &grads, variable_list out) {
-        bool requires_grad = false;
-        for (const auto &g : grads) requires_grad |= g.defined() && g.requires_grad();
+    static variable_list once_differentiable(bool requires_grad, variable_list out) {
         if (!at::GradMode::is_enabled() || !requires_grad) return out;
         variable_list aliases;
         for (const auto &t : out) {

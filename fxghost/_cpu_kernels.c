@@ -257,6 +257,15 @@ static void NAME(backward_coefs)(int64_t nb, const double *restrict sdy,
     }
 }
 
+/* d[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j]: grad_row with dx written over dy, each
+   element read before it is written. Plain stores: the lines were just read, so they are in
+   cache and a store costs no extra read. */
+static void NAME(grad_row_inplace)(T *d, const T *restrict p, const T *restrict cen,
+                                   const T *restrict k, const T *restrict kb,
+                                   const T *restrict kc, int64_t len) {
+    for (int64_t j = 0; j < len; j++) d[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j];
+}
+
 /* Per-thread scratch: 6 * nb doubles and 9 segments of len values of T. */
 /* Laid out by the largest block (nb, len), whatever block uses it: a smaller last block must not
    move the arrays, or its temporaries would land in the next block's zeroed accumulators. */
@@ -354,9 +363,9 @@ static int NAME(forward_range)(const T *x, T *y, const T *w, const T *b, T *mean
 
 /* Backward of channels [b0, b0 + nb) of one group: the group's sum(dy) and sum(dy * xhat) of
    these channels, and dx = k * (dy - sum_dy / n - xhat * sum_dy_xhat / n), written as
-   dy * k + (x - mean) * kb + kc, unless dx is NULL. */
-static void NAME(backward_block)(const T *restrict dy, const T *restrict x, const T *w,
-                                 const T *mean, const T *rstd, T *restrict dx, double *sum_dy_out,
+   dy * k + (x - mean) * kb + kc, unless dx is NULL; dx may be dy itself (then written over it). */
+static void NAME(backward_block)(const T *dy, const T *restrict x, const T *w,
+                                 const T *mean, const T *rstd, T *dx, double *sum_dy_out,
                                  double *sum_dy_xhat_out, int64_t A, int64_t C, int64_t S,
                                  int64_t b0, int64_t nb, NAME(scratch_t) *s) {
     int64_t ld = C * S, len = nb * S;
@@ -379,6 +388,11 @@ static void NAME(backward_block)(const T *restrict dy, const T *restrict x, cons
             *kbr = NAME(expand)(kbv, nb, S, rows + 2 * sl),
             *kcr = NAME(expand)(kcv, nb, S, rows + 3 * sl);
     T *dxs = dx + b0 * S;
+    if (dx == dy) { /* in place: this block's dy has been read (its sums) and is now spent */
+        for (int64_t a = 0; a < A; a++)
+            NAME(grad_row_inplace)(dxs + a * ld, xs + a * ld, cen, kr, kbr, kcr, len);
+        return;
+    }
     for (int64_t a = 0; a < A; a++)
         NAME(grad_row)(dys + a * ld, xs + a * ld, cen, kr, kbr, kcr, dxs + a * ld, len, s->nt);
 }
@@ -426,7 +440,7 @@ int NAME(fxg_forward)(const T *x, T *y, const T *w, const T *b, T *mean_out, T *
 
 /* The per-(group, channel) sums of the backward, totalled over the groups into the weight and
    bias gradients (C values each) in double, in group order, so the result does not depend on the
-   thread count. */
+   thread count. dx may be dy: each block reads its part of dy before writing dx over it. */
 int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const T *rstd, T *dx,
                         T *grad_w, T *grad_b, int64_t G, int64_t A, int64_t C, int64_t S,
                         int64_t nthreads) {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -237,6 +238,84 @@ def test_autograd_op_is_the_function_bit_for_bit(
             assert torch.equal(got, want), name
     if params == "frozen":
         assert results[0][4] is not None and results[0][5] is None
+
+
+class _KeepGradView(torch.autograd.Function):
+    """Identity whose backward passes on a view of a larger tensor that it keeps."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, kept: list) -> torch.Tensor:  # type: ignore[override]
+        ctx.kept = kept
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        ctx.kept.append(torch.cat([g, g]))
+        return ctx.kept[0][: len(g)], None
+
+
+def _op_backward(impl: _fast.NormFn, shape: tuple[int, ...], dtype: torch.dtype, how: str) -> dict:
+    """One step of ``impl`` on x of ``shape`` in two ghost batches, with the gradient reaching it
+    made as ``how`` says. Returns the gradients, what the caller kept, and how many bytes the
+    op's backward node left allocated (the profiler's memory accounting)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype).requires_grad_()
+    w = (torch.rand(shape[1]) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(shape[1]).to(dtype).requires_grad_()
+    y = impl(x.unflatten(0, (2, shape[0] // 2)), w, b, 1e-5)[0]
+    weights = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
+    out: dict = {}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if how == "unique":  # relu's gradient, made for the op alone
+            (torch.relu(y) * weights).sum().backward()
+        elif how == "caller":  # the caller passes dy and keeps it
+            out["dy"], out["dy_before"] = weights.clone(), weights.clone()
+            y.backward(out["dy"])
+        elif how == "retained":  # y.grad keeps the incoming gradient
+            y.retain_grad()
+            (torch.relu(y) * weights).sum().backward()
+            out["y_grad"], out["y_grad_want"] = y.grad, weights * (y.detach() > 0)
+        elif how == "slice":  # a slice of cat's gradient: no one else holds the rest
+            (torch.cat([y, y.detach()]) * torch.cat([weights, weights])).sum().backward()
+        elif how == "kept_view":  # a view of a tensor that something else keeps
+            kept: list[torch.Tensor] = []
+            (_KeepGradView.apply(y, kept) * weights).sum().backward()
+            out["y_grad"], out["y_grad_want"] = kept[0][: len(y)], weights
+    node = [e for e in prof.key_averages() if e.key.endswith("GhostNorm>") or "GhostNorm" in e.key]
+    out["allocated"] = max((e.cpu_memory_usage for e in node), default=None)
+    out["grads"] = (x.grad, w.grad, b.grad)
+    return out
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 6), (6, 5, 7, 9)], ids=str)
+def test_autograd_op_writes_dx_over_a_spent_gradient(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """When nothing else holds the incoming gradient, the op writes dx over it (its backward
+    allocates no activation-sized tensor) with the values of a fresh dx. What the caller keeps is
+    left alone: its dy, y.grad (retain_grad), a larger tensor the gradient is a view of. A slice
+    of a gradient no one else holds may be written over. Gradients match the Function's."""
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    spent = _op_backward(_autograd_op_norm, shape, dtype, "unique")
+    assert spent["allocated"] is not None and spent["allocated"] < size // 2
+    fresh = _op_backward(_fast._cpu_function_norm, shape, dtype, "unique")
+    for got, want in zip(spent["grads"], fresh["grads"], strict=True):
+        assert torch.equal(got, want)
+    for how in ("caller", "retained", "slice", "kept_view"):
+        kept = _op_backward(_autograd_op_norm, shape, dtype, how)
+        if how in ("caller", "kept_view"):
+            assert kept["allocated"] >= size, how
+        fresh = _op_backward(_fast._cpu_function_norm, shape, dtype, how)
+        for got, want in zip(kept["grads"], fresh["grads"], strict=True):
+            assert torch.equal(got, want), how
+        if how == "caller":
+            assert torch.equal(kept["dy"], kept["dy_before"]), "the caller's dy was overwritten"
+        if how in ("retained", "kept_view"):
+            assert torch.equal(kept["y_grad"], kept["y_grad_want"]), "a kept gradient was overwritten"
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
