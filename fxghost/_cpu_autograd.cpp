@@ -189,14 +189,16 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
     }
 
     /* Whether the incoming gradient can be overwritten: nothing else holds the tensor or its
-       memory (the autograd engine hands it over; a caller's own dy, a retained or hooked
-       gradient, or a slice of a larger gradient is held elsewhere), it is not part of a graph
-       (create_graph), and it has x's dtype and device. */
+       memory (the autograd engine hands it over; a caller's own dy, a hooked gradient or a view
+       of a kept tensor is held elsewhere), it is not part of a graph (create_graph), it has x's
+       dtype and device, and it fills its memory exactly (dx keeps that memory alive: a slice of
+       a larger gradient would keep all of it). */
     static bool spent(const Tensor &g, const Tensor &xg) {
         return g.use_count() == 1 && g.storage().use_count() == 1 && !g.requires_grad() &&
                g.scalar_type() == xg.scalar_type() && g.device() == xg.device() &&
                g.layout() == at::kStrided && !g.is_conj() && !g.is_neg() &&
-               g.storage_offset() == 0 && !g.is_inference();
+               g.storage_offset() == 0 && !g.is_inference() &&
+               g.storage().nbytes() == static_cast<size_t>(g.numel()) * g.element_size();
     }
 
     /* As torch.autograd.function.once_differentiable: with create_graph=True the gradients get a

@@ -277,7 +277,7 @@ def _op_backward(impl: _fast.NormFn, shape: tuple[int, ...], dtype: torch.dtype,
             y.retain_grad()
             (torch.relu(y) * weights).sum().backward()
             out["y_grad"], out["y_grad_want"] = y.grad, weights * (y.detach() > 0)
-        elif how == "slice":  # a slice of cat's gradient: no one else holds the rest
+        elif how == "slice":  # a slice of cat's gradient: dx would keep all its memory alive
             (torch.cat([y, y.detach()]) * torch.cat([weights, weights])).sum().backward()
         elif how == "kept_view":  # a view of a tensor that something else keeps
             kept: list[torch.Tensor] = []
@@ -297,8 +297,9 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
 ) -> None:
     """When nothing else holds the incoming gradient, the op writes dx over it (its backward
     allocates no activation-sized tensor) with the values of a fresh dx. What the caller keeps is
-    left alone: its dy, y.grad (retain_grad), a larger tensor the gradient is a view of. A slice
-    of a gradient no one else holds may be written over. Gradients match the Function's."""
+    left alone: its dy, y.grad (retain_grad), a larger tensor the gradient is a view of; and a
+    slice of a larger gradient is not reused either (dx would keep all of it alive). Gradients
+    match the Function's."""
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     spent = _op_backward(_autograd_op_norm, shape, dtype, "unique")
     assert spent["allocated"] is not None and spent["allocated"] < size // 2
@@ -307,8 +308,10 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
         assert torch.equal(got, want)
     for how in ("caller", "retained", "slice", "kept_view"):
         kept = _op_backward(_autograd_op_norm, shape, dtype, how)
-        if how in ("caller", "kept_view"):
+        if how in ("caller", "kept_view"):  # the incoming gradient outlives the node
             assert kept["allocated"] >= size, how
+        if how == "slice":  # x.grad does not keep cat's whole gradient alive
+            assert kept["grads"][0].untyped_storage().nbytes() == size
         fresh = _op_backward(_fast._cpu_function_norm, shape, dtype, how)
         for got, want in zip(kept["grads"], fresh["grads"], strict=True):
             assert torch.equal(got, want), how
