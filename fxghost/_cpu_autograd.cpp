@@ -75,16 +75,48 @@ int64_t threads(int64_t numel) {
     return numel >= (int64_t{1} << 16) ? at::get_num_threads() : 1;
 }
 
-/* A weight or bias as the kernels read it: contiguous, in the input's dtype; or none. */
-Tensor as_param(const std::optional<Tensor> &p, const Tensor &like) {
-    if (!p || !p->defined()) return Tensor();
-    if (p->scalar_type() == like.scalar_type() && p->is_contiguous()) return *p;
-    return p->detach().to(like.scalar_type()).contiguous();
+/* A weight or bias as the kernels read it: contiguous, in the input's dtype; or undefined. */
+Tensor as_param(const Tensor &p, const Tensor &like) {
+    if (!p.defined() || (p.scalar_type() == like.scalar_type() && p.is_contiguous())) return p;
+    return p.detach().to(like.scalar_type()).contiguous();
 }
 
 template <typename T>
 const T *ptr_or_null(const Tensor &t) {
     return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T *mutable_ptr_or_null(const Tensor &t) {
+    return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+/* The C source defines each kernel twice, for float (_f32) and double (_f64). */
+template <typename T>
+struct Kernels;
+template <>
+struct Kernels<float> {
+    static constexpr auto forward = fxg_forward_f32;
+    static constexpr auto backward = fxg_backward_f32;
+};
+template <>
+struct Kernels<double> {
+    static constexpr auto forward = fxg_forward_f64;
+    static constexpr auto backward = fxg_backward_f64;
+};
+
+/* f(T{}) with T the C type of xg's dtype. */
+template <typename F>
+void by_dtype(const Tensor &xg, F &&f) {
+    switch (xg.scalar_type()) {
+    case at::kFloat:
+        return f(float{});
+    case at::kDouble:
+        return f(double{});
+    default:
+        TORCH_CHECK(false, "fxghost: the CPU kernels take float32 and float64, got ",
+                    xg.scalar_type());
+    }
 }
 
 /* (G, C) values shaped (G, 1, C, 1...) for a grouped tensor of `dim` dims. */
@@ -111,22 +143,15 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
         auto opts = xg.options();
         Tensor mean = at::empty({d[0], d[2]}, opts), var = at::empty({d[0], d[2]}, opts),
                rstd = at::empty({d[0], d[2]}, opts);
-        Tensor w = as_param(weight, xg), b = as_param(bias, xg);
-        const int64_t nt = threads(xg.numel());
-        if (xg.scalar_type() == at::kFloat) {
-            check(fxg_forward_f32(xg.const_data_ptr<float>(), y.data_ptr<float>(),
-                                  ptr_or_null<float>(w), ptr_or_null<float>(b),
-                                  mean.data_ptr<float>(), var.data_ptr<float>(),
-                                  rstd.data_ptr<float>(), d[0], d[1], d[2], d[3], eps, nt));
-        } else {
-            TORCH_CHECK(xg.scalar_type() == at::kDouble,
-                        "fxghost: the CPU kernels take float32 and float64, got ",
-                        xg.scalar_type());
-            check(fxg_forward_f64(xg.const_data_ptr<double>(), y.data_ptr<double>(),
-                                  ptr_or_null<double>(w), ptr_or_null<double>(b),
-                                  mean.data_ptr<double>(), var.data_ptr<double>(),
-                                  rstd.data_ptr<double>(), d[0], d[1], d[2], d[3], eps, nt));
-        }
+        Tensor w = as_param(weight.value_or(Tensor()), xg);
+        Tensor b = as_param(bias.value_or(Tensor()), xg);
+        by_dtype(xg, [&](auto zero) {
+            using T = decltype(zero);
+            check(Kernels<T>::forward(xg.const_data_ptr<T>(), y.data_ptr<T>(), ptr_or_null<T>(w),
+                                      ptr_or_null<T>(b), mean.data_ptr<T>(), var.data_ptr<T>(),
+                                      rstd.data_ptr<T>(), d[0], d[1], d[2], d[3], eps,
+                                      threads(xg.numel())));
+        });
         ctx->save_for_backward({xg, weight ? *weight : Tensor(), mean, rstd});
         /* mean and var are not differentiable: no zero gradients need to be made up for them. */
         ctx->set_materialize_grads(false);
@@ -147,10 +172,9 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             auto saved = ctx->get_saved_variables();
             const Tensor &xg = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
             const Dims d = dense_dims(xg);
-            const bool owned = spent(grads[0], xg);
+            bool own_dy = spent(grads[0], xg);
             Tensor dy = grads[0].view(xg.sizes()); /* splitting dim 0 into (G, c): a view */
             grads.clear(); /* dy is the only reference to the incoming gradient now */
-            bool own_dy = owned;
             if (dy.strides() != xg.strides()) { /* bring it to x's layout, in a copy of our own */
                 dy = at::empty_like(xg).copy_(dy);
                 own_dy = true;
@@ -160,23 +184,15 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             Tensor dx;
             if (ctx->needs_input_grad(0)) dx = own_dy ? dy : at::empty_like(xg);
             Tensor gw = at::empty({d[2]}, xg.options()), gb = at::empty({d[2]}, xg.options());
-            Tensor w = as_param(weight.defined() ? std::optional<Tensor>(weight) : std::nullopt, xg);
-            const int64_t nt = threads(xg.numel());
-            if (xg.scalar_type() == at::kFloat) {
-                check(fxg_backward_f32(dy.const_data_ptr<float>(), xg.const_data_ptr<float>(),
-                                       ptr_or_null<float>(w), mean.const_data_ptr<float>(),
-                                       rstd.const_data_ptr<float>(),
-                                       dx.defined() ? dx.data_ptr<float>() : nullptr,
-                                       gw.data_ptr<float>(), gb.data_ptr<float>(), d[0], d[1],
-                                       d[2], d[3], nt));
-            } else {
-                check(fxg_backward_f64(dy.const_data_ptr<double>(), xg.const_data_ptr<double>(),
-                                       ptr_or_null<double>(w), mean.const_data_ptr<double>(),
-                                       rstd.const_data_ptr<double>(),
-                                       dx.defined() ? dx.data_ptr<double>() : nullptr,
-                                       gw.data_ptr<double>(), gb.data_ptr<double>(), d[0], d[1],
-                                       d[2], d[3], nt));
-            }
+            Tensor w = as_param(weight, xg);
+            by_dtype(xg, [&](auto zero) {
+                using T = decltype(zero);
+                check(Kernels<T>::backward(dy.const_data_ptr<T>(), xg.const_data_ptr<T>(),
+                                           ptr_or_null<T>(w), mean.const_data_ptr<T>(),
+                                           rstd.const_data_ptr<T>(), mutable_ptr_or_null<T>(dx),
+                                           gw.data_ptr<T>(), gb.data_ptr<T>(), d[0], d[1], d[2],
+                                           d[3], threads(xg.numel())));
+            });
             /* The totals are in the input's dtype; the gradients go in the parameters'. */
             auto param_grad = [&](Tensor total, size_t i) {
                 if (!weight.defined() || !ctx->needs_input_grad(i)) return Tensor();

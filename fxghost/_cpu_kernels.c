@@ -474,8 +474,9 @@ int NAME(fxg_backward)(const T *dy, const T *x, const T *w, const T *mean, const
    Returns 0, or 1 when scratch memory ran out. */
 int NAME(fxg_running)(const T *mean, const T *var, const T *wts, int64_t G, int64_t C,
                        double beta, double unbias, T *running_mean, T *running_var) {
-    double *m = (double *)calloc((size_t)(2 * C), sizeof(double)), *v = m + C;
+    double *m = (double *)calloc((size_t)(2 * C), sizeof(double));
     if (!m) return 1;
+    double *v = m + C;
     for (int64_t g = 0; g < G; g++) { /* row by row: unit-stride loops over the channels */
         double wg = (double)wts[g];
         const T *mg = mean + g * C, *vg = var + g * C;

@@ -374,7 +374,7 @@ def _cpu_kernel_norm(
     op = _cpu_autograd.op()
     if op is not None:
         return op(xg, weight, bias, eps)  # type: ignore[no-any-return]
-    return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+    return _cpu_function_norm(xg, weight, bias, eps)
 
 
 def _on_dense(
