@@ -98,11 +98,13 @@ template <>
 struct Kernels<float> {
     static constexpr auto forward = fxg_forward_f32;
     static constexpr auto backward = fxg_backward_f32;
+    static constexpr auto running = fxg_running_f32;
 };
 template <>
 struct Kernels<double> {
     static constexpr auto forward = fxg_forward_f64;
     static constexpr auto backward = fxg_backward_f64;
+    static constexpr auto running = fxg_running_f64;
 };
 
 /* f(T{}) with T the C type of xg's dtype. */
@@ -247,16 +249,56 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm(const Tensor &xg,
     return {out[0], out[1], out[2]};
 }
 
+/* eager_cpu_ghost_norm, then the running-statistics update of fxghost._math.update_running_stats
+   for these ghost batches as the only ones of the batch (no tail): running = beta * running +
+   sum_g ema_weights[g] * stat[g], the variance scaled by unbias, through the same C function the
+   Python path calls, and num_batches_tracked += G. The update is a third of a tabular layer's
+   Python cost when made from Python (a cached-weights lookup, ctypes, an add_). */
+std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
+    const Tensor &xg, const std::optional<Tensor> &weight, const std::optional<Tensor> &bias,
+    double eps, const Tensor &running_mean, const Tensor &running_var,
+    const std::optional<Tensor> &num_batches_tracked, const Tensor &ema_weights, double beta,
+    double unbias) {
+    const int64_t groups = xg.size(0), channels = xg.size(2);
+    for (const Tensor *t : {&running_mean, &running_var, &ema_weights}) {
+        TORCH_CHECK(t->scalar_type() == xg.scalar_type() && t->is_cpu() && t->is_contiguous() &&
+                        t->dim() == 1,
+                    "fxghost: the running statistics and weights must be contiguous 1-D CPU "
+                    "tensors in the input's dtype, got ",
+                    t->scalar_type(), " with strides ", t->strides(), " on ", t->device());
+    }
+    TORCH_CHECK(running_mean.numel() == channels && running_var.numel() == channels,
+                "fxghost: running statistics of ", running_mean.numel(), " and ",
+                running_var.numel(), " values for ", channels, " channels");
+    TORCH_CHECK(ema_weights.numel() >= groups, "fxghost: ", ema_weights.numel(),
+                " update weights for ", groups, " ghost batches");
+    auto out = GhostNorm::apply(xg, weight, bias, eps);
+    at::NoGradGuard no_grad;
+    by_dtype(xg, [&](auto zero) {
+        using T = decltype(zero);
+        /* mean and var are (G, 1, C, 1...) views of contiguous (G, C) values */
+        check(Kernels<T>::running(out[1].const_data_ptr<T>(), out[2].const_data_ptr<T>(),
+                                  ema_weights.const_data_ptr<T>(), groups, channels, beta, unbias,
+                                  running_mean.data_ptr<T>(), running_var.data_ptr<T>()));
+    });
+    if (num_batches_tracked) num_batches_tracked->add_(groups);
+    return {out[0], out[1], out[2]};
+}
+
 } // namespace fxghost
 
 /* A fragment: fxghost::cpu_ghost_norm and its backward are defined from Python (torch.library). */
 TORCH_LIBRARY_FRAGMENT(fxghost, m) {
     m.def("eager_cpu_ghost_norm(Tensor xg, Tensor? weight, Tensor? bias, float eps)"
           " -> (Tensor, Tensor, Tensor)");
+    m.def("eager_cpu_ghost_norm_update(Tensor xg, Tensor? weight, Tensor? bias, float eps,"
+          " Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
+          " Tensor ema_weights, float beta, float unbias) -> (Tensor, Tensor, Tensor)");
 }
 
 /* CompositeImplicitAutograd: the op is its own autograd formula (the Function above), so the
    dispatcher runs it directly, without a separate autograd kernel. */
 TORCH_LIBRARY_IMPL(fxghost, CompositeImplicitAutograd, m) {
     m.impl("eager_cpu_ghost_norm", fxghost::eager_cpu_ghost_norm);
+    m.impl("eager_cpu_ghost_norm_update", fxghost::eager_cpu_ghost_norm_update);
 }

@@ -68,19 +68,38 @@ def library_path() -> Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def op() -> Callable[..., Any] | None:
-    """``fxghost::eager_cpu_ghost_norm(xg, weight, bias, eps) -> (y, mean, var)``, loaded (and
-    built if needed); ``None`` when unavailable. It takes what
-    :func:`fxghost._fast._cpu_kernel_norm` takes and returns what it returns."""
+def _namespace() -> Any:
+    """``torch.ops.fxghost`` with the op library loaded (built if needed), or ``None``."""
     path = library_path()
     if path is None:
         return None
     try:
         torch.ops.load_library(str(path))
-        return torch.ops.fxghost.eager_cpu_ghost_norm.default  # type: ignore[no-any-return]
+        ops = torch.ops.fxghost
+        ops.eager_cpu_ghost_norm.default, ops.eager_cpu_ghost_norm_update.default  # noqa: B018
+        return ops
     except (OSError, RuntimeError, AttributeError) as e:
         _log.warning("fxghost: could not load the CPU autograd op (%s); using the Python one", e)
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def op() -> Callable[..., Any] | None:
+    """``fxghost::eager_cpu_ghost_norm(xg, weight, bias, eps) -> (y, mean, var)``, loaded (and
+    built if needed); ``None`` when unavailable. It takes what
+    :func:`fxghost._fast._cpu_kernel_norm` takes and returns what it returns."""
+    ops = _namespace()
+    return None if ops is None else ops.eager_cpu_ghost_norm.default
+
+
+@functools.lru_cache(maxsize=None)
+def update_op() -> Callable[..., Any] | None:
+    """``fxghost::eager_cpu_ghost_norm_update(xg, weight, bias, eps, running_mean, running_var,
+    num_batches_tracked, ema_weights, beta, unbias) -> (y, mean, var)``: :func:`op`, then the
+    running-statistics update of :func:`fxghost._math.update_running_stats` for ``xg``'s ghost
+    batches alone, in place; ``None`` when unavailable."""
+    ops = _namespace()
+    return None if ops is None else ops.eager_cpu_ghost_norm_update.default
 
 
 def available() -> bool:

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu, _cpu_autograd, _math, _triton
 
-__all__ = ["NormFn", "select"]
+__all__ = ["NormFn", "cpu_kernel_norm_tracked", "select"]
 
 # (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
 # a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
@@ -375,6 +375,40 @@ def _cpu_kernel_norm(
     if op is not None:
         return op(xg, weight, bias, eps)  # type: ignore[no-any-return]
     return _cpu_function_norm(xg, weight, bias, eps)
+
+
+def cpu_kernel_norm_tracked(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float,
+    requested: int,
+) -> Tensor | None:
+    """:func:`_cpu_kernel_norm`'s ``y`` for a batch of ``xg``'s ghost batches alone (no tail), with
+    the running statistics updated as :func:`fxghost._math.update_running_stats` updates them,
+    in one call of the C++ op: from Python the update costs as much as the normalization itself
+    on a tabular layer. ``None`` (nothing done) where the op is unavailable or the buffers are
+    not contiguous in ``xg``'s dtype; the caller then takes the general path."""
+    op = _cpu_autograd.update_op()
+    if (
+        op is None
+        or running_mean.dtype != xg.dtype
+        or running_var.dtype != xg.dtype
+        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+    ):
+        return None
+    groups = xg.shape[0]
+    weights, decay = _math.ema_coefficients(momentum, requested, groups, xg.dtype, xg.device)
+    per_channel = xg.numel() // (groups * xg.shape[2])
+    y, _, _ = op(
+        xg, weight, bias, eps, running_mean, running_var, num_batches_tracked,
+        weights, decay, _math.bessel(per_channel),
+    )
+    return y  # type: ignore[no-any-return]
 
 
 def _on_dense(

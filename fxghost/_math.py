@@ -18,6 +18,8 @@ from . import _cpu
 
 __all__ = [
     "affine_coefficients",
+    "bessel",
+    "ema_coefficients",
     "ghost_norm_decomposed",
     "reduce_dims",
     "stat_dtype",
@@ -88,6 +90,27 @@ def _ema_weights(a: float, count: int, dtype: torch.dtype, device: torch.device)
 _cached_ema_weights = functools.lru_cache(maxsize=256)(_ema_weights)
 
 
+def ema_coefficients(
+    momentum: float,
+    requested: int,
+    count: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cached: bool = True,
+) -> tuple[Tensor, float]:
+    """``(weights, decay)`` such that ``count`` ghost-batch updates with momentum
+    ``momentum / requested`` each leave ``R = decay * R0 + sum_j weights[j] * s_j``."""
+    a = momentum / requested
+    build = _cached_ema_weights if cached else _ema_weights
+    return build(a, count, dtype, device), (1.0 - a) ** count
+
+
+def bessel(n: int) -> float:
+    """Bessel's correction: the factor from the biased variance of ``n`` values to the unbiased
+    one that BatchNorm keeps in ``running_var``."""
+    return n / (n - 1)
+
+
 @torch.no_grad()
 def update_running_stats(
     running_mean: Tensor,
@@ -119,33 +142,33 @@ def update_running_stats(
                 "this BatchNorm has none"
             )
         means = torch.cat([m.reshape(-1, channels) for m, _, _ in groups])
-        unbiased = torch.cat([v.reshape(-1, channels) * (n / (n - 1)) for _, v, n in groups])
+        unbiased = torch.cat([v.reshape(-1, channels) * bessel(n) for _, v, n in groups])
         seen = num_batches_tracked.to(dtype)
         total = seen + count
         keep = seen / total
         new_mean = running_mean.to(dtype) * keep + means.sum(0) / total
         new_var = running_var.to(dtype) * keep + unbiased.sum(0) / total
     else:
-        a = momentum / requested
         compiling = torch.compiler.is_compiling()
-        build = _ema_weights if compiling else _cached_ema_weights
-        weights = build(a, count, dtype, groups[0][0].device)
+        weights, decay = ema_coefficients(
+            momentum, requested, count, dtype, groups[0][0].device, cached=not compiling
+        )
         # The buffers themselves when already in the statistics dtype (the usual case): the
         # update is then in place. (Checked here: .to() returns self too, through a dispatch.)
         new_mean = running_mean if running_mean.dtype == dtype else running_mean.to(dtype)
         new_var = running_var if running_var.dtype == dtype else running_var.to(dtype)
-        start, beta = 0, (1.0 - a) ** count
+        start, beta = 0, decay
         for mean, var, n in groups:
             k = mean.numel() // channels
             if not compiling and _cpu.applies_to_running(mean, var, weights, new_mean, new_var):
                 # The same sums in one C call: in eager these small ops cost more than the
                 # kernels of a tabular layer.
-                _cpu.running_update(mean, var, weights, start, beta, n / (n - 1), new_mean, new_var)
+                _cpu.running_update(mean, var, weights, start, beta, bessel(n), new_mean, new_var)
             else:
                 w = weights[start : start + k]
                 # One matrix-vector product per statistic: the weighted sum over ghost batches.
                 new_mean.addmv_(mean.reshape(k, channels).t(), w, beta=beta)
-                new_var.addmv_(var.reshape(k, channels).t(), w, beta=beta, alpha=n / (n - 1))
+                new_var.addmv_(var.reshape(k, channels).t(), w, beta=beta, alpha=bessel(n))
             start, beta = start + k, 1.0
     if new_mean is not running_mean:
         running_mean.copy_(new_mean)

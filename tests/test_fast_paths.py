@@ -321,6 +321,93 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
             assert torch.equal(kept["y_grad"], kept["y_grad_want"]), "a kept gradient was overwritten"
 
 
+def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module, requested: int) -> list:
+    """One tracked training step of ``bn`` on ``xg``: the fused op, or the op and then the
+    Python update (the path taken with a tail ghost batch). Returns y, the gradients and the
+    buffers afterwards."""
+    x = xg.detach().clone().requires_grad_()
+    w, b = bn.weight, bn.bias
+    if fused:
+        y = _fast.cpu_kernel_norm_tracked(
+            x, w, b, bn.eps, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+            bn.momentum, requested,
+        )
+        assert y is not None
+    else:
+        y, mean, var = _autograd_op_norm(x, w, b, bn.eps)
+        n = x.numel() // (x.shape[0] * x.shape[2])
+        _math.update_running_stats(
+            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, requested,
+            [(mean, var, n)],
+        )
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
+    return [y, x.grad, w.grad, b.grad, *(t.clone() for t in bn.buffers())]
+
+
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("name", "channels_last"), CASES)
+def test_fused_running_update_is_the_python_update_bit_for_bit(
+    name: str, channels_last: bool, dtype: torch.dtype
+) -> None:
+    """The op that also updates the running statistics (taken when a batch has no tail ghost
+    batch) gives y, gradients, running_mean, running_var and num_batches_tracked identical to
+    the op followed by the Python update; over several steps, with a momentum that is not the
+    default, and with more ghost batches requested than this call's (the count the update's
+    momentum is divided by)."""
+    xg = _grouped(name, channels_last, dtype)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm1d, 5: torch.nn.BatchNorm2d}
+        bn = cls.get(xg.dim(), torch.nn.BatchNorm3d)(xg.shape[2], momentum=0.3).to(dtype)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_var.uniform_(1, 2)
+        results.append([_tracked_step(fused, xg * (k + 1), bn, xg.shape[0] + k) for k in range(3)])
+    assert int(results[0][-1][-1]) == 3 * xg.shape[0]  # num_batches_tracked counts ghost batches
+    for step_got, step_want in zip(*results, strict=True):
+        for got, want in zip(step_got, step_want, strict=True):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@needs_op
+def test_fused_running_update_declares_its_mutations() -> None:
+    """The op's schema marks the buffers it writes (what opcheck's schema test checks)."""
+    bn = torch.nn.BatchNorm1d(5).double()
+    xg = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weights, decay = _math.ema_coefficients(0.1, 3, 3, xg.dtype, xg.device)
+    args = (xg, bn.weight, bn.bias, 1e-5, *bn.buffers(), weights, decay, 4 / 3)
+    op = _cpu_autograd.update_op()
+    assert op is not None
+    torch.library.opcheck(op, args, test_utils=("test_schema",))
+
+
+@needs_op
+def test_fused_running_update_is_taken_only_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transformed model's even training batches take the fused op: the Python update never
+    runs, and the running statistics are the chunked reference's. Buffers in another dtype than
+    the input, momentum=None and uneven batches take the general path."""
+    calls = []
+    update = _math.update_running_stats
+    monkeypatch.setattr(_math, "update_running_stats", lambda *a: calls.append(1) or update(*a))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8)).double()
+    run_side_by_side(model, 4, [(12, 6), (8, 6)], [])
+    assert calls == []
+    run_side_by_side(model, 4, [(10, 6)], [])  # a tail ghost batch
+    assert len(calls) == 1
+    model[1].momentum = None
+    run_side_by_side(model, 4, [(12, 6)], [])
+    assert len(calls) == 2
+    bn = torch.nn.BatchNorm1d(5).double()
+    bn.running_mean = bn.running_mean.float()
+    xg = torch.randn(3, 4, 5, dtype=torch.float64)
+    args = (bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1, 3)
+    assert _fast.cpu_kernel_norm_tracked(xg, bn.weight, bn.bias, 1e-5, *args) is None
+    assert int(bn.num_batches_tracked) == 0
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_double_backward_raises(impl: _fast.NormFn) -> None:
     """The backward is not differentiable: a second differentiation raises instead of giving
