@@ -126,13 +126,29 @@ def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
     results = _bench._run_job(job, ["a", "b"], torch.device("cpu"), False, _bench._CpuPeakMemory())
     for r in results:
         assert r.times_ms == pytest.approx([1.0] * 5)
-    # The first calls, then rounds of 3 steps of one implementation each, starting in turn with
-    # a and with b.
+    # The first calls, then rounds of 3 steps of one implementation each.
     expected = ["a", "b"]
-    for rnd in range(1 + 3):  # warm-up, then ceil(5 / 2) timed rounds
-        order = ["a", "b"] if rnd % 2 == 0 else ["b", "a"]
-        expected += [order[0]] * 3 + [order[1]] * 3
+    for _ in range(1 + 3):  # warm-up, then ceil(5 / 2) timed rounds
+        expected += ["a"] * 3 + ["b"] * 3
     assert calls[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_each_implementation_follows_each_other_equally_often(n: int) -> None:
+    """Over a cycle of rounds, each implementation's blocks come right after each other
+    implementation's equally often (what one leaves behind slows the next one's steps); every
+    round runs each implementation once."""
+    impls = [f"impl{i}" for i in range(n)]
+    orders = _bench._round_orders(impls)
+    assert all(sorted(order) == impls for order in orders)
+    sequence = [impl for order in orders for impl in order]
+    after: dict[str, list[str]] = {impl: [] for impl in impls}
+    for prev, cur in zip(sequence[-1:] + sequence[:-1], sequence, strict=True):  # cyclic
+        if prev != cur:
+            after[cur].append(prev)
+    for impl, previous in after.items():
+        counts = {other: previous.count(other) for other in impls if other != impl}
+        assert len(set(counts.values())) <= 1, (impl, counts)
 
 
 def test_ratios_are_speeds_within_a_case() -> None:
