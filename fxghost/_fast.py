@@ -24,12 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _cpu, _cpu_autograd, _math, _triton
 
-__all__ = ["NormFn", "cpu_kernel_norm_tracked", "select"]
+__all__ = ["NormFn", "cpu_training_norm", "select"]
 
 # (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
 # a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
@@ -377,38 +377,44 @@ def _cpu_kernel_norm(
     return _cpu_function_norm(xg, weight, bias, eps)
 
 
-def cpu_kernel_norm_tracked(
-    xg: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor | None,
-    momentum: float,
-    requested: int,
-) -> Tensor | None:
-    """:func:`_cpu_kernel_norm`'s ``y`` for a batch of ``xg``'s ghost batches alone (no tail), with
-    the running statistics updated as :func:`fxghost._math.update_running_stats` updates them,
-    in one call of the C++ op: from Python the update costs as much as the normalization itself
-    on a tabular layer. ``None`` (nothing done) where the op is unavailable or the buffers are
-    not contiguous in ``xg``'s dtype; the caller then takes the general path."""
+def cpu_training_norm(xg: Tensor, layer: nn.Module, ghost_batch_size: int) -> Tensor | None:
+    """``y`` for a training batch of whole ghost batches ``xg`` (no tail) normalized by ``layer``
+    as :func:`fxghost.ops.ghost_norm` does, with its running statistics updated, in one call of
+    the C++ op: the C kernels' normalization, then :func:`fxghost._math.update_running_stats`'s
+    update (the same C function) and ``num_batches_tracked``. ``None``, with nothing done, where
+    that path does not apply: under ``torch.compile``, where :func:`select` picks another
+    implementation, without running statistics, with ``momentum=None``, or with buffers that
+    are not contiguous in ``xg``'s dtype; the caller then takes the general path.
+
+    The layer's most common call, with the least Python: made from Python, the update cost as
+    much as the normalization on a tabular layer, and every check here runs once per layer call.
+    """
+    momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
+    if (
+        momentum is None
+        or running_mean is None
+        or not layer.track_running_stats
+        or select(xg) is not _cpu_kernel_norm
+    ):
+        return None
     op = _cpu_autograd.update_op()
+    dtype = xg.dtype
     if (
         op is None
-        or running_mean.dtype != xg.dtype
-        or running_var.dtype != xg.dtype
+        or running_mean.dtype != dtype
+        or running_var.dtype != dtype
         or not (running_mean.is_contiguous() and running_var.is_contiguous())
     ):
         return None
-    groups = xg.shape[0]
-    weights, decay = _math.ema_coefficients(momentum, requested, groups, xg.dtype, xg.device)
-    per_channel = xg.numel() // (groups * xg.shape[2])
-    y, _, _ = op(
-        xg, weight, bias, eps, running_mean, running_var, num_batches_tracked,
-        weights, decay, _math.bessel(per_channel),
+    groups, size, channels = xg.shape[:3]
+    requested = (groups * size + ghost_batch_size - 1) // ghost_batch_size
+    weights, decay = _math.ema_coefficients(momentum, requested, groups, dtype, xg.device)
+    unbias = _math.bessel(xg.numel() // (groups * channels))
+    out = op(
+        xg, layer.weight, layer.bias, layer.eps, running_mean, running_var,
+        layer.num_batches_tracked, weights, decay, unbias,
     )
-    return y  # type: ignore[no-any-return]
+    return out[0]  # type: ignore[no-any-return]
 
 
 def _on_dense(

@@ -119,6 +119,10 @@ def ghost_norm(
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval."""
     main, tail = groups
+    if tail is None and layer.training and main.numel():
+        y = _fast.cpu_training_norm(main, layer, ghost_batch_size)
+        if y is not None:
+            return y, None
     weight, bias, eps = layer.weight, layer.bias, layer.eps
     if not uses_batch_stats(layer):
         y = F.batch_norm(
@@ -131,21 +135,13 @@ def ghost_norm(
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
     norm = _fast.select(main)
-    tracking = layer.training and layer.track_running_stats and layer.running_mean is not None
-    if tracking and tail is None and layer.momentum is not None and norm is _fast._cpu_kernel_norm:
-        y = _fast.cpu_kernel_norm_tracked(
-            main, weight, bias, eps, layer.running_mean, layer.running_var,
-            layer.num_batches_tracked, layer.momentum, requested,
-        )
-        if y is not None:
-            return y, None
     y_main, mean_m, var_m = norm(main, weight, bias, eps)
     stats = [(mean_m, var_m, main.shape[1] * per_sample)]
     y_tail = None
     if tail is not None:
         y_tail, mean_t, var_t = norm(tail, weight, bias, eps)
         stats.append((mean_t, var_t, tail.shape[1] * per_sample))
-    if tracking:
+    if layer.training and layer.track_running_stats and layer.running_mean is not None:
         _math.update_running_stats(
             layer.running_mean,
             layer.running_var,

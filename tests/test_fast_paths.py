@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -321,27 +322,32 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
             assert torch.equal(kept["y_grad"], kept["y_grad_want"]), "a kept gradient was overwritten"
 
 
-def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module, requested: int) -> list:
-    """One tracked training step of ``bn`` on ``xg``: the fused op, or the op and then the
-    Python update (the path taken with a tail ghost batch). Returns y, the gradients and the
-    buffers afterwards."""
+def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
+    """One training step of ``bn`` on ``xg``, ghost batches of ``xg.shape[1]`` samples: the fused
+    op, or the op and then the Python update (the path taken with a tail ghost batch). Returns
+    y, the gradients and the buffers afterwards."""
     x = xg.detach().clone().requires_grad_()
-    w, b = bn.weight, bn.bias
     if fused:
-        y = _fast.cpu_kernel_norm_tracked(
-            x, w, b, bn.eps, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-            bn.momentum, requested,
-        )
+        y = _fast.cpu_training_norm(x, bn, x.shape[1])
         assert y is not None
     else:
-        y, mean, var = _autograd_op_norm(x, w, b, bn.eps)
+        y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
         n = x.numel() // (x.shape[0] * x.shape[2])
         _math.update_running_stats(
-            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, requested,
+            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, x.shape[0],
             [(mean, var, n)],
         )
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
-    return [y, x.grad, w.grad, b.grad, *(t.clone() for t in bn.buffers())]
+    return [y, x.grad, bn.weight.grad, bn.bias.grad, *(t.clone() for t in bn.buffers())]
+
+
+def _bn_for(xg: torch.Tensor, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm1d, 5: torch.nn.BatchNorm2d}
+    bn = cls.get(xg.dim(), torch.nn.BatchNorm3d)(xg.shape[2], **kwargs).to(xg.dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_var.uniform_(1, 2)
+    return bn
 
 
 @needs_op
@@ -350,20 +356,15 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module, requested:
 def test_fused_running_update_is_the_python_update_bit_for_bit(
     name: str, channels_last: bool, dtype: torch.dtype
 ) -> None:
-    """The op that also updates the running statistics (taken when a batch has no tail ghost
-    batch) gives y, gradients, running_mean, running_var and num_batches_tracked identical to
-    the op followed by the Python update; over several steps, with a momentum that is not the
-    default, and with more ghost batches requested than this call's (the count the update's
-    momentum is divided by)."""
+    """The op that also updates the running statistics (taken when a training batch has no tail
+    ghost batch) gives y, gradients, running_mean, running_var and num_batches_tracked identical
+    to the op followed by the Python update, over several steps and with a momentum that is not
+    the default."""
     xg = _grouped(name, channels_last, dtype)
     results = []
     for fused in (True, False):
-        torch.manual_seed(0)
-        cls = {3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm1d, 5: torch.nn.BatchNorm2d}
-        bn = cls.get(xg.dim(), torch.nn.BatchNorm3d)(xg.shape[2], momentum=0.3).to(dtype)
-        with torch.no_grad():
-            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_var.uniform_(1, 2)
-        results.append([_tracked_step(fused, xg * (k + 1), bn, xg.shape[0] + k) for k in range(3)])
+        bn = _bn_for(xg, momentum=0.3)
+        results.append([_tracked_step(fused, xg * (k + 1), bn) for k in range(3)])
     assert int(results[0][-1][-1]) == 3 * xg.shape[0]  # num_batches_tracked counts ghost batches
     for step_got, step_want in zip(*results, strict=True):
         for got, want in zip(step_got, step_want, strict=True):
@@ -387,8 +388,9 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A transformed model's even training batches take the fused op: the Python update never
-    runs, and the running statistics are the chunked reference's. Buffers in another dtype than
-    the input, momentum=None and uneven batches take the general path."""
+    runs, and the running statistics are the chunked reference's. Uneven batches and
+    momentum=None take the general path, and so do buffers in another dtype than the input,
+    untouched by the fused path."""
     calls = []
     update = _math.update_running_stats
     monkeypatch.setattr(_math, "update_running_stats", lambda *a: calls.append(1) or update(*a))
@@ -400,12 +402,12 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     model[1].momentum = None
     run_side_by_side(model, 4, [(12, 6)], [])
     assert len(calls) == 2
-    bn = torch.nn.BatchNorm1d(5).double()
-    bn.running_mean = bn.running_mean.float()
     xg = torch.randn(3, 4, 5, dtype=torch.float64)
-    args = (bn.running_mean, bn.running_var, bn.num_batches_tracked, 0.1, 3)
-    assert _fast.cpu_kernel_norm_tracked(xg, bn.weight, bn.bias, 1e-5, *args) is None
+    bn = _bn_for(xg)
+    bn.running_mean = bn.running_mean.float()
+    assert _fast.cpu_training_norm(xg, bn, 4) is None
     assert int(bn.num_batches_tracked) == 0
+    assert _fast.cpu_training_norm(xg, _bn_for(xg), 4) is not None
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
