@@ -37,6 +37,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,6 +165,7 @@ class Result:
     ghost_batch_size: int
     params: dict[str, Any] = field(default_factory=dict)
     times_ms: list[float] = field(default_factory=list)
+    page_faults: list[int] = field(default_factory=list)  # CPU: per timed step, as times_ms
     median_ms: float | None = None
     p25_ms: float | None = None
     p75_ms: float | None = None
@@ -192,6 +198,19 @@ def _set_ratios(results: Sequence[Result]) -> None:
 # Timing and memory
 
 
+def _page_faults() -> int | None:
+    """Page faults of this process so far (all threads), where ``getrusage`` reports them.
+
+    On CPU a step's time depends on whether its tensors' memory is fresh from the OS: each fresh
+    4 KB page faults on first touch (measured 1.5-3.6 us each on the project's VM, so 1024 of them,
+    one 4 MB activation, can cost more than a layer's kernels). Recorded with the times, it tells
+    an implementation's slow steps from the allocator's."""
+    if resource is None:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 class _Clock:
     """Times steps: CUDA events on GPU (so host and device overlap as in training), wall-clock on
     CPU. ``pending`` collects events until ``collect`` synchronizes once per round."""
@@ -205,8 +224,15 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def time(self, key: str, step: Step, out: dict[str, list[float]]) -> None:
-        """Run ``step`` once and file its time (ms) under ``key`` (after ``collect`` on GPU)."""
+    def time(
+        self,
+        key: str,
+        step: Step,
+        out: dict[str, list[float]],
+        faults: dict[str, list[int]] | None = None,
+    ) -> None:
+        """Run ``step`` once and file its time (ms) under ``key`` (after ``collect`` on GPU), and
+        on CPU the page faults it took under ``key`` in ``faults``."""
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
@@ -215,9 +241,13 @@ class _Clock:
             end.record()
             self._pending.append((key, start, end))
         else:
+            f0 = _page_faults()
             t0 = time.perf_counter()
             step()
             out.setdefault(key, []).append((time.perf_counter() - t0) * 1e3)
+            f1 = _page_faults()
+            if faults is not None and f0 is not None and f1 is not None:
+                faults.setdefault(key, []).append(f1 - f0)
 
     def collect(self, out: dict[str, list[float]]) -> None:
         """Synchronize and file the pending CUDA event times."""
@@ -626,6 +656,7 @@ def _run_job(
                 r.error = f"{type(exc).__name__}: {exc}"
                 _progress(f"      {impl}: FAILED {r.error[:300]}")
         times: dict[str, list[float]] = {}
+        faults: dict[str, list[int]] = {}
         orders = _round_orders(list(steps))
         timing = job.timing
         # Rounds interleave the implementations, so that a slow spell of a shared machine hits
@@ -635,6 +666,7 @@ def _run_job(
         # a training loop running one implementation never sees.
         for rnd in range(timing.warmup + timing.rounds):
             sink: dict[str, list[float]] = {} if rnd < timing.warmup else times
+            fault_sink: dict[str, list[int]] = {} if rnd < timing.warmup else faults
             for impl in orders[rnd % len(orders)]:
                 for i in range(timing.block):
                     if impl not in steps:
@@ -643,13 +675,15 @@ def _run_job(
                         if timing.block > 1 and i == 0:
                             steps[impl]()
                         else:
-                            clock.time(impl, steps[impl], sink)
+                            clock.time(impl, steps[impl], sink, fault_sink)
                     except Exception as exc:
                         results[impl].error = f"{type(exc).__name__}: {exc}"
                         del steps[impl]
             clock.collect(sink)
         for ts in times.values():
             del ts[timing.repeats :]
+        for fs in faults.values():
+            del fs[timing.repeats :]
         for impl in list(steps):
             r = results[impl]
             try:
@@ -664,6 +698,7 @@ def _run_job(
             ts = times.get(impl, [])
             if ts:
                 r.times_ms = ts
+                r.page_faults = faults.get(impl, [])
                 r.median_ms, r.p25_ms, r.p75_ms = _quantiles(ts)
                 if job.batch is not None:
                     r.items_per_s = job.batch / (r.median_ms / 1e3)
@@ -749,6 +784,8 @@ def _table(section: str, results: Sequence[Result]) -> str:
     from tabulate import tabulate
 
     rows = []
+    # Page faults are counted on CPU; CUDA results have none.
+    cpu = any(r.page_faults for r in results if r.section == section)
     for r in results:
         if r.section != section:
             continue
@@ -759,10 +796,12 @@ def _table(section: str, results: Sequence[Result]) -> str:
         )
         row: list[Any] = [r.mode, r.case, r.ghost_batch_size, r.impl]
         if r.error:
-            rows.append(row + ["error: " + r.error[:60]] + [""] * 7)
+            rows.append(row + ["error: " + r.error[:60]])
             continue
         ms_digits = 3 if r.median_ms is not None and r.median_ms < 1 else 2
         row += [_fmt(r.median_ms, ms_digits), _fmt(spread, 0)]
+        if cpu:
+            row.append(_fmt(statistics.median(r.page_faults), 0) if r.page_faults else "")
         if section == "model":
             row.append(_fmt(r.items_per_s, 0))
         row += [
@@ -774,9 +813,12 @@ def _table(section: str, results: Sequence[Result]) -> str:
         ]
         rows.append(row)
     headers = ["mode", "case", "g", "impl", "median ms", "iqr %"]
+    if cpu:
+        headers.append("faults/step")
     if section == "model":
         headers.append("samples/s")
     headers += ["vs plain", "vs chunked", "step mem MiB", "first call s", "graph breaks"]
+    rows = [row + [""] * (len(headers) - len(row)) for row in rows]  # error rows are short
     return tabulate(rows, headers=headers, disable_numparse=True)
 
 

@@ -58,6 +58,9 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
     for r in data["results"]:
         assert r["median_ms"] is not None and r["median_ms"] > 0
         assert len(r["times_ms"]) >= 1
+        # Page faults counted over the same timed steps (Linux CI has getrusage).
+        assert len(r["page_faults"]) == len(r["times_ms"])
+        assert all(isinstance(f, int) and f >= 0 for f in r["page_faults"])
         if r["impl"] == "plain":
             assert r["speed_vs_plain"] == pytest.approx(1.0)
         assert r["speed_vs_plain"] is not None and r["speed_vs_chunked"] is not None
@@ -67,7 +70,7 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
 
     # One table per section on stdout, progress on stderr.
     assert result.stdout.count("median ms") == 2
-    for name in ("plain", "chunked", "fxghost", "vs plain", "samples/s"):
+    for name in ("plain", "chunked", "fxghost", "vs plain", "samples/s", "faults/step"):
         assert name in result.stdout
     assert "[1/" in result.stderr and "layer eager" in result.stderr
 
@@ -126,6 +129,7 @@ def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
     results = _bench._run_job(job, ["a", "b"], torch.device("cpu"), False, _bench._CpuPeakMemory())
     for r in results:
         assert r.times_ms == pytest.approx([1.0] * 5)
+        assert len(r.page_faults) == 5  # the timed steps' only
     # The first calls, then rounds of 3 steps of one implementation each.
     expected = ["a", "b"]
     for _ in range(1 + 3):  # warm-up, then ceil(5 / 2) timed rounds
@@ -171,3 +175,16 @@ def test_ghost_size_override_runs_each_case_once_per_size() -> None:
     keys = [(j.mode, j.case, j.g) for j in jobs]
     assert len(keys) == len(set(keys))
     assert sorted(g for _, c, g in keys if c == "(256,64,16,16) fp32") == [16, 32]
+
+
+@pytest.mark.skipif(_bench.resource is None, reason="no getrusage on this platform")
+def test_page_faults_count_memory_touched_for_the_first_time() -> None:
+    size = 32 << 20  # far above glibc's mmap threshold: fresh pages from the OS
+    before = _bench._page_faults()
+    buf = bytearray(size)
+    buf[:: 4096] = b"\1" * (size // 4096)  # one write per page
+    after = _bench._page_faults()
+    assert before is not None and after is not None
+    # One fault per 4 KB page, or per 2 MB where transparent huge pages serve it.
+    assert after - before >= size // (2 << 20)
+    del buf
