@@ -122,7 +122,8 @@ def transform(
     attach(result, GhostReport(ghost_batch_size=g, layers=records.values(), untraced=untraced))
     if untraced:
         parts = "; ".join(
-            f"{p.name} ({p.error}" + (f", at {p.location})" if p.location else ")") for p in untraced
+            f"{p.name} ({p.error}" + (f", at {p.location})" if p.location else ")")
+            for p in untraced
         )
         warnings.warn(
             f"fxghost: {type(model).__name__} does not trace as a whole; rewrote its traceable "

@@ -159,7 +159,8 @@ def demo(ghost_batch_size: int = 32, batch_size: int = 96) -> int:
     nbt = int(model.layer1[0].bn1.num_batches_tracked)
     nbt_ref = int(reference.layer1[0].bn1.bn.num_batches_tracked)
     ok &= nbt == nbt_ref
-    rows.append(["num_batches_tracked", f"{nbt} vs {nbt_ref}", "ok" if nbt == nbt_ref else "MISMATCH"])
+    verdict = "ok" if nbt == nbt_ref else "MISMATCH"
+    rows.append(["num_batches_tracked", f"{nbt} vs {nbt_ref}", verdict])
     print(f"One training step, batch {batch_size}, fxghost vs the chunked reference (float64):")
     print(tabulate(rows, headers=["quantity", "max rel. difference", "result"]))
     print("\nequivalent to the chunked reference" if ok else "\nNOT equivalent")

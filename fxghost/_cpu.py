@@ -137,7 +137,7 @@ def build(
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_path() -> Path | None:
     """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
     if not enabled() or not _SOURCE.exists():
@@ -173,7 +173,7 @@ class _Kernels:
             self.forward[dtype], self.backward[dtype], self.running[dtype] = fwd, bwd, run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels() -> _Kernels | None:
     path = library_path()
     if path is None:

@@ -32,7 +32,7 @@ _SOURCES = [Path(__file__).with_name(name) for name in ("_cpu_autograd.cpp", "_c
 _log = logging.getLogger("fxghost")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_path() -> Path | None:
     """The op's shared object, built if needed; ``None`` when unavailable."""
     if not _cpu.enabled() or os.environ.get("FXGHOST_CPU_AUTOGRAD", "1") == "0":
@@ -67,7 +67,7 @@ def library_path() -> Path | None:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _namespace() -> Any:
     """``torch.ops.fxghost`` with the op library loaded (built if needed), or ``None``."""
     path = library_path()
@@ -76,6 +76,7 @@ def _namespace() -> Any:
     try:
         torch.ops.load_library(str(path))
         ops = torch.ops.fxghost
+        # Looked up here, so that a library without both ops falls back as a failed load does.
         ops.eager_cpu_ghost_norm.default, ops.eager_cpu_ghost_norm_update.default  # noqa: B018
         return ops
     except (OSError, RuntimeError, AttributeError) as e:
@@ -83,7 +84,7 @@ def _namespace() -> Any:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def op() -> Callable[..., Any] | None:
     """``fxghost::eager_cpu_ghost_norm(xg, weight, bias, eps) -> (y, mean, var)``, loaded (and
     built if needed); ``None`` when unavailable. It takes what
@@ -92,7 +93,7 @@ def op() -> Callable[..., Any] | None:
     return None if ops is None else ops.eager_cpu_ghost_norm.default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def update_op() -> Callable[..., Any] | None:
     """``fxghost::eager_cpu_ghost_norm_update(xg, weight, bias, eps, running_mean, running_var,
     num_batches_tracked, ema_weights, beta, unbias) -> (y, mean, var)``: :func:`op`, then the

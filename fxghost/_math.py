@@ -124,12 +124,12 @@ def update_running_stats(
     would make one after another through BatchNorm.
 
     ``groups`` holds ``(mean, biased_var, count)`` per group of equal-sized ghost batches, in batch
-    order; ``mean`` and ``biased_var`` are ``(G, ..., C, ...)`` and ``count`` is the number of values
-    per channel in each of its ghost batches.
+    order; ``mean`` and ``biased_var`` are ``(G, ..., C, ...)`` and ``count`` is the number of
+    values per channel in each of its ghost batches.
 
-    With momentum ``m`` every ghost batch updates with ``a = m / requested``, so after ``M`` of them
-    ``R = (1-a)^M R0 + sum_j a (1-a)^(M-j) s_j``. With ``momentum=None`` BatchNorm keeps a cumulative
-    average, ``R_t = R_{t-1} + (s_t - R_{t-1}) / t``, which telescopes to
+    With momentum ``m`` every ghost batch updates with ``a = m / requested``, so after ``M`` of
+    them ``R = (1-a)^M R0 + sum_j a (1-a)^(M-j) s_j``. With ``momentum=None`` BatchNorm keeps a
+    cumulative average, ``R_t = R_{t-1} + (s_t - R_{t-1}) / t``, which telescopes to
     ``(t0 R0 + sum_j s_j) / (t0 + M)``.
     """
     channels = running_mean.shape[0]

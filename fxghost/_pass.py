@@ -1,4 +1,5 @@
-"""The graph pass: each ``call_module`` BatchNorm node becomes ghost_view -> ghost_norm -> ghost_unview."""
+"""The graph pass: each ``call_module`` BatchNorm node becomes
+ghost_view -> ghost_norm -> ghost_unview."""
 
 from __future__ import annotations
 

@@ -17,10 +17,12 @@ __all__ = ["GhostPlan", "check_ghost_batch_size", "plan_ghost_batches", "uses_ba
 
 
 class GhostPlan(NamedTuple):
-    """The ghost batches of an ``N``-sample batch, exactly as ``x.chunk(requested, dim=0)`` forms them.
+    """The ghost batches of an ``N``-sample batch, exactly as ``x.chunk(requested, dim=0)`` forms
+    them.
 
     ``full`` ghost batches of ``size`` samples, then one of ``tail`` samples when ``tail > 0``.
-    ``requested`` is ``ceil(N / g)``: the momentum divisor, even when ``chunk`` returns fewer pieces.
+    ``requested`` is ``ceil(N / g)``: the momentum divisor, even when ``chunk`` returns fewer
+    pieces.
     """
 
     requested: int
@@ -28,13 +30,9 @@ class GhostPlan(NamedTuple):
     full: int
     tail: int
 
-    @property
-    def count(self) -> int:
-        return self.full + (1 if self.tail else 0)
-
 
 def check_ghost_batch_size(ghost_batch_size: object) -> int:
-    """Return ``ghost_batch_size`` as an int, or raise ``ValueError`` if it is not a positive int."""
+    """``ghost_batch_size`` as an int; ``ValueError`` if it is not a positive int."""
     if isinstance(ghost_batch_size, bool):
         raise ValueError(
             f"fxghost: ghost_batch_size must be a positive int, got {ghost_batch_size!r}; "
@@ -65,7 +63,8 @@ def uses_batch_stats(layer: nn.Module) -> bool:
 
 
 def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
-    # BatchNorm's own dimension check (ValueError "expected 4D input (got 3D input)"), with the layer named.
+    # BatchNorm's own dimension check (ValueError "expected 4D input (got 3D input)"), with the
+    # layer named.
     try:
         layer._check_input_dim(x)  # type: ignore[operator]
     except ValueError as err:

@@ -170,7 +170,8 @@ def trace(
             gm.graph = eval_graph
             gm._mode_graph_is_train = False
     gm.training = model.training
-    # The tracer stores tensor constants of forward on the root (setattr(root, "_tensor_constantN"));
+    # The tracer stores tensor constants of forward on the root
+    # (setattr(root, "_tensor_constantN"));
     # the GraphModule now holds its own references, so take them off the caller's model.
     for key in set(model.__dict__) - attrs_before:
         del model.__dict__[key]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ __all__ = ["GhostGroups", "ghost_norm", "ghost_unview", "ghost_view"]
 #: ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when
 #: ``c`` divides ``N``. From :func:`ghost_norm`: the normalized samples, sample-first
 #: (``(G * c, C, ...)`` and ``(r, C, ...)``).
-GhostGroups = tuple[Tensor, Optional[Tensor]]
+GhostGroups = tuple[Tensor, Tensor | None]
 
 def _find_proxy(args: tuple[Any, ...]) -> torch.fx.Proxy | None:
     for a in args:
@@ -119,6 +119,7 @@ def ghost_norm(
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval."""
     main, tail = groups
+    # An empty training batch is refused by ghost_view; one passed here directly goes on below.
     if tail is None and layer.training and main.numel():
         y = _fast.cpu_training_norm(main, layer, ghost_batch_size)
         if y is not None:

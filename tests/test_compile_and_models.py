@@ -56,7 +56,9 @@ def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool
         reference.zero_grad()
 
 
-@pytest.mark.skipif(not _cpu.available(), reason="no C compiler: the CPU kernels are not built here")
+@pytest.mark.skipif(
+    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+)
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:

@@ -61,7 +61,9 @@ def _expected_error(kind: str, ns: tuple[int, ...], g: int) -> bool:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("ns", "g"), BATCHES)
 @pytest.mark.parametrize("momentum", [0.1, None, 0.7])
-def test_matches_reference_float64(kind: str, ns: tuple[int, ...], g: int, momentum: float | None) -> None:
+def test_matches_reference_float64(
+    kind: str, ns: tuple[int, ...], g: int, momentum: float | None
+) -> None:
     bn = make_bn(kind, momentum=momentum)
     model = nn.Sequential(bn)
     train = [input_shape(kind, n) for n in ns]

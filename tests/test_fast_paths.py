@@ -52,7 +52,8 @@ def _grouped(name: str, channels_last: bool, dtype: torch.dtype) -> torch.Tensor
     n = shape[0] * shape[1]
     x = torch.randn(n, *shape[2:], dtype=torch.float64) * 3 + 5  # a large mean tests the variance
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
     return x.to(dtype).unflatten(0, shape[:2])
 
 
@@ -104,7 +105,9 @@ def test_cpu_function_matches_decomposition(
 
 @needs_kernels
 @pytest.mark.parametrize("groups", [1, 3, 8])
-@pytest.mark.parametrize(("shape", "channels_last"), [((16, 24), False), ((6, 5, 7, 9), False), ((6, 5, 7, 9), True)])
+@pytest.mark.parametrize(
+    ("shape", "channels_last"), [((16, 24), False), ((6, 5, 7, 9), False), ((6, 5, 7, 9), True)]
+)
 def test_cpu_kernels_split_between_threads(
     monkeypatch: pytest.MonkeyPatch, groups: int, shape: tuple[int, ...], channels_last: bool
 ) -> None:
@@ -114,7 +117,8 @@ def test_cpu_kernels_split_between_threads(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     xg = x.unflatten(0, (groups, shape[0]))
-    w, b = torch.rand(shape[1], dtype=torch.float64) + 0.5, torch.randn(shape[1], dtype=torch.float64)
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], dtype=torch.float64)
     dy = torch.randn(xg.flatten(0, 1).shape, dtype=torch.float64)
 
     def run(threads: int) -> list[torch.Tensor]:
@@ -319,7 +323,8 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
         if how == "caller":
             assert torch.equal(kept["dy"], kept["dy_before"]), "the caller's dy was overwritten"
         if how in ("retained", "kept_view"):
-            assert torch.equal(kept["y_grad"], kept["y_grad_want"]), "a kept gradient was overwritten"
+            kept_intact = torch.equal(kept["y_grad"], kept["y_grad_want"])
+            assert kept_intact, "a kept gradient was overwritten"
 
 
 def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
@@ -510,7 +515,9 @@ def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory)
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(("name", "channels_last"), [("tabular", False), ("nchw", False), ("nchw", True)])
+@pytest.mark.parametrize(
+    ("name", "channels_last"), [("tabular", False), ("nchw", False), ("nchw", True)]
+)
 def test_cpu_custom_ops_pass_opcheck(name: str, channels_last: bool, dtype: torch.dtype) -> None:
     """The ops torch.compile runs on CPU: schema, fake (meta) outputs, autograd registration."""
     xg = _grouped(name, channels_last, dtype).requires_grad_()

@@ -1,8 +1,11 @@
 """The whole pass through the Triton kernels, against the chunked reference.
 
 Runs on CPU under the Triton interpreter, in a subprocess (``TRITON_INTERPRET=1`` must be set
-before triton is imported; see test_triton.py). On a GPU machine the same checks run on CUDA tensors:
-``FXGHOST_TEST_DEVICE=cuda python -m pytest tests/test_triton_path.py -o python_functions=check_*``.
+before triton is imported; see test_triton.py). On a GPU machine the same checks run on CUDA
+tensors::
+
+    FXGHOST_TEST_DEVICE=cuda python -m pytest tests/test_triton_path.py \
+        -o python_functions=check_*
 """
 
 from __future__ import annotations
