@@ -377,9 +377,12 @@ def _cpu_kernel_norm(
     return _cpu_function_norm(xg, weight, bias, eps)
 
 
-def cpu_training_norm(xg: Tensor, layer: nn.Module, ghost_batch_size: int) -> Tensor | None:
+def cpu_training_norm(
+    xg: Tensor, layer: nn.Module, requested: int, per_channel: int
+) -> Tensor | None:
     """``y`` for a training batch of whole ghost batches ``xg`` (no tail) normalized by ``layer``
-    as :func:`fxghost.ops.ghost_norm` does, with its running statistics updated, in one call of
+    as :func:`fxghost.ops.ghost_norm` does (``requested`` ghost batches asked for, ``per_channel``
+    values per channel in each), with its running statistics updated, in one call of
     the C++ op: the C kernels' normalization, then :func:`fxghost._math.update_running_stats`'s
     update (the same C function) and ``num_batches_tracked``. ``None``, with nothing done, where
     that path does not apply: under ``torch.compile``, where :func:`select` picks another
@@ -398,21 +401,18 @@ def cpu_training_norm(xg: Tensor, layer: nn.Module, ghost_batch_size: int) -> Te
     ):
         return None
     op = _cpu_autograd.update_op()
-    dtype = xg.dtype
     if (
         op is None
-        or running_mean.dtype != dtype
-        or running_var.dtype != dtype
-        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        or running_mean.dtype != xg.dtype
+        or not _cpu.applies_to_running(running_mean, running_var)
     ):
         return None
-    groups, size, channels = xg.shape[:3]
-    requested = (groups * size + ghost_batch_size - 1) // ghost_batch_size
-    weights, decay = _math.ema_coefficients(momentum, requested, groups, dtype, xg.device)
-    unbias = _math.bessel(xg.numel() // (groups * channels))
+    weights, decay = _math.ema_coefficients(
+        momentum, requested, xg.shape[0], xg.dtype, xg.device
+    )
     out = op(
         xg, layer.weight, layer.bias, layer.eps, running_mean, running_var,
-        layer.num_batches_tracked, weights, decay, unbias,
+        layer.num_batches_tracked, weights, decay, _math.bessel(per_channel),
     )
     return out[0]  # type: ignore[no-any-return]
 

@@ -119,15 +119,10 @@ def ghost_norm(
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval."""
     main, tail = groups
-    # An empty training batch is refused by ghost_view; one passed here directly goes on below.
-    if tail is None and layer.training and main.numel():
-        y = _fast.cpu_training_norm(main, layer, ghost_batch_size)
-        if y is not None:
-            return y, None
-    weight, bias, eps = layer.weight, layer.bias, layer.eps
     if not uses_batch_stats(layer):
         y = F.batch_norm(
-            main.squeeze(0), layer.running_mean, layer.running_var, weight, bias, False, 0.0, eps
+            main.squeeze(0), layer.running_mean, layer.running_var, layer.weight, layer.bias,
+            False, 0.0, layer.eps,
         )
         return y, None
     n = main.shape[0] * main.shape[1] + (tail.shape[1] if tail is not None else 0)
@@ -135,6 +130,11 @@ def ghost_norm(
         return main.flatten(0, 1) * 1, None
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
+    if tail is None and layer.training and main.numel():
+        y = _fast.cpu_training_norm(main, layer, requested, main.shape[1] * per_sample)
+        if y is not None:
+            return y, None
+    weight, bias, eps = layer.weight, layer.bias, layer.eps
     norm = _fast.select(main)
     y_main, mean_m, var_m = norm(main, weight, bias, eps)
     stats = [(mean_m, var_m, main.shape[1] * per_sample)]
