@@ -717,15 +717,19 @@ def _jobs(
     ghost_sizes: Sequence[int] | None,
     layer_timing: _Timing,
     model_timing: _Timing,
+    cases: Sequence[str] | None = None,
 ) -> list[_Job]:
     """All jobs in run order: by section, then mode, then case. With ``ghost_sizes`` given, cases
-    that differ only in their own ghost sizes (one shape listed once per size) run once per size."""
+    that differ only in their own ghost sizes (one shape listed once per size) run once per size.
+    With ``cases`` given, only cases whose label contains one of those strings run."""
     torch_device = torch.device(device)
     jobs: list[_Job] = []
     seen: set[tuple[str, str, str, int]] = set()
 
     def add(job: _Job) -> None:
         key = (job.section, job.mode, job.case, job.g)
+        if cases and not any(c in job.case for c in cases):
+            return
         if key not in seen:
             seen.add(key)
             jobs.append(job)
@@ -885,7 +889,9 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "fxghost": __version__,
         "git_commit": _git_commit(),
         "quick": args.quick,
-        "compile": not args.no_compile,
+        "compile": not args.no_compile and "compiled" in args.modes,
+        "modes": ["eager"] if args.no_compile else args.modes,
+        "cases": args.cases,
         "cold_compile": not args.compile_cache,
         # Allocator settings change CPU results a lot (page faults of fresh memory): record them.
         "allocator_env": {
@@ -910,6 +916,12 @@ def _int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty string")
+    return text.strip()
 
 
 def _choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -977,7 +989,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(IMPLS),
         help="comma-separated implementations (default: plain,chunked,fxghost)",
     )
-    p.add_argument("--no-compile", action="store_true", help="eager mode only")
+    p.add_argument(
+        "--modes",
+        type=_choice_list(MODES),
+        default=list(MODES),
+        help="comma-separated modes to run (default: eager,compiled)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="eager mode only (--modes eager)")
+    p.add_argument(
+        "--cases",
+        type=_nonempty,
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="run only the cases whose label contains one of these strings, e.g. "
+        "--cases '(16384,512)' resnet50 (default: every case of the device)",
+    )
     p.add_argument(
         "--compile-cache",
         action="store_true",
@@ -1052,10 +1079,19 @@ def main(argv: list[str] | None = None) -> int:
         replace(layer_timing, **overrides),
         replace(model_timing, **overrides),
     )
-    modes = ["eager"] if args.no_compile else list(MODES)
+    modes = ["eager"] if args.no_compile else args.modes
     jobs = _jobs(
-        args.sections, modes, device, args.quick, args.ghost_sizes, layer_timing, model_timing
+        args.sections,
+        modes,
+        device,
+        args.quick,
+        args.ghost_sizes,
+        layer_timing,
+        model_timing,
+        args.cases,
     )
+    if not jobs:
+        parser.error(f"no case matches --cases {' '.join(args.cases or [])} on {device}")
 
     torch_device = torch.device(device)
     load_before = _load_average()
@@ -1095,6 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "Whole-model training step (forward, loss, backward, SGD step)",
     }
     for section in args.sections:
+        if not any(r.section == section for r in results):
+            continue  # --cases left none of its cases
         print(f"\n## {title[section]} ({device})\n")
         print(_table(section, results))
     print()

@@ -117,12 +117,13 @@ def run_side_by_side(
     channels_last: bool = False,
     seed: int = 0,
     transformed: torch.nn.Module | None = None,
+    device: torch.device = DEVICE,
 ) -> nn.Module:
     """Train steps then eval steps through fxghost and the reference; compare every step.
 
     Returns the GraphModule so callers can make further checks.
     """
-    model.to(DEVICE)
+    model.to(device)
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), ghost_batch_size)
     gm = transformed if transformed is not None else fxghost.transform(model, ghost_batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -134,7 +135,7 @@ def run_side_by_side(
         if channels_last:
             fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             x = x.contiguous(memory_format=fmt)
-        x = x.to(device=DEVICE, dtype=dtype)
+        x = x.to(device=device, dtype=dtype)
         x_ref = x.detach().clone().requires_grad_(training)
         x_gm = x.detach().clone().requires_grad_(training)
         y_ref = reference(x_ref)
@@ -145,7 +146,7 @@ def run_side_by_side(
         if channels_last:
             assert y_gm.is_contiguous(memory_format=fmt), f"{what}: output lost channels_last"
         if training:
-            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+            dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(device, dtype)
             y_ref.backward(dy)
             y_gm.backward(dy)
             assert_close(x_gm.grad, x_ref.grad, f"{what}: input grad")

@@ -99,10 +99,36 @@ def test_options_parse_and_reject() -> None:
     assert args.sections == ["layer", "model"] and args.impls == ["plain", "fxghost"]
     assert args.ghost_sizes == [16, 32] and args.repeats == 3 and args.warmup == 0
     assert args.block == 2
+    args = parser.parse_args("--modes compiled,eager --cases (16384,512) resnet50".split())
+    assert args.modes == ["eager", "compiled"] and args.cases == ["(16384,512)", "resnet50"]
     bad_args = ("--sections layers", "--ghost-sizes 0", "--ghost-sizes a", "--repeats 0")
-    for bad in (*bad_args, "--block 0"):
+    for bad in (*bad_args, "--block 0", "--modes fast", "--cases"):
         with pytest.raises(SystemExit):
             parser.parse_args(bad.split())
+
+
+def test_modes_and_cases_select_jobs() -> None:
+    timing = _bench._Timing(0, 1)
+
+    def jobs(modes: list[str], cases: list[str] | None) -> list[tuple[str, str, str, int]]:
+        found = _bench._jobs(["layer", "model"], modes, "cuda", False, None, timing, timing, cases)
+        return [(j.section, j.mode, j.case, j.g) for j in found]
+
+    every = jobs(["eager", "compiled"], None)
+    assert {m for _, m, _, _ in every} == {"eager", "compiled"}
+    assert {m for _, m, _, _ in jobs(["compiled"], None)} == {"compiled"}
+    picked = jobs(["compiled"], ["(16384,512)", "resnet50"])
+    assert picked == [
+        ("layer", "compiled", "(16384,512) fp32", 128),
+        ("layer", "compiled", "(16384,512) fp32", 256),
+        ("model", "compiled", "resnet50 224px bf16 cl batch 256", 32),
+    ]
+    assert jobs(["eager"], ["no such case"]) == []
+
+
+def test_a_cases_filter_that_matches_nothing_is_an_error() -> None:
+    result = _run("-m", "fxghost._bench", "--device", "cpu", "--cases", "(1,2,3)")
+    assert result.returncode == 2 and "no case matches --cases (1,2,3)" in result.stderr
 
 
 def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(

@@ -12,10 +12,12 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE
 from torch import Tensor
 
 pytest.importorskip("triton")
@@ -159,6 +161,14 @@ def _check_all(xg: Tensor, weight: Tensor | None) -> None:
         )
     )
     _close(dx, dx_ref, out_tol, "backward_apply")
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device() -> Iterator[None]:
+    """Tensors made without a device go to ``FXGHOST_TEST_DEVICE``: with ``cuda`` on a GPU machine
+    the checks below run on the real kernels (the interpreted run leaves it at ``cpu``)."""
+    with torch.device(DEVICE):
+        yield
 
 
 @pytest.fixture

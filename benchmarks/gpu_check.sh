@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command: the CUDA correctness checks, then the suite.
+#
+#   benchmarks/gpu_check.sh [OUTDIR] [STAGE...]
+#
+# STAGEs (default: all, in this order):
+#   env       versions, the GPU
+#   kernels   tests/test_triton.py's kernel checks on CUDA tensors
+#   path      tests/test_triton_path.py's pass-level checks on CUDA
+#   tests     tests/test_cuda.py (eager; compiled ones with the 'tests-compiled' stage)
+#   tests-compiled  tests/test_cuda.py's torch.compile checks (inductor compiles: minutes)
+#   eager     the suite, eager mode: every layer case and ResNet-50
+#   compiled  the suite under torch.compile: the main layer cases, then ResNet-50 with plain
+#             BatchNorm and fxghost (compiling it with the chunked reference takes ~5 minutes;
+#             ANCHORS.md has its figures)
+# Logs go to OUTDIR/gpu_check.log, the suite's raw numbers to OUTDIR/*.json; a summary (test
+# results, the suite's tables) is printed at the end. Runs from the source tree: no install needed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+shift || true
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env kernels path tests tests-compiled eager compiled)
+mkdir -p "$out"
+log=$out/gpu_check.log
+summary=$out/summary.txt
+: >"$summary"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+# pytest-xdist, where installed, spreads Triton's and inductor's compiles over processes.
+xdist=()
+"$py" -c "import xdist" 2>/dev/null && xdist=(-n 4)
+pytest_args=(-q -p no:cacheprovider -o addopts= -o python_functions=check_*)
+
+run() {  # run NAME LIMIT_S CMD...: output to the log; status and the tail to the summary
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "== $name: $*" | tee -a "$log" >&2
+    timeout "$limit" "$@" >>"$log.$name" 2>&1
+    rc=$?
+    cat "$log.$name" >>"$log"
+    {
+        echo "== $name: rc=$rc in $((SECONDS - t0)) s"
+        if [[ $name == bench* ]]; then
+            sed -n '/^## /,$p' "$log.$name"
+        else
+            grep -E "passed|failed|error|Error|^FAILED|^ERROR" "$log.$name" | tail -n 25
+        fi
+    } >>"$summary"
+    rm -f "$log.$name"
+    echo "   rc=$rc ($((SECONDS - t0)) s)" >&2
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+    env)
+        run env 60 bash -c "nvidia-smi -L; $py -c 'import sys, torch, triton, torchvision, \
+tabulate; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, \
+torchvision.__version__, torch.cuda.get_device_name())'"
+        ;;
+    kernels)
+        FXGHOST_TEST_DEVICE=cuda run kernels 300 "$py" -m pytest "${pytest_args[@]}" "${xdist[@]}" \
+            tests/test_triton.py
+        ;;
+    path)
+        FXGHOST_TEST_DEVICE=cuda run path 300 "$py" -m pytest "${pytest_args[@]}" "${xdist[@]}" \
+            tests/test_triton_path.py
+        ;;
+    tests)
+        run tests 300 "$py" -m pytest -q -p no:cacheprovider -o addopts= "${xdist[@]}" \
+            tests/test_cuda.py -k "not compiled"
+        ;;
+    tests-compiled)
+        run tests-compiled 600 "$py" -m pytest -q -p no:cacheprovider -o addopts= "${xdist[@]}" \
+            tests/test_cuda.py -k compiled
+        ;;
+    eager)
+        run bench-eager 600 "$py" -m fxghost bench --device cuda --modes eager \
+            --out "$out/eager.json"
+        ;;
+    compiled)
+        run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
+            --sections layer --cases "(256,256,56,56) bf16" "(16384,512)" \
+            --out "$out/compiled-layer.json"
+        run bench-compiled-model 600 "$py" -m fxghost bench --device cuda --modes compiled \
+            --sections model --impls plain,fxghost --out "$out/compiled-model.json"
+        ;;
+    *)
+        echo "unknown stage: $stage" >&2
+        exit 2
+        ;;
+    esac
+done
+cat "$summary"
