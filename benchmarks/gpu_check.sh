@@ -9,10 +9,14 @@
 #   path      tests/test_triton_path.py's pass-level checks on CUDA
 #   tests     tests/test_cuda.py (eager; compiled ones with the 'tests-compiled' stage)
 #   tests-compiled  tests/test_cuda.py's torch.compile checks (inductor compiles: minutes)
+#   tests-all tests/test_cuda.py, all of it
 #   eager     the suite, eager mode: every layer case and ResNet-50
-#   compiled  the suite under torch.compile: the main layer cases, then ResNet-50 with plain
-#             BatchNorm and fxghost (compiling it with the chunked reference takes ~5 minutes;
-#             ANCHORS.md has its figures)
+#   profile   benchmarks/profile_layer.py: CPU queueing time against GPU kernel time per step
+#   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost,
+#             then fxghost again with FXGHOST_COMPILED_NORM=kernels (its own JSON); compiling it
+#             with the chunked reference takes ~5 minutes (ANCHORS.md has its figures)
+#   compiled-layer  the same for the main layer cases (plain and fxghost)
+#   compiled  compiled-model, then compiled-layer
 # Logs go to OUTDIR/gpu_check.log, the suite's raw numbers to OUTDIR/*.json; a summary (test
 # results, the suite's tables) is printed at the end. Runs from the source tree: no install needed.
 set -uo pipefail
@@ -20,7 +24,7 @@ cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 shift || true
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env kernels path tests tests-compiled eager compiled)
+[ ${#stages[@]} -eq 0 ] && stages=(env kernels path tests-all eager profile compiled)
 mkdir -p "$out"
 log=$out/gpu_check.log
 summary=$out/summary.txt
@@ -41,7 +45,9 @@ run() {  # run NAME LIMIT_S CMD...: output to the log; status and the tail to th
     cat "$log.$name" >>"$log"
     {
         echo "== $name: rc=$rc in $((SECONDS - t0)) s"
-        if [[ $name == bench* ]]; then
+        if [[ $name == bench-profile ]]; then
+            tail -n 40 "$log.$name"
+        elif [[ $name == bench* ]]; then
             sed -n '/^## /,$p' "$log.$name"
         else
             grep -E "passed|failed|error|Error|^FAILED|^ERROR" "$log.$name" | tail -n 25
@@ -78,12 +84,29 @@ torchvision.__version__, torch.cuda.get_device_name())'"
         run bench-eager 600 "$py" -m fxghost bench --device cuda --modes eager \
             --out "$out/eager.json"
         ;;
-    compiled)
-        run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
-            --sections layer --cases "(256,256,56,56) bf16" "(16384,512)" \
-            --out "$out/compiled-layer.json"
+    profile)
+        run bench-profile 300 "$py" benchmarks/profile_layer.py
+        ;;
+    tests-all)
+        run tests-all 600 "$py" -m pytest -q -p no:cacheprovider -o addopts= "${xdist[@]}" \
+            tests/test_cuda.py
+        ;;
+    compiled-model | compiled)
         run bench-compiled-model 600 "$py" -m fxghost bench --device cuda --modes compiled \
             --sections model --impls plain,fxghost --out "$out/compiled-model.json"
+        FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" -m fxghost \
+            bench --device cuda --modes compiled --sections model --impls fxghost \
+            --out "$out/compiled-model-kernels.json"
+        if [ "$stage" = compiled ]; then
+            run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
+                --sections layer --impls plain,fxghost \
+                --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
+        fi
+        ;;
+    compiled-layer)
+        run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
+            --sections layer --impls plain,fxghost \
+            --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
         ;;
     *)
         echo "unknown stage: $stage" >&2

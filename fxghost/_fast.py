@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _cpu, _cpu_autograd, _math, _triton
 
-__all__ = ["NormFn", "cpu_training_norm", "select"]
+__all__ = ["NormFn", "select", "training_norm"]
 
 # (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
 # a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
@@ -169,7 +170,7 @@ def _param_grads(
         # .to() would return a total already in this dtype too, but through a dispatch.
         return total if total.dtype == dtype else total.to(dtype)
 
-    _, needs_w, needs_b, _ = ctx.needs_input_grad
+    needs_w, needs_b = ctx.needs_input_grad[1:3]
     return (cast(dweight) if needs_w else None), (cast(dbias) if needs_b else None)
 
 
@@ -188,16 +189,18 @@ class _FusedGhostNorm(torch.autograd.Function):
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        # One None per non-tensor input (eps, and the Triton Function's running update):
+        # autograd drops trailing Nones beyond a Function's inputs.
         if dy is None:  # grads are not materialized, and only y is differentiable
-            return None, None, None, None
+            return None, None, None, None, None
         xg, weight, mean, rstd = ctx.saved_tensors
         dy = dy.view(xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
         grad_x, dweight, dbias = ctx.kernels(
             dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
         )
         grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _TorchOpsGhostNorm(_FusedGhostNorm):
@@ -265,23 +268,24 @@ def _torch_ops_norm(
 
 class _TritonGhostNorm(_FusedGhostNorm):
     """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
-    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once."""
+    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once.
+    Three launches each way (statistics, their finish, the elementwise pass), the running
+    statistics' update included when ``update`` is given: in eager mode on a GPU each launch and
+    each small torch op costs CPU time that a layer's kernels do not hide."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: _triton.RunningUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var = _triton.stats(xg)  # float32 (G, C)
-        rstd = torch.rsqrt(var + eps)
-        layout = _Layout(xg)
-        if weight is None:
-            scale, shift = rstd, -mean * rstd
-        else:
-            scale = rstd * weight.float()
-            shift = bias.float() - mean * scale  # type: ignore[union-attr]
-        y = torch.empty_like(xg.flatten(0, 1))  # written through a grouped view of it
-        _triton.normalize(xg, scale, shift, out=y.unflatten(0, xg.shape[:2]))
-        count = xg.numel() // (layout.groups * layout.channels)
+        mean, var, rstd, scale, shift = _triton.forward_stats(xg, weight, bias, eps, update)
+        y = torch.empty_like(xg.flatten(0, 1))
+        _triton.normalize(xg, scale, shift, out=y.view(xg.shape))
+        count = xg.numel() // (xg.shape[0] * xg.shape[2])
         mean_s, var_s = _forward_outputs(
             ctx, xg, weight, (mean, rstd, var), _triton_backward, count
         )
@@ -292,13 +296,13 @@ def _triton_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
     input_grad: bool, count: int,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    sum_dy, sum_dy_xhat = _triton.backward_reduce(dy, xg, mean, rstd)
+    sum_dy, sum_dy_xhat, dbias, dweight = _triton.backward_sums(dy, xg, mean, rstd)
     grad_x = (
         _triton.backward_apply(dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
         if input_grad
         else None
     )
-    return (grad_x, *_totals(sum_dy, sum_dy_xhat))
+    return grad_x, dweight, dbias
 
 
 def _triton_norm(
@@ -377,28 +381,46 @@ def _cpu_kernel_norm(
     return _cpu_function_norm(xg, weight, bias, eps)
 
 
-def cpu_training_norm(
+def training_norm(
     xg: Tensor, layer: nn.Module, requested: int, per_channel: int
 ) -> Tensor | None:
     """``y`` for a training batch of whole ghost batches ``xg`` (no tail) normalized by ``layer``
     as :func:`fxghost.ops.ghost_norm` does (``requested`` ghost batches asked for, ``per_channel``
-    values per channel in each), with its running statistics updated, in one call of
-    the C++ op: the C kernels' normalization, then :func:`fxghost._math.update_running_stats`'s
-    update (the same C function) and ``num_batches_tracked``. ``None``, with nothing done, where
-    that path does not apply: under ``torch.compile``, where :func:`select` picks another
-    implementation, without running statistics, with ``momentum=None``, or with buffers that
-    are not contiguous in ``xg``'s dtype; the caller then takes the general path.
+    values per channel in each), with its running statistics and ``num_batches_tracked`` updated
+    as :func:`fxghost._math.update_running_stats` does, by the normalization's own kernels:
+    on CPU in one call of the C++ op (the C kernels, then the same C function as the update), on
+    the Triton path in the launch that finishes the statistics. ``None``, with nothing done,
+    where neither applies: under ``torch.compile``, where :func:`select` picks another
+    implementation, without running statistics, with ``momentum=None``, or with buffers of
+    another dtype or layout; the caller then takes the general path.
 
     The layer's most common call, with the least Python: made from Python, the update cost as
-    much as the normalization on a tabular layer, and every check here runs once per layer call.
+    much as the normalization on a CPU tabular layer, and on a GPU its small ops cost more CPU
+    time than the kernels' GPU time. Every check here runs once per layer call.
     """
     momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
-    if (
-        momentum is None
-        or running_mean is None
-        or not layer.track_running_stats
-        or select(xg) is not _cpu_kernel_norm
-    ):
+    if momentum is None or running_mean is None or not layer.track_running_stats:
+        return None
+    norm = select(xg)
+    if norm is _triton_norm:
+        nbt = layer.num_batches_tracked
+        if (
+            nbt is None
+            or running_mean.dtype != torch.float32
+            or running_var.dtype != torch.float32
+            or running_mean.device != xg.device
+            or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        ):
+            return None
+        weights, decay = _math.ema_coefficients(
+            momentum, requested, xg.shape[0], torch.float32, xg.device
+        )
+        update = _triton.RunningUpdate(
+            running_mean, running_var, nbt, weights, decay, _math.bessel(per_channel)
+        )
+        y, _, _ = _TritonGhostNorm.apply(xg, layer.weight, layer.bias, layer.eps, update)
+        return y  # type: ignore[no-any-return]
+    if norm is not _cpu_kernel_norm:
         return None
     op = _cpu_autograd.update_op()
     if (
@@ -433,20 +455,75 @@ def _on_dense(
     return (like(xg).copy_(first), *rest)
 
 
+_NORM_SCHEMA = (
+    "(Tensor xg, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _norm_fake(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, ...]:
+    stats = [xg.new_empty((xg.shape[0], xg.shape[2]), dtype=_math.stat_dtype(xg.dtype))
+             for _ in range(3)]
+    return (torch.empty_like(xg.flatten(0, 1)), *stats)
+
+
+def _norm_backward_fake(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    totals = [xg.new_empty((xg.shape[2],), dtype=_math.stat_dtype(xg.dtype)) for _ in range(2)]
+    return torch.empty_like(xg), *totals
+
+
+def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    xg, weight, _bias, _eps = inputs
+    ctx.save_for_backward(xg, weight, output[1], output[3])
+
+
+def _register_norm_ops(
+    name: str,
+    device_types: tuple[str, ...],
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]],
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]],
+) -> Any:
+    """Register ``fxghost::<name>`` (``(xg, weight, bias, eps) -> (y, mean, var, rstd)``, the
+    statistics ``(G, C)``) and ``fxghost::<name>_backward`` (``(dy, xg, weight, mean, rstd) ->
+    (grad_x, dweight, dbias)``, ``dy`` grouped like ``xg``) as custom ops with fake
+    implementations and autograd: what torch.compile sees of the fused kernels. Returns the
+    forward op."""
+    fwd = torch.library.custom_op(
+        f"fxghost::{name}", forward, mutates_args=(), device_types=device_types,
+        schema=_NORM_SCHEMA,
+    )
+    fwd.register_fake(_norm_fake)
+    bwd = torch.library.custom_op(
+        f"fxghost::{name}_backward", backward, mutates_args=(), device_types=device_types,
+        schema=_BACKWARD_SCHEMA,
+    )
+    bwd.register_fake(_norm_backward_fake)
+
+    def backward_rule(
+        ctx: Any, dy: Tensor, *_unused: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
+        xg, weight, mean, rstd = ctx.saved_tensors
+        grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
+        grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
+        return grad_x, grad_w, grad_b, None
+
+    fwd.register_autograd(backward_rule, setup_context=_op_setup)
+    return fwd
+
+
 # Under torch.compile on CPU the C kernels run as custom ops for inputs with spatial dims: there
 # inductor's code for the decomposition measured no faster than compiled chunked BatchNorm (NCHW,
 # 0.9-1.1x) or slower (channels_last, 0.7x), the kernels 1.4-1.8x faster than chunked. On
 # tabular (N, C) inputs inductor's code is as fast as the kernels and can fuse with the
 # neighbouring Linear and ReLU, so those keep the decomposition. The eager path keeps the
 # C++ autograd op (or the autograd.Function), which cost less per call than a Python custom op.
-@torch.library.custom_op(
-    "fxghost::cpu_ghost_norm",
-    mutates_args=(),
-    device_types="cpu",
-    schema="(Tensor xg, Tensor? weight, Tensor? bias, float eps)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _cpu_norm_op(
+def _cpu_op_forward(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` as :func:`_cpu_forward` returns them."""
@@ -457,54 +534,15 @@ def _cpu_norm_op(
     )
 
 
-@_cpu_norm_op.register_fake
-def _(xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, ...]:
-    stats = [xg.new_empty((xg.shape[0], xg.shape[2])) for _ in range(3)]
-    return (torch.empty_like(xg.flatten(0, 1)), *stats)
-
-
-@torch.library.custom_op(
-    "fxghost::cpu_ghost_norm_backward",
-    mutates_args=(),
-    device_types="cpu",
-    schema="(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd)"
-    " -> (Tensor, Tensor, Tensor)",
-)
-def _cpu_norm_backward_op(
+def _cpu_op_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_x, dweight, dbias)`` as :data:`BackwardKernels` returns them; ``dy`` grouped like
-    ``xg``."""
     return _on_dense(  # type: ignore[return-value]
         xg, torch.empty_like, lambda t, dims: _cpu_backward(dy, t, weight, mean, rstd, True, dims)
     )
 
 
-@_cpu_norm_backward_op.register_fake
-def _(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    totals = [xg.new_empty((xg.shape[2],)) for _ in range(2)]
-    return torch.empty_like(xg), *totals
-
-
-def _cpu_op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    xg, weight, _bias, _eps = inputs
-    ctx.save_for_backward(xg, weight, output[1], output[3])
-
-
-def _cpu_op_backward(
-    ctx: Any, dy: Tensor, *_unused: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
-    xg, weight, mean, rstd = ctx.saved_tensors
-    grad_x, dweight, dbias = torch.ops.fxghost.cpu_ghost_norm_backward(
-        dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd
-    )
-    grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
-    return grad_x, grad_w, grad_b, None
-
-
-_cpu_norm_op.register_autograd(_cpu_op_backward, setup_context=_cpu_op_setup)
+_cpu_norm_op = _register_norm_ops("cpu_ghost_norm", ("cpu",), _cpu_op_forward, _cpu_op_backward)
 
 
 def _cpu_op_norm(
@@ -512,6 +550,77 @@ def _cpu_op_norm(
 ) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, var, _ = torch.ops.fxghost.cpu_ghost_norm(xg, weight, bias, eps)
     return y, _standard(mean, xg.shape), _standard(var, xg.shape)
+
+
+# The Triton kernels as custom ops, for torch.compile on CUDA when FXGHOST_COMPILED_NORM=kernels
+# (see _compiled_kernels_wanted). On the CPU they run only under the Triton interpreter (tests).
+def _triton_dense(xg: Tensor) -> Tensor:
+    # Compiled code may hand over a layout its trace did not see: the kernels take dense ones.
+    return xg if _triton.supported(xg) else xg.contiguous()
+
+
+def _triton_op_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    mean, var, rstd, scale, shift = _triton.forward_stats(x, weight, bias, eps)
+    y = torch.empty_like(xg.flatten(0, 1))  # the layout the fake implementation promised
+    if x is xg:
+        _triton.normalize(x, scale, shift, out=y.view(xg.shape))
+    else:
+        y.copy_(_triton.normalize(x, scale, shift).flatten(0, 1))
+    return y, mean, var, rstd
+
+
+def _triton_op_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    count = xg.numel() // (xg.shape[0] * xg.shape[2])
+    grad_x, dweight, dbias = _triton_backward(dy, x, weight, mean, rstd, True, count)
+    if x is not xg:  # back to the layout the fake implementation promised
+        grad_x = torch.empty_like(xg).copy_(grad_x)  # type: ignore[arg-type]
+    return grad_x, dweight, dbias  # type: ignore[return-value]
+
+
+_triton_norm_op = _register_norm_ops(
+    "triton_ghost_norm", ("cuda", "cpu"), _triton_op_forward, _triton_op_backward
+)
+
+
+def _triton_op_norm(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, var, _ = torch.ops.fxghost.triton_ghost_norm(xg, weight, bias, eps)
+    return y, _standard(mean, xg.shape), _standard(var, xg.shape)
+
+
+@torch.compiler.assume_constant_result
+def _compiled_kernels_wanted() -> bool:
+    """``FXGHOST_COMPILED_NORM=kernels``: under torch.compile on CUDA, the Triton kernels as
+    opaque custom ops instead of the decomposition that inductor fuses with its neighbours."""
+    return os.environ.get("FXGHOST_COMPILED_NORM", "decomposition") == "kernels"
+
+
+@torch.compiler.assume_constant_result
+def _triton_usable_on_cpu() -> bool:
+    return _triton.triton is not None and _triton.interpreting()
+
+
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    return _triton.triton is not None
+
+
+def _triton_op_applies(xg: Tensor) -> bool:
+    return (
+        (xg.device.type == "cuda" or (xg.device.type == "cpu" and _triton_usable_on_cpu()))
+        and _triton_installed()
+        and xg.dim() >= 3
+        and xg.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and (xg.is_contiguous() or xg.movedim(2, -1).is_contiguous())
+        and _compiled_kernels_wanted()
+    )
 
 
 @torch.compiler.assume_constant_result
@@ -549,7 +658,11 @@ def select(xg: Tensor) -> NormFn:
     the torch-ops Function for float32/float64, else the decomposition.
     """
     if torch.compiler.is_compiling():
-        return _cpu_op_norm if _cpu_op_applies(xg) else _math.ghost_norm_decomposed
+        if _cpu_op_applies(xg):
+            return _cpu_op_norm
+        if _triton_op_applies(xg):
+            return _triton_op_norm
+        return _math.ghost_norm_decomposed
     cpu = xg.is_cpu
     # On CPU the Triton kernels run only in the interpreter: asked first, as cheaply as possible.
     if (not cpu or _triton.interpreting()) and _triton.supported(xg):

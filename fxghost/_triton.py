@@ -36,7 +36,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,7 +48,16 @@ except ImportError:  # a CPU-only install: keep the module importable, supported
     triton = None
     tl = None
 
-__all__ = ["backward_apply", "backward_reduce", "normalize", "stats", "supported"]
+__all__ = [
+    "RunningUpdate",
+    "backward_apply",
+    "backward_reduce",
+    "backward_sums",
+    "forward_stats",
+    "normalize",
+    "stats",
+    "supported",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,6 +79,8 @@ class _Config:
     # ...but give every program at least this many tiles, and never split a group further.
     min_tiles_per_program: int = 4
     max_split: int = 256
+    # Elements per tile of the kernels that finish the statistics and the backward sums.
+    finish_tile: int = 2048
 
 
 _CONFIG = _Config()
@@ -105,9 +116,7 @@ def _tile(
 @_jit
 def _stats_partial_kernel(
     x_ptr,
-    pcount_ptr,
-    pmean_ptr,
-    pm2_ptr,
+    part_ptr,
     A,
     C,
     B,
@@ -146,55 +155,120 @@ def _stats_partial_kernel(
     merged = tl.sum(tl.sum(count * mean, axis=2), axis=0) / n_safe
     d = mean - merged[None, :, None]
     m2_merged = tl.sum(tl.sum(m2 + count * d * d, axis=2), axis=0)
+    # part is (3, G, SPLIT, C): counts, means, M2s.
     out = (g * SPLIT + sp) * C + ch
     cmask = ch < C
-    tl.store(pcount_ptr + out, n, mask=cmask)
-    tl.store(pmean_ptr + out, merged, mask=cmask)
-    tl.store(pm2_ptr + out, m2_merged, mask=cmask)
+    plane = tl.num_programs(0) // n_cb * C  # G * SPLIT * C
+    tl.store(part_ptr + out, n, mask=cmask)
+    tl.store(part_ptr + plane + out, merged, mask=cmask)
+    tl.store(part_ptr + 2 * plane + out, m2_merged, mask=cmask)
 
 
 @_jit
-def _stats_combine_kernel(
-    pcount_ptr,
-    pmean_ptr,
-    pm2_ptr,
-    mean_ptr,
-    var_ptr,
-    C,
-    SPLIT,
-    BS: tl.constexpr,
-    BCH: tl.constexpr,
+def _merge_partials(
+    part_ptr, g, gmask, ch, cmask, G, C, SPLIT,
+    BG: tl.constexpr, BS: tl.constexpr, BCH: tl.constexpr,
 ):  # pragma: no cover - traced by triton
-    """Merge the ``(G, SPLIT, C)`` partials into ``(G, C)`` mean and biased variance."""
-    pid = tl.program_id(0)
-    n_cb = tl.cdiv(C, BCH)
-    g = pid // n_cb
-    ch = (pid % n_cb) * BCH + tl.arange(0, BCH)
-    cmask = ch < C
-    n = tl.zeros([BCH], tl.float32)
-    mean = tl.zeros([BCH], tl.float32)
-    m2 = tl.zeros([BCH], tl.float32)
+    """Chan's merge of the ``(3, G, SPLIT, C)`` partials of groups ``g`` ([BG]) and channels
+    ``ch`` ([BCH]): ``(count, mean, M2)``, each [BG, BCH]."""
+    plane = G * SPLIT * C
+    n = tl.zeros([BG, BCH], tl.float32)
+    mean = tl.zeros([BG, BCH], tl.float32)
+    m2 = tl.zeros([BG, BCH], tl.float32)
     for s0 in range(0, SPLIT, BS):
         s = s0 + tl.arange(0, BS)
-        mask = (s[:, None] < SPLIT) & cmask[None, :]
-        idx = (g * SPLIT + s[:, None]) * C + ch[None, :]
-        ns = tl.load(pcount_ptr + idx, mask=mask, other=0.0)
-        ms = tl.load(pmean_ptr + idx, mask=mask, other=0.0)
-        m2s = tl.load(pm2_ptr + idx, mask=mask, other=0.0)
+        mask = gmask[:, None, None] & (s[None, :, None] < SPLIT) & cmask[None, None, :]
+        idx = (g[:, None, None] * SPLIT + s[None, :, None]) * C + ch[None, None, :]
+        ns = tl.load(part_ptr + idx, mask=mask, other=0.0)
+        ms = tl.load(part_ptr + plane + idx, mask=mask, other=0.0)
+        m2s = tl.load(part_ptr + 2 * plane + idx, mask=mask, other=0.0)
         # Merge this chunk of partials around its own mean, then merge that into the running total.
-        nb = tl.sum(ns, axis=0)
-        mb = tl.sum(ns * ms, axis=0) / tl.maximum(nb, 1.0)
-        db = ms - mb[None, :]
-        m2b = tl.sum(m2s + ns * db * db, axis=0)
+        nb = tl.sum(ns, axis=1)
+        mb = tl.sum(ns * ms, axis=1) / tl.maximum(nb, 1.0)
+        db = ms - mb[:, None, :]
+        m2b = tl.sum(m2s + ns * db * db, axis=1)
         total = n + nb
         w = nb / tl.maximum(total, 1.0)
         delta = mb - mean
         mean += delta * w
         m2 += m2b + delta * delta * n * w
         n = total
-    out = g * C + ch
-    tl.store(mean_ptr + out, mean, mask=cmask)
-    tl.store(var_ptr + out, m2 / tl.maximum(n, 1.0), mask=cmask)
+    return n, mean, m2
+
+
+@_jit
+def _stats_finish_kernel(
+    part_ptr,
+    mean_ptr,
+    var_ptr,
+    rstd_ptr,
+    coef_ptr,
+    weight_ptr,
+    bias_ptr,
+    ema_ptr,
+    rmean_ptr,
+    rvar_ptr,
+    nbt_ptr,
+    G,
+    C,
+    SPLIT,
+    eps,
+    decay,
+    bessel,
+    HAS_AFFINE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    BG: tl.constexpr,
+    BS: tl.constexpr,
+    BCH: tl.constexpr,
+):  # pragma: no cover - traced by triton
+    """From the ``(3, G, SPLIT, C)`` partials, per ``(group, channel)``: mean, biased variance,
+    rstd (each ``(G, C)``), and the affine ``scale``/``shift`` that normalize into ``coef``
+    ``(2, G, C)``; with
+    ``UPDATE``, also the running statistics' closed-form update (``R = decay * R + sum_g ema[g] *
+    s_g``, the variance's with Bessel's factor) and ``num_batches_tracked += G``.
+
+    One program per channel block, looping over blocks of groups: the update sums over all of
+    them, and a program that owns its channels needs no atomics (the result is deterministic).
+    """
+    pid = tl.program_id(0)
+    ch = pid * BCH + tl.arange(0, BCH)
+    cmask = ch < C
+    if HAS_AFFINE:
+        w = tl.load(weight_ptr + ch, mask=cmask, other=0.0)[None, :]
+        b = tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
+    acc_mean = tl.zeros([BCH], tl.float32)
+    acc_var = tl.zeros([BCH], tl.float32)
+    GC = G * C
+    for g0 in range(0, G, BG):
+        g = g0 + tl.arange(0, BG)
+        gmask = g < G
+        n, mean, m2 = _merge_partials(part_ptr, g, gmask, ch, cmask, G, C, SPLIT, BG, BS, BCH)
+        var = m2 / tl.maximum(n, 1.0)
+        rstd = tl.rsqrt(var + eps)
+        if HAS_AFFINE:
+            scale = rstd * w
+            shift = b - mean * scale
+        else:
+            scale = rstd
+            shift = -mean * rstd
+        out = g[:, None] * C + ch[None, :]
+        mask = gmask[:, None] & cmask[None, :]
+        tl.store(mean_ptr + out, mean, mask=mask)
+        tl.store(var_ptr + out, var, mask=mask)
+        tl.store(rstd_ptr + out, rstd, mask=mask)
+        tl.store(coef_ptr + out, scale, mask=mask)
+        tl.store(coef_ptr + GC + out, shift, mask=mask)
+        if UPDATE:
+            ema = tl.load(ema_ptr + g, mask=gmask, other=0.0)[:, None]
+            acc_mean += tl.sum(ema * mean, axis=0)
+            acc_var += tl.sum(ema * var, axis=0)
+    if UPDATE:
+        rm = tl.load(rmean_ptr + ch, mask=cmask, other=0.0)
+        rv = tl.load(rvar_ptr + ch, mask=cmask, other=0.0)
+        tl.store(rmean_ptr + ch, rm * decay + acc_mean, mask=cmask)
+        tl.store(rvar_ptr + ch, rv * decay + acc_var * bessel, mask=cmask)
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + G)
 
 
 @_jit
@@ -278,6 +352,50 @@ def _backward_reduce_kernel(
 
 
 @_jit
+def _backward_finish_kernel(
+    part_ptr,
+    sums_ptr,
+    dbias_ptr,
+    dweight_ptr,
+    G,
+    C,
+    SPLIT,
+    BG: tl.constexpr,
+    BS: tl.constexpr,
+    BCH: tl.constexpr,
+):  # pragma: no cover - traced by triton
+    """From the ``(2, G, SPLIT, C)`` partials: ``sum dy`` and ``sum dy * xhat`` per ``(group,
+    channel)``, into ``sums`` ``(2, G, C)``, and their totals over the groups: the bias and
+    weight gradients, ``(C,)`` each. One program per channel block, as in
+    ``_stats_finish_kernel``."""
+    pid = tl.program_id(0)
+    ch = pid * BCH + tl.arange(0, BCH)
+    cmask = ch < C
+    tot_dy = tl.zeros([BCH], tl.float32)
+    tot_dyx = tl.zeros([BCH], tl.float32)
+    GC = G * C
+    for g0 in range(0, G, BG):
+        g = g0 + tl.arange(0, BG)
+        gmask = g < G
+        s_dy = tl.zeros([BG, BCH], tl.float32)
+        s_dyx = tl.zeros([BG, BCH], tl.float32)
+        for s0 in range(0, SPLIT, BS):
+            s = s0 + tl.arange(0, BS)
+            mask = gmask[:, None, None] & (s[None, :, None] < SPLIT) & cmask[None, None, :]
+            idx = (g[:, None, None] * SPLIT + s[None, :, None]) * C + ch[None, None, :]
+            s_dy += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), axis=1)
+            s_dyx += tl.sum(tl.load(part_ptr + GC * SPLIT + idx, mask=mask, other=0.0), axis=1)
+        out = g[:, None] * C + ch[None, :]
+        mask = gmask[:, None] & cmask[None, :]
+        tl.store(sums_ptr + out, s_dy, mask=mask)
+        tl.store(sums_ptr + GC + out, s_dyx, mask=mask)
+        tot_dy += tl.sum(s_dy, axis=0)
+        tot_dyx += tl.sum(s_dyx, axis=0)
+    tl.store(dbias_ptr + ch, tot_dy, mask=cmask)
+    tl.store(dweight_ptr + ch, tot_dyx, mask=cmask)
+
+
+@_jit
 def _backward_apply_kernel(
     dy_ptr,
     x_ptr,
@@ -335,36 +453,43 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether Triton runs its interpreter on the CPU (``TRITON_INTERPRET=1``)."""
+    """Whether Triton runs its interpreter on the CPU (``TRITON_INTERPRET=1``). Read once: the
+    variable only takes effect when set before triton is imported, which this module does."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    if device_index >= 0:
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
     return 4  # the interpreter: any small number
 
 
 def _geometry(xg: Tensor) -> tuple[int, int] | None:
     """``(A, B)`` of the dense ``(G, A, C, B)`` block ``xg`` is, or None for other layouts."""
-    if xg.dim() < 3:
-        return None
-    c = xg.shape[1]
-    inner = math.prod(xg.shape[3:])
+    return _geometry_of(xg.shape, xg.stride()) if xg.dim() >= 3 else None
+
+
+# Cached by shape and strides: asked on every call, where the tensor checks cost microseconds.
+@functools.lru_cache(maxsize=1024)
+def _geometry_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int] | None:
+    t = torch.empty_strided(shape, stride, device="meta")
+    c = shape[1]
+    inner = math.prod(shape[3:])
     # Checked first: with a single spatial position (or channel) both layouts hold, and rows of
     # channels give the wider contiguous tiles.
-    if xg.movedim(2, -1).is_contiguous():
+    if t.movedim(2, -1).is_contiguous():
         return c * inner, 1
-    if xg.is_contiguous():
+    if t.is_contiguous():
         return c, inner
     return None
 
 
 def supported(xg: Tensor) -> bool:
     """Whether the kernels here handle the grouped view ``xg`` (dtype, layout, device)."""
-    if xg.device.type != "cuda" and not (xg.device.type == "cpu" and interpreting()):
+    if not xg.is_cuda and not (xg.is_cpu and interpreting()):
         return False
     if triton is None or xg.dtype not in _DTYPES or not 3 <= xg.dim() <= 6 or xg.numel() == 0:
         return False
@@ -373,7 +498,8 @@ def supported(xg: Tensor) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """How a ``(G, A, C, B)`` block is cut into ``[BA, BCH, BB]`` tiles."""
+    """How a ``(G, A, C, B)`` block is cut into ``[BA, BCH, BB]`` tiles, with the kernels'
+    integer arguments ``(A, C, B, n_cb, n_bt, n_tiles)``."""
 
     G: int
     A: int
@@ -403,15 +529,7 @@ class _Plan:
         return {"BA": self.BA, "BCH": self.BCH, "BB": self.BB}
 
 
-def _plan(xg: Tensor, tile: int) -> _Plan:
-    geometry = _geometry(xg)
-    if not supported(xg) or geometry is None:
-        raise ValueError(
-            f"fxghost._triton: unsupported grouped view: shape {tuple(xg.shape)}, "
-            f"strides {xg.stride()}, dtype {xg.dtype}, device {xg.device}"
-        )
-    A, B = geometry
-    G, C = xg.shape[0], xg.shape[2]
+def _tiling(A: int, B: int, G: int, C: int, tile: int, config: _Config) -> _Plan:
     if B == 1:
         BB = 1
     elif B <= 512:
@@ -420,31 +538,104 @@ def _plan(xg: Tensor, tile: int) -> _Plan:
         # Long planes: the run length that pads the plane least (ties go to the longer run).
         BB = min((128, 256, 512), key=lambda bb: (_cdiv(B, bb) * bb, -bb))
     BB = min(BB, tile)
-    BCH = min(_pow2(C), max(1, tile // BB), _CONFIG.max_block_channels)
+    BCH = min(_pow2(C), max(1, tile // BB), config.max_block_channels)
     BA = min(_pow2(A), max(1, tile // (BB * BCH)))
     return _Plan(G, A, C, B, BA, BCH, BB)
 
 
-def _split(plan: _Plan, device: torch.device) -> tuple[int, int]:
-    """``(split, tiles_per_split)``: how many programs share a (group, channel block)."""
-    wanted = _CONFIG.programs_per_sm * _sm_count(device)
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """Everything the host functions pass to the kernels for one shape and layout: computed
+    once per (shape, strides, device), since a layer sees the same ones step after step and in
+    eager mode on a GPU every microsecond of Python per launch counts."""
+
+    G: int
+    C: int
+    # Reductions (stats, backward_reduce): a grid of (G, split, channel blocks) programs.
+    reduce_grid: tuple[int]
+    reduce_args: tuple[int, ...]  # plan.args() + (tiles_per_split, split)
+    reduce_blocks: dict[str, int]
+    split: int
+    # Elementwise passes (normalize, backward_apply): one tile per program.
+    apply_grid: tuple[int]
+    apply_args: tuple[int, ...]
+    apply_blocks: dict[str, int]
+    # The finishing kernels: one program per channel block.
+    finish_grid: tuple[int]
+    finish_blocks: dict[str, int]
+
+
+def _launch(xg: Tensor) -> _Launch:
+    return _launch_for(xg.shape, xg.stride(), xg.dtype, xg.get_device(), _CONFIG)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_for(
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    dtype: torch.dtype,
+    device_index: int,  # -1: the CPU
+    config: _Config,
+) -> _Launch:
+    # supported()'s checks, once per key (a failed check raises, and is not cached).
+    geometry = _geometry_of(shape, stride) if 3 <= len(shape) <= 6 else None
+    if (
+        triton is None
+        or (device_index < 0 and not interpreting())
+        or dtype not in _DTYPES
+        or math.prod(shape) == 0
+        or geometry is None
+    ):
+        raise ValueError(
+            f"fxghost._triton: unsupported grouped view: shape {tuple(shape)}, strides {stride}, "
+            f"dtype {dtype}, {'CPU' if device_index < 0 else 'CUDA'} device"
+        )
+    A, B = geometry
+    G, C = shape[0], shape[2]
+    red = _tiling(A, B, G, C, config.reduce_tile, config)
+    # How many programs share a (group, channel block): enough to fill the GPU...
+    wanted = config.programs_per_sm * _sm_count(device_index)
     split = min(
-        _cdiv(wanted, plan.G * plan.n_cb),
-        _cdiv(plan.n_tiles, _CONFIG.min_tiles_per_program),
-        _CONFIG.max_split,
+        _cdiv(wanted, G * red.n_cb),
+        _cdiv(red.n_tiles, config.min_tiles_per_program),  # ...with a few tiles each
+        config.max_split,
     )
-    tiles_per_split = _cdiv(plan.n_tiles, max(1, split))
-    # Recount so that no program is left without tiles.
-    return _cdiv(plan.n_tiles, tiles_per_split), tiles_per_split
+    tiles_per_split = _cdiv(red.n_tiles, max(1, split))
+    split = _cdiv(red.n_tiles, tiles_per_split)  # recounted: no program is left without tiles
+    app = _tiling(A, B, G, C, config.apply_tile, config)
+    # Finishing tiles [BG, BS, BCH] (groups, partials, channels) of at most finish_tile values.
+    f_bch = min(_pow2(C), 64, config.finish_tile)
+    f_bs = min(_pow2(split), 16, max(1, config.finish_tile // f_bch))
+    f_bg = min(_pow2(G), max(1, config.finish_tile // (f_bs * f_bch)))
+    return _Launch(
+        G=G,
+        C=C,
+        reduce_grid=(G * red.n_cb * split,),
+        reduce_args=(*red.args(), tiles_per_split, split),
+        reduce_blocks=red.blocks(),
+        split=split,
+        apply_grid=(G * app.n_cb * app.n_tiles,),
+        apply_args=app.args(),
+        apply_blocks=app.blocks(),
+        finish_grid=(_cdiv(C, f_bch),),
+        finish_blocks={"BG": f_bg, "BS": f_bs, "BCH": f_bch},
+    )
 
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
-    # Triton launches on the current CUDA device; make that the tensor's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device; make that the tensor's (entering
+    # torch.cuda.device costs microseconds per call: skipped when it is already current).
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
-def _per_group(t: Tensor, G: int, C: int) -> Tensor:
-    return t.reshape(G, C).to(torch.float32).contiguous()
+def _f32(t: Tensor) -> Tensor:
+    """``t`` as dense float32: itself when it is, without a dispatch. The kernels address
+    per-(group, channel) operands by flat index, so any shape with ``G * C`` values will do."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _like(xg: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -459,94 +650,157 @@ def _matching(dy: Tensor, xg: Tensor) -> Tensor:
     """``dy`` laid out like ``xg`` (the kernels address both with the same offsets)."""
     if dy.shape != xg.shape:
         raise ValueError(f"fxghost._triton: dy shape {tuple(dy.shape)} != {tuple(xg.shape)}")
+    if dy.stride() == xg.stride() and dy.device == xg.device:
+        return dy
     if dy.device == xg.device and _geometry(dy) == _geometry(xg):
         return dy
     return _like(xg, dy.dtype).copy_(dy)
 
 
-def stats(xg: Tensor) -> tuple[Tensor, Tensor]:
-    """Per ``(group, channel)`` mean and biased variance of ``xg``, float32, shape ``(G, C)``."""
-    plan = _plan(xg, _CONFIG.reduce_tile)
-    split, tiles_per_split = _split(plan, xg.device)
-    G, C = plan.G, plan.C
-    partials = torch.empty((3, G, split, C), dtype=torch.float32, device=xg.device)
-    mean = torch.empty((G, C), dtype=torch.float32, device=xg.device)
-    var = torch.empty_like(mean)
-    combine_bch = min(_pow2(C), 128)
+class RunningUpdate(NamedTuple):
+    """What :func:`forward_stats` needs to update BatchNorm's running statistics in place as
+    :func:`fxghost._math.update_running_stats` does (float32 buffers on the input's device):
+    ``R = decay * R + sum_g weights[g] * s_g``, the variance's times ``bessel``, and
+    ``num_batches_tracked += G``."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    weights: Tensor  # (G,) float32
+    decay: float
+    bessel: float
+
+
+def forward_stats(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(mean, var, rstd, scale, shift)`` per ``(group, channel)`` of ``xg``, float32 ``(G, C)``:
+    biased variance, ``rstd = 1 / sqrt(var + eps)``, and ``y = x * scale + shift`` normalizes
+    (with ``weight`` and ``bias`` when given). With ``update``, the running statistics are
+    updated in the same launch. Two kernel launches in all."""
+    lp = _launch(xg)
+    G, C = lp.G, lp.C
+    device = xg.device
+    partials = torch.empty((3, G, lp.split, C), dtype=torch.float32, device=device)
+    # Separate tensors, not views of one: they leave as separate outputs of a custom op.
+    mean = torch.empty((G, C), dtype=torch.float32, device=device)
+    var = torch.empty((G, C), dtype=torch.float32, device=device)
+    rstd = torch.empty((G, C), dtype=torch.float32, device=device)
+    coef = torch.empty((2, G, C), dtype=torch.float32, device=device)
+    affine = weight is not None
+    w = _f32(weight) if weight is not None else mean
+    b = _f32(bias) if bias is not None else (torch.zeros_like(w) if affine else mean)
+    if update is not None:
+        if update.weights.numel() != G:
+            raise ValueError(f"fxghost._triton: {update.weights.numel()} EMA weights, {G} groups")
+        ema, rmean, rvar = update.weights, update.running_mean, update.running_var
+        nbt, decay, bessel = update.num_batches_tracked, update.decay, update.bessel
+    else:
+        ema = rmean = rvar = nbt = mean  # not read
+        decay = bessel = 1.0
     with _device_guard(xg):
-        _stats_partial_kernel[(G * plan.n_cb * split,)](
+        _stats_partial_kernel[lp.reduce_grid](
             xg,
-            partials[0],
-            partials[1],
-            partials[2],
-            *plan.args(),
-            tiles_per_split,
-            split,
-            **plan.blocks(),
+            partials,
+            *lp.reduce_args,
+            **lp.reduce_blocks,
             num_warps=_CONFIG.reduce_warps,
         )
-        _stats_combine_kernel[(G * _cdiv(C, combine_bch),)](
-            partials[0],
-            partials[1],
-            partials[2],
+        _stats_finish_kernel[lp.finish_grid](
+            partials,
             mean,
             var,
+            rstd,
+            coef,
+            w,
+            b,
+            ema,
+            rmean,
+            rvar,
+            nbt,
+            G,
             C,
-            split,
-            BS=min(_pow2(split), 32),
-            BCH=combine_bch,
+            lp.split,
+            eps,
+            decay,
+            bessel,
+            HAS_AFFINE=affine,
+            UPDATE=update is not None,
+            **lp.finish_blocks,
             num_warps=4,
         )
+    return mean, var, rstd, coef[0], coef[1]
+
+
+def stats(xg: Tensor) -> tuple[Tensor, Tensor]:
+    """Per ``(group, channel)`` mean and biased variance of ``xg``, float32, shape ``(G, C)``."""
+    # eps only enters rstd, scale and shift, which are dropped here.
+    mean, var, *_ = forward_stats(xg, None, None, 1.0)
     return mean, var
 
 
 def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
     """``xg * scale[g, ch] + shift[g, ch]`` in float32, in ``xg``'s dtype and layout: into ``out``
-    (laid out as ``xg``) when given."""
-    plan = _plan(xg, _CONFIG.apply_tile)
-    G, C = plan.G, plan.C
+    (laid out as ``xg``) when given. ``scale`` and ``shift`` hold ``G * C`` values."""
+    lp = _launch(xg)
     y = _like(xg) if out is None else out
     if y.shape != xg.shape or y.stride() != xg.stride():
         raise ValueError("fxghost: normalize needs an output laid out as its input")
     with _device_guard(xg):
-        _normalize_kernel[(G * plan.n_cb * plan.n_tiles,)](
+        _normalize_kernel[lp.apply_grid](
             xg,
             y,
-            _per_group(scale, G, C),
-            _per_group(shift, G, C),
-            *plan.args(),
-            **plan.blocks(),
+            _f32(scale),
+            _f32(shift),
+            *lp.apply_args,
+            **lp.apply_blocks,
             num_warps=_CONFIG.apply_warps,
         )
     return y
 
 
-def backward_reduce(dy: Tensor, xg: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum dy, sum dy * xhat)`` per ``(group, channel)``, float32 ``(G, C)``.
+def backward_sums(
+    dy: Tensor, xg: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(sum dy, sum dy * xhat)`` per ``(group, channel)``, float32 ``(G, C)``, and their sums
+    over the groups, float32 ``(C,)``: the bias and weight gradients. Two kernel launches.
 
-    ``xhat = (xg - mean) * rstd``; ``mean`` and ``rstd`` are float32 with ``G * C`` elements.
+    ``xhat = (xg - mean) * rstd``; ``mean`` and ``rstd`` hold ``G * C`` values.
     """
-    plan = _plan(xg, _CONFIG.reduce_tile)
-    split, tiles_per_split = _split(plan, xg.device)
-    G, C = plan.G, plan.C
+    lp = _launch(xg)
+    G, C = lp.G, lp.C
     dy = _matching(dy, xg)
-    partials = torch.empty((2, G, split, C), dtype=torch.float32, device=xg.device)
+    partials = torch.empty((2, G, lp.split, C), dtype=torch.float32, device=xg.device)
+    sums = torch.empty((2, G, C), dtype=torch.float32, device=xg.device)
+    # Separate tensors, not views of one: they leave as separate outputs of a custom op.
+    dbias = torch.empty(C, dtype=torch.float32, device=xg.device)
+    dweight = torch.empty(C, dtype=torch.float32, device=xg.device)
     with _device_guard(xg):
-        _backward_reduce_kernel[(G * plan.n_cb * split,)](
+        _backward_reduce_kernel[lp.reduce_grid](
             dy,
             xg,
-            _per_group(mean, G, C),
-            _per_group(rstd, G, C),
+            _f32(mean),
+            _f32(rstd),
             partials,
             G,
-            *plan.args(),
-            tiles_per_split,
-            split,
-            **plan.blocks(),
+            *lp.reduce_args,
+            **lp.reduce_blocks,
             num_warps=_CONFIG.reduce_warps,
         )
-    sums = partials[:, :, 0] if split == 1 else partials.sum(dim=2)
-    return sums[0], sums[1]
+        _backward_finish_kernel[lp.finish_grid](
+            partials, sums, dbias, dweight, G, C, lp.split, **lp.finish_blocks, num_warps=4
+        )
+    return sums[0], sums[1], dbias, dweight
+
+
+def backward_reduce(dy: Tensor, xg: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum dy, sum dy * xhat)`` per ``(group, channel)``, float32 ``(G, C)``."""
+    sum_dy, sum_dy_xhat, _, _ = backward_sums(dy, xg, mean, rstd)
+    return sum_dy, sum_dy_xhat
 
 
 def backward_apply(
@@ -564,26 +818,25 @@ def backward_apply(
     ``dx = weight * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)`` with
     ``xhat = (xg - mean) * rstd``; ``count`` is the number of values per (group, channel).
     """
-    plan = _plan(xg, _CONFIG.apply_tile)
-    G, C = plan.G, plan.C
+    lp = _launch(xg)
     dy = _matching(dy, xg)
-    mean = _per_group(mean, G, C)
-    w = mean if weight is None else weight.reshape(C).to(torch.float32).contiguous()
+    mean = _f32(mean)
+    w = mean if weight is None else _f32(weight)
     dx = _like(xg)
     with _device_guard(xg):
-        _backward_apply_kernel[(G * plan.n_cb * plan.n_tiles,)](
+        _backward_apply_kernel[lp.apply_grid](
             dy,
             xg,
             dx,
             mean,
-            _per_group(rstd, G, C),
+            _f32(rstd),
             w,  # never read without a weight; any float32 pointer will do
-            _per_group(sum_dy, G, C),
-            _per_group(sum_dy_xhat, G, C),
+            _f32(sum_dy),
+            _f32(sum_dy_xhat),
             1.0 / count,
-            *plan.args(),
+            *lp.apply_args,
             HAS_WEIGHT=weight is not None,
-            **plan.blocks(),
+            **lp.apply_blocks,
             num_warps=_CONFIG.apply_warps,
         )
     return dx

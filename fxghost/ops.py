@@ -131,7 +131,7 @@ def ghost_norm(
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
     if tail is None and layer.training and main.numel():
-        y = _fast.cpu_training_norm(main, layer, requested, main.shape[1] * per_sample)
+        y = _fast.training_norm(main, layer, requested, main.shape[1] * per_sample)
         if y is not None:
             return y, None
     weight, bias, eps = layer.weight, layer.bias, layer.eps

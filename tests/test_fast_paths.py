@@ -334,7 +334,7 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
     x = xg.detach().clone().requires_grad_()
     n = x.numel() // (x.shape[0] * x.shape[2])  # values per channel in each ghost batch
     if fused:
-        y = _fast.cpu_training_norm(x, bn, x.shape[0], n)
+        y = _fast.training_norm(x, bn, x.shape[0], n)
         assert y is not None
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
@@ -410,9 +410,9 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     xg = torch.randn(3, 4, 5, dtype=torch.float64)
     bn = _bn_for(xg)
     bn.running_mean = bn.running_mean.float()
-    assert _fast.cpu_training_norm(xg, bn, 3, 4) is None
+    assert _fast.training_norm(xg, bn, 3, 4) is None
     assert int(bn.num_batches_tracked) == 0
-    assert _fast.cpu_training_norm(xg, _bn_for(xg), 3, 4) is not None
+    assert _fast.training_norm(xg, _bn_for(xg), 3, 4) is not None
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)

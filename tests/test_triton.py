@@ -133,6 +133,26 @@ def _check_all(xg: Tensor, weight: Tensor | None) -> None:
     y_ref = xd * _bcast(scale.double(), xg) + _bcast(shift.double(), xg)
     _close(y, y_ref, out_tol, "normalize")
 
+    # The statistics' finishing launch: rstd, the affine coefficients, the running statistics.
+    bias = torch.randn(C) if weight is not None else None
+    r_mean, r_var = torch.randn(C), torch.rand(C) + 0.5
+    nbt = torch.tensor(7)
+    ema = torch.rand(G)
+    update = _triton.RunningUpdate(r_mean.clone(), r_var.clone(), nbt, ema, 0.75, 1.25)
+    _, _, rstd, scale_k, shift_k = _triton.forward_stats(xg, weight, bias, EPS, update)
+    rstd_ref = torch.rsqrt(var_ref + EPS)
+    scale_ref = rstd_ref * (1.0 if weight is None else weight.double())
+    shift_ref = -mean_ref * scale_ref + (0.0 if bias is None else bias.double())
+    _close(rstd, rstd_ref, STATS_TOL, "rstd")
+    _close(scale_k, scale_ref, STATS_TOL, "scale")
+    _close(shift_k, shift_ref, (1e-5, 1e-4), "shift")
+    ema64 = ema.double()[:, None]
+    _close(update.running_mean, 0.75 * r_mean.double() + (ema64 * mean_ref).sum(0), STATS_TOL,
+           "running_mean")
+    _close(update.running_var, 0.75 * r_var.double() + 1.25 * (ema64 * var_ref).sum(0),
+           STATS_TOL, "running_var")
+    assert nbt.item() == 7 + G, "num_batches_tracked"
+
     # Backward against the float64 statistics, so only the kernels' own rounding is measured.
     mean64, rstd64 = mean_ref, torch.rsqrt(var_ref + EPS)
     mean32, rstd32 = mean64.float(), rstd64.float()
@@ -147,6 +167,9 @@ def _check_all(xg: Tensor, weight: Tensor | None) -> None:
     assert sum_dy.shape == sum_dy_xhat.shape == (G, C)
     _close(sum_dy, sum_dy_ref, (1e-5, 1e-4), "sum_dy")
     _close(sum_dy_xhat, sum_dy_xhat_ref, (1e-5, 1e-4), "sum_dy_xhat")
+    _, _, dbias, dweight = _triton.backward_sums(dy, xg, mean32, rstd32)
+    _close(dbias, sum_dy_ref.sum(0), (1e-5, 1e-4), "bias gradient (sum over groups)")
+    _close(dweight, sum_dy_xhat_ref.sum(0), (1e-5, 1e-4), "weight gradient (sum over groups)")
 
     dx = _triton.backward_apply(dy, xg, mean32, rstd32, weight, sum_dy, sum_dy_xhat, count)
     assert dx.dtype == xg.dtype and dx.shape == xg.shape and dx.stride() == xg.stride()
@@ -183,6 +206,7 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
         apply_tile=16,
         programs_per_sm=64,
         min_tiles_per_program=1,
+        finish_tile=4,  # the finishing kernels loop over single groups and partials
     )
     monkeypatch.setattr(_triton, "_CONFIG", config)
 
@@ -197,7 +221,7 @@ def check_kernels(layout: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def check_kernels_small_tiles(layout: str, small_tiles: None) -> None:
-    _check_all(_grouped(layout, 2, 3, torch.float32), torch.rand(LAYOUTS[layout][0][0]) + 0.5)
+    _check_all(_grouped(layout, 3, 3, torch.float32), torch.rand(LAYOUTS[layout][0][0]) + 0.5)
 
 
 @pytest.mark.parametrize("layout", ["nhwc", "ncl"])

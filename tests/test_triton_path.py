@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import input_shape, make_bn, run_side_by_side
+from conftest import DEVICE, input_shape, make_bn, run_side_by_side
 from torch import nn
+
+import fxghost
 
 pytest.importorskip("triton")
 
@@ -72,3 +74,42 @@ def check_affine_false() -> None:
     _require_triton_path()
     model = nn.Sequential(make_bn("2d", dtype=torch.float32, affine=False))
     run_side_by_side(model, 3, [input_shape("2d", 9)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("kind", "channels_last", "dtype"), [("2d", True, torch.bfloat16),
+                                                             ("1d_NC", False, torch.float32)])
+def check_compiled_kernels_match_reference(
+    kind: str, channels_last: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FXGHOST_COMPILED_NORM=kernels: torch.compile gets the Triton kernels as custom ops
+    (forward and backward), and the result still matches the reference, tails included."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    _require_triton_path()
+    monkeypatch.setenv("FXGHOST_COMPILED_NORM", "kernels")
+    torch._dynamo.reset()
+    model = nn.Sequential(make_bn(kind, dtype=torch.float32), nn.ReLU())
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(fxghost.transform(model.to(DEVICE), 4), fullgraph=True,
+                             backend=backend)
+    run_side_by_side(model, 4, [input_shape(kind, 12), input_shape(kind, 9)],
+                     dtype=dtype, channels_last=channels_last, transformed=compiled)
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    backward = "\n".join(g.code for g in backend.bw_graphs)
+    assert "fxghost.triton_ghost_norm.default" in forward
+    assert "fxghost.triton_ghost_norm_backward.default" in backward
+    torch._dynamo.reset()
+
+
+def check_triton_custom_ops_opcheck() -> None:
+    """Schemas, fake implementations and autograd registration of the Triton custom ops."""
+    _require_triton_path()
+    xg = torch.randn(6, 4, 5, 3, device=DEVICE).contiguous(
+        memory_format=torch.channels_last).view(2, 3, 4, 5, 3)
+    w = torch.rand(4, device=DEVICE) + 0.5
+    b = torch.randn(4, device=DEVICE)
+    torch.library.opcheck(torch.ops.fxghost.triton_ghost_norm.default, (xg, w, b, 1e-5))
+    y, mean, var, rstd = torch.ops.fxghost.triton_ghost_norm(xg, w, b, 1e-5)
+    dy = torch.randn(xg.shape, device=DEVICE)
+    torch.library.opcheck(torch.ops.fxghost.triton_ghost_norm_backward.default,
+                          (dy, xg, w, mean, rstd))
