@@ -25,7 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fxghost import _bench  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_CASES = ("16384,512:fp32:128", "256,2048,7,7:bf16cl:32", "256,256,56,56:bf16cl:32")
+DEFAULT_CASES = (
+    "16384,512:fp32:128", "256,2048,7,7:bf16cl:32", "256,256,56,56:bf16cl:32", "resnet50",
+)
+
+
+def _builder(text: str, device: torch.device) -> tuple[_bench._Builder, int]:
+    """The suite's step builder for a case, and how many steps to time per round."""
+    if text == "resnet50":  # the suite's CUDA model case
+        case = _bench.model_cases("cuda", False)[0]
+        return _bench._model_steps(case, case.ghost_sizes[0], device)[0], 5
+    layer, g = _case(text)
+    return _bench._layer_steps(layer, g, device)[0], 50
 
 
 def _case(text: str) -> tuple[_bench.LayerCase, int]:
@@ -60,9 +71,8 @@ def _profile(step: _bench.Step, steps: int) -> tuple[float, int, list[tuple[str,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", action="append", help="shape:dtype[cl]:g (repeatable)")
+    p.add_argument("--case", action="append", help="shape:dtype[cl]:g or resnet50 (repeatable)")
     p.add_argument("--impls", default="plain,fxghost")
-    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--top", type=int, default=6)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -72,8 +82,7 @@ def main() -> int:
 
     rows, tops = [], []
     for text in args.case or DEFAULT_CASES:
-        case, g = _case(text)
-        build, _ = _bench._layer_steps(case, g, device)
+        build, steps = _builder(text, device)
         for impl in args.impls.split(","):
             step = build(impl, False)
             for _ in range(10):
@@ -82,15 +91,15 @@ def main() -> int:
             queue, wall = [], []
             for _ in range(5):
                 t0 = time.perf_counter()
-                for _ in range(args.steps):
+                for _ in range(steps):
                     step()
                 t1 = time.perf_counter()
                 torch.cuda.synchronize()
                 t2 = time.perf_counter()
-                queue.append((t1 - t0) / args.steps * 1e6)
-                wall.append((t2 - t0) / args.steps * 1e6)
+                queue.append((t1 - t0) / steps * 1e6)
+                wall.append((t2 - t0) / steps * 1e6)
             try:
-                gpu, launches, top = _profile(step, 20)
+                gpu, launches, top = _profile(step, min(steps, 20))
             except Exception as e:  # the profiler's event API moves between torch versions
                 print(f"{text} {impl}: profiler failed: {e!r}", file=sys.stderr)
                 gpu, launches, top = float("nan"), -1, []
