@@ -662,7 +662,7 @@ def select(xg: Tensor) -> NormFn:
             return _cpu_op_norm
         if _triton_op_applies(xg):
             return _triton_op_norm
-        return _math.ghost_norm_decomposed
+        return _math.ghost_norm_compiled
     cpu = xg.is_cpu
     # On CPU the Triton kernels run only in the interpreter: asked first, as cheaply as possible.
     if (not cpu or _triton.interpreting()) and _triton.supported(xg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ __all__ = [
     "affine_coefficients",
     "bessel",
     "ema_coefficients",
+    "ghost_norm_compiled",
     "ghost_norm_decomposed",
     "reduce_dims",
     "stat_dtype",
@@ -49,14 +51,17 @@ def affine_coefficients(
     Returns ``(rstd, scale, shift)`` in the statistics dtype.
     """
     rstd = torch.rsqrt(var + eps)
+    return (rstd, *_scale_shift(mean, rstd, weight, bias))
+
+
+def _scale_shift(
+    mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
     if weight is None:
-        scale = rstd
-        shift = -mean * rstd
-    else:
-        shape = channel_shape(mean.dim(), mean.shape[2])
-        scale = rstd * weight.to(rstd.dtype).view(shape)
-        shift = bias.to(rstd.dtype).view(shape) - mean * scale  # type: ignore[union-attr]
-    return rstd, scale, shift
+        return rstd, -mean * rstd
+    shape = channel_shape(mean.dim(), mean.shape[2])
+    scale = rstd * weight.to(rstd.dtype).view(shape)
+    return scale, bias.to(rstd.dtype).view(shape) - mean * scale  # type: ignore[union-attr]
 
 
 def ghost_norm_decomposed(
@@ -72,18 +77,88 @@ def ghost_norm_decomposed(
     xs = xg.to(stat_dtype(xg.dtype))
     var, mean = torch.var_mean(xs, dim=reduce_dims(xg.dim()), correction=0, keepdim=True)
     _, scale, shift = affine_coefficients(mean, var, weight, bias, eps)
+    return _normalized(xs, scale, shift).to(xg.dtype), mean, var
+
+
+class _CompiledGhostNorm(torch.autograd.Function):
+    """``y`` from ``xg`` and its per-group ``mean`` and ``rstd``, with BatchNorm's analytic
+    backward, for torch.compile (:func:`ghost_norm_compiled`).
+
+    Autograd through ``var_mean`` recomputes the mean in backward (one more reduction over the
+    input per layer), and its graph is three times plain BatchNorm's. This backward uses the
+    saved mean and ``rstd`` and two reductions, as inductor's own decomposition of
+    ``native_batch_norm_backward`` does, so inductor fuses it the same way; ``dx`` includes the
+    statistics' contribution, so ``mean`` and ``rstd`` come in detached. Dynamo traces both
+    methods into the graph. Eager code keeps :func:`ghost_norm_decomposed`: the statistics are
+    constants to autograd here, so a second derivative through this backward would be wrong.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+        rstd: Tensor,
+    ) -> Tensor:
+        scale, shift = _scale_shift(mean, rstd, weight, bias)
+        ctx.save_for_backward(xg, weight, mean, rstd)
+        return _normalized(xg.to(mean.dtype), scale, shift).to(xg.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        xg, weight, mean, rstd = ctx.saved_tensors
+        dims = reduce_dims(xg.dim())
+        g = dy.view(xg.shape).to(mean.dtype)  # sample-first to grouped: a view
+        xhat = (xg.to(mean.dtype) - mean) * rstd
+        sum_dy = g.sum(dims, keepdim=True)
+        sum_dy_xhat = (g * xhat).sum(dims, keepdim=True)
+        count = xg.numel() // (xg.shape[0] * xg.shape[2])
+        k = rstd
+        if weight is not None:
+            k = rstd * weight.to(rstd.dtype).view(channel_shape(xg.dim(), xg.shape[2]))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (k * (g - sum_dy / count - xhat * (sum_dy_xhat / count))).to(xg.dtype)
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype)
+        if weight is not None and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.sum(0).flatten().to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def ghost_norm_compiled(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`ghost_norm_decomposed`'s results, with the analytic backward (torch.compile)."""
+    # Statistics of the detached input: the Function's backward accounts for them. eps stays
+    # out of the Function (dynamo can make it a SymFloat, which a second Function in the same
+    # graph then fails to capture).
+    var, mean = torch.var_mean(
+        xg.detach().to(stat_dtype(xg.dtype)), dim=reduce_dims(xg.dim()), correction=0,
+        keepdim=True,
+    )
+    rstd = torch.rsqrt(var + eps)
+    y = _CompiledGhostNorm.apply(xg, weight, bias, mean, rstd)
+    return y, mean, var
+
+
+def _normalized(xs: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``xs * scale + shift``, sample-first (``xs.flatten(0, 1)``'s shape)."""
     # Per-sample coefficients (small: N x C), so that y is computed sample-first and is not a view.
-    groups, size = xg.shape[0], xg.shape[1]
+    groups, size = xs.shape[0], xs.shape[1]
     scale, shift = (t.expand(groups, size, *t.shape[2:]).flatten(0, 1) for t in (scale, shift))
-    y = xs.flatten(0, 1) * scale + shift
-    return y.to(xg.dtype), mean, var
+    return xs.flatten(0, 1) * scale + shift
 
 
 def _ema_weights(a: float, count: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``a * (1 - a) ** (count - j)`` for ghost batch ``j = 1..count``: the weight of its
     statistics in the running statistics once all ``count`` updates are done."""
     later = torch.arange(count - 1, -1, -1, device=device, dtype=dtype)
-    return a * torch.pow(1.0 - a, later)
+    # The base as a 0-dim tensor, not a Python number: under torch.compile with dynamic shapes
+    # ``a`` is a SymFloat, and inductor (torch 2.11) fails on pow(SymFloat, Tensor).
+    base = torch.full((), 1.0 - a, device=device, dtype=dtype)
+    return a * torch.pow(base, later)
 
 
 # In eager mode the weights depend only on (momentum, batch shape): build them once, not per step.

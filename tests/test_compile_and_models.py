@@ -134,3 +134,37 @@ def test_torchvision_model_matches_reference(name: str, n: int, size: int, g: in
     small = x[:1]  # eval batch smaller than the ghost size
     assert_close(gm(small), reference(small), f"{name} eval", MODEL_TOL)
     assert_close(gm(small), model.eval()(small), f"{name} eval vs original model", MODEL_TOL)
+
+
+def test_compiled_backward_uses_the_saved_statistics() -> None:
+    """Under torch.compile the decomposition's backward is BatchNorm's analytic one: no mean or
+    variance is recomputed from the input in backward (autograd through var_mean would)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 5), make_bn("1d_NC")).double()
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    compiled(torch.randn(16, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
+    forward = "\n".join(g.code for g in backend.fw_graphs)
+    backward = "\n".join(g.code for g in backend.bw_graphs)
+    assert "var_mean" in forward
+    assert "var_mean" not in backward and "aten.mean" not in backward
+
+
+def test_compiled_formulation_gradients() -> None:
+    """The analytic backward of the compiled formulation, checked numerically (float64), with
+    and without affine parameters."""
+    from fxghost import _math
+
+    xg = torch.randn(3, 4, 5, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: _math.ghost_norm_compiled(x, w, b, 1e-5)[0], (xg, w, b)
+    )
+    assert torch.autograd.gradcheck(
+        lambda x: _math.ghost_norm_compiled(x, None, None, 1e-5)[0], (xg,)
+    )
+    y, mean, var = _math.ghost_norm_compiled(xg, w, b, 1e-5)
+    y_ref, mean_ref, var_ref = _math.ghost_norm_decomposed(xg, w, b, 1e-5)
+    for got, want in ((y, y_ref), (mean, mean_ref), (var, var_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
