@@ -100,7 +100,7 @@ class _CompiledGhostNorm(torch.autograd.Function):
     ) -> Tensor:
         scale, shift = _scale_shift(mean, rstd, weight, bias)
         ctx.save_for_backward(xg, weight, mean, rstd)
-        return _normalized(xg.to(mean.dtype), scale, shift).to(xg.dtype)
+        return _cast(_normalized(xg.to(mean.dtype), scale, shift), xg.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -118,13 +118,19 @@ class _CompiledGhostNorm(torch.autograd.Function):
             k = rstd * weight.to(rstd.dtype).view(channel_shape(xg.dim(), xg.shape[2]))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (k * (g - sum_dy / count - xhat * (sum_dy_xhat / count))).to(xg.dtype)
+            grad_x = _cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
         grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = sum_dy_xhat.sum(0).flatten().to(weight.dtype)
+            grad_w = _cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = sum_dy.sum(0).flatten().to(weight.dtype)
+            grad_b = _cast(sum_dy.sum(0).flatten(), weight.dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Not t.to(dtype) when t already has it: traced by dynamo (torch 2.11), a Function whose
+    # output came from such a no-op .to() got a constant zero gradient, silently.
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def ghost_norm_compiled(
@@ -135,9 +141,9 @@ def ghost_norm_compiled(
     # out of the Function (dynamo can make it a SymFloat, which a second Function in the same
     # graph then fails to capture).
     var, mean = torch.var_mean(
-        xg.detach().to(stat_dtype(xg.dtype)), dim=reduce_dims(xg.dim()), correction=0,
-        keepdim=True,
+        xg.to(stat_dtype(xg.dtype)), dim=reduce_dims(xg.dim()), correction=0, keepdim=True
     )
+    mean, var = mean.detach(), var.detach()
     rstd = torch.rsqrt(var + eps)
     y = _CompiledGhostNorm.apply(xg, weight, bias, mean, rstd)
     return y, mean, var

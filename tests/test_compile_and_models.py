@@ -168,3 +168,34 @@ def test_compiled_formulation_gradients() -> None:
     y_ref, mean_ref, var_ref = _math.ghost_norm_decomposed(xg, w, b, 1e-5)
     for got, want in ((y, y_ref), (mean, mean_ref), (var, var_ref)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_decomposition_on_conv_inputs(
+    channels_last: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The formulation inductor gets on CUDA for BatchNorm2d (here on CPU, where such inputs
+    otherwise take the C kernels): float32, a tail ghost batch, against the reference. With
+    torch 2.11 a no-op dtype cast on its output made dynamo give it a zero gradient."""
+    from fxghost import _fast
+
+    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make_bn("2d", dtype=torch.float32))
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True)
+    for step, n in enumerate((12, 9)):
+        x = torch.randn(n, 3, 5, 3)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(x1), reference(x2)
+        dy = torch.randn_like(y_ref)
+        y.backward(dy)
+        y_ref.backward(dy)
+        assert_close(y, y_ref, f"step {step}: output")
+        assert_close(x1.grad, x2.grad, f"step {step}: input grad")
+        assert_same_state(model, reference, f"step {step}")
+        model.zero_grad()
+        reference.zero_grad()
+    torch._dynamo.reset()
