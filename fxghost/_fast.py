@@ -9,10 +9,10 @@ statistics, and computes the input gradient from two per-group reductions:
 The statistics and elementwise work run in fused kernels where they exist: Triton on CUDA
 (:mod:`fxghost._triton`), compiled C on CPU (:mod:`fxghost._cpu`; in eager mode called from the
 same Function written in C++, :mod:`fxghost._cpu_autograd`, where that builds), torch ops
-otherwise. Under
-``torch.compile`` the C kernels run as custom ops on CPU inputs with spatial dims (inductor's code
-for them was slower); everywhere else the decomposition in :mod:`fxghost._math` is used, so that
-inductor can fuse it with neighbouring ops.
+otherwise. Under ``torch.compile`` the C kernels run as custom ops on CPU inputs with spatial dims
+(inductor's code for them was slower); everywhere else the decomposition in :mod:`fxghost._math`,
+with BatchNorm's analytic backward, so that inductor can fuse it with neighbouring ops
+(``FXGHOST_COMPILED_NORM=kernels`` gives it the Triton kernels as custom ops instead).
 """
 
 from __future__ import annotations
@@ -652,10 +652,12 @@ def select(xg: Tensor) -> NormFn:
     """The implementation for this input.
 
     Under ``torch.compile``: on CPU the C kernels as custom ops for dense float32/float64
-    inputs with spatial dims; else the decomposition, for inductor to fuse with neighbouring
-    ops. In eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or
-    channels-last layouts); on CPU the compiled C kernels for dense float32/float64 inputs; else
-    the torch-ops Function for float32/float64, else the decomposition.
+    inputs with spatial dims; with ``FXGHOST_COMPILED_NORM=kernels`` the Triton kernels as
+    custom ops where they apply; else the decomposition with the analytic backward, for inductor
+    to fuse with neighbouring ops. In eager: the Triton kernels where they apply (CUDA,
+    float32/16-bit, contiguous or channels-last layouts); on CPU the compiled C kernels for dense
+    float32/float64 inputs; else the torch-ops Function for float32/float64, else the
+    decomposition.
     """
     if torch.compiler.is_compiling():
         if _cpu_op_applies(xg):
