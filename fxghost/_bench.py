@@ -889,8 +889,8 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "fxghost": __version__,
         "git_commit": _git_commit(),
         "quick": args.quick,
-        "compile": not args.no_compile and "compiled" in args.modes,
-        "modes": ["eager"] if args.no_compile else args.modes,
+        "compile": "compiled" in args.modes,
+        "modes": args.modes,
         "cases": args.cases,
         "cold_compile": not args.compile_cache,
         # Allocator settings change CPU results a lot (page faults of fresh memory): record them.
@@ -1079,10 +1079,11 @@ def main(argv: list[str] | None = None) -> int:
         replace(layer_timing, **overrides),
         replace(model_timing, **overrides),
     )
-    modes = ["eager"] if args.no_compile else args.modes
+    if args.no_compile:
+        args.modes = ["eager"]
     jobs = _jobs(
         args.sections,
-        modes,
+        args.modes,
         device,
         args.quick,
         args.ghost_sizes,

@@ -282,14 +282,26 @@ class _TritonGhostNorm(_FusedGhostNorm):
         eps: float,
         update: _triton.RunningUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        mean, var, rstd, scale, shift = _triton.forward_stats(xg, weight, bias, eps, update)
-        y = torch.empty_like(xg.flatten(0, 1))
-        _triton.normalize(xg, scale, shift, out=y.view(xg.shape))
+        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, update)
         count = xg.numel() // (xg.shape[0] * xg.shape[2])
         mean_s, var_s = _forward_outputs(
             ctx, xg, weight, (mean, rstd, var), _triton_backward, count
         )
         return y, mean_s, var_s
+
+
+def _triton_forward(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: _triton.RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` from the kernels: ``y`` sample-first, laid out as ``xg``."""
+    mean, var, rstd, scale, shift = _triton.forward_stats(xg, weight, bias, eps, update)
+    y = torch.empty_like(xg.flatten(0, 1))
+    _triton.normalize(xg, scale, shift, out=y.view(xg.shape))
+    return y, mean, var, rstd
 
 
 def _triton_backward(
@@ -563,12 +575,9 @@ def _triton_op_forward(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _triton_dense(xg)
-    mean, var, rstd, scale, shift = _triton.forward_stats(x, weight, bias, eps)
-    y = torch.empty_like(xg.flatten(0, 1))  # the layout the fake implementation promised
-    if x is xg:
-        _triton.normalize(x, scale, shift, out=y.view(xg.shape))
-    else:
-        y.copy_(_triton.normalize(x, scale, shift).flatten(0, 1))
+    y, mean, var, rstd = _triton_forward(x, weight, bias, eps)
+    if x is not xg:  # back to the layout the fake implementation promised
+        y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
     return y, mean, var, rstd
 
 
@@ -603,8 +612,8 @@ def _compiled_kernels_wanted() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _triton_usable_on_cpu() -> bool:
-    return _triton.triton is not None and _triton.interpreting()
+def _triton_interpreting() -> bool:
+    return _triton.interpreting()
 
 
 @torch.compiler.assume_constant_result
@@ -612,13 +621,18 @@ def _triton_installed() -> bool:
     return _triton.triton is not None
 
 
+def _dense_layout(xg: Tensor) -> bool:
+    """Contiguous or channels innermost: decided from the layout, which may be symbolic."""
+    return xg.is_contiguous() or xg.movedim(2, -1).is_contiguous()
+
+
 def _triton_op_applies(xg: Tensor) -> bool:
     return (
-        (xg.device.type == "cuda" or (xg.device.type == "cpu" and _triton_usable_on_cpu()))
+        (xg.device.type == "cuda" or (xg.device.type == "cpu" and _triton_interpreting()))
         and _triton_installed()
         and xg.dim() >= 3
-        and xg.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and (xg.is_contiguous() or xg.movedim(2, -1).is_contiguous())
+        and xg.dtype in _triton._DTYPES
+        and _dense_layout(xg)
         and _compiled_kernels_wanted()
     )
 
@@ -635,7 +649,7 @@ def _cpu_op_applies(xg: Tensor) -> bool:
         xg.device.type == "cpu"
         and xg.dim() > 3
         and xg.dtype in (torch.float32, torch.float64)
-        and (xg.is_contiguous() or xg.movedim(2, -1).is_contiguous())
+        and _dense_layout(xg)
         and _cpu_kernels_ready()
     )
 

@@ -165,6 +165,18 @@ def _stats_partial_kernel(
 
 
 @_jit
+def _partials_tile(
+    g, gmask, s0, ch, cmask, C, SPLIT, BS: tl.constexpr
+):  # pragma: no cover - traced by triton
+    """Offsets in a ``(G, SPLIT, C)`` plane of partials, and the mask, of the [BG, BS, BCH] tile
+    of groups ``g``, partials ``s0..s0+BS`` and channels ``ch``."""
+    s = s0 + tl.arange(0, BS)
+    mask = gmask[:, None, None] & (s[None, :, None] < SPLIT) & cmask[None, None, :]
+    idx = (g[:, None, None] * SPLIT + s[None, :, None]) * C + ch[None, None, :]
+    return idx, mask
+
+
+@_jit
 def _merge_partials(
     part_ptr, g, gmask, ch, cmask, G, C, SPLIT,
     BG: tl.constexpr, BS: tl.constexpr, BCH: tl.constexpr,
@@ -176,9 +188,7 @@ def _merge_partials(
     mean = tl.zeros([BG, BCH], tl.float32)
     m2 = tl.zeros([BG, BCH], tl.float32)
     for s0 in range(0, SPLIT, BS):
-        s = s0 + tl.arange(0, BS)
-        mask = gmask[:, None, None] & (s[None, :, None] < SPLIT) & cmask[None, None, :]
-        idx = (g[:, None, None] * SPLIT + s[None, :, None]) * C + ch[None, None, :]
+        idx, mask = _partials_tile(g, gmask, s0, ch, cmask, C, SPLIT, BS)
         ns = tl.load(part_ptr + idx, mask=mask, other=0.0)
         ms = tl.load(part_ptr + plane + idx, mask=mask, other=0.0)
         m2s = tl.load(part_ptr + 2 * plane + idx, mask=mask, other=0.0)
@@ -223,9 +233,9 @@ def _stats_finish_kernel(
 ):  # pragma: no cover - traced by triton
     """From the ``(3, G, SPLIT, C)`` partials, per ``(group, channel)``: mean, biased variance,
     rstd (each ``(G, C)``), and the affine ``scale``/``shift`` that normalize into ``coef``
-    ``(2, G, C)``; with
-    ``UPDATE``, also the running statistics' closed-form update (``R = decay * R + sum_g ema[g] *
-    s_g``, the variance's with Bessel's factor) and ``num_batches_tracked += G``.
+    ``(2, G, C)``; with ``UPDATE``, also the running statistics' closed-form update
+    (``R = decay * R + sum_g ema[g] * s_g``, the variance's with Bessel's factor) and
+    ``num_batches_tracked += G``.
 
     One program per channel block, looping over blocks of groups: the update sums over all of
     them, and a program that owns its channels needs no atomics (the result is deterministic).
@@ -380,9 +390,7 @@ def _backward_finish_kernel(
         s_dy = tl.zeros([BG, BCH], tl.float32)
         s_dyx = tl.zeros([BG, BCH], tl.float32)
         for s0 in range(0, SPLIT, BS):
-            s = s0 + tl.arange(0, BS)
-            mask = gmask[:, None, None] & (s[None, :, None] < SPLIT) & cmask[None, None, :]
-            idx = (g[:, None, None] * SPLIT + s[None, :, None]) * C + ch[None, None, :]
+            idx, mask = _partials_tile(g, gmask, s0, ch, cmask, C, SPLIT, BS)
             s_dy += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), axis=1)
             s_dyx += tl.sum(tl.load(part_ptr + GC * SPLIT + idx, mask=mask, other=0.0), axis=1)
         out = g[:, None] * C + ch[None, :]
