@@ -195,7 +195,7 @@ class _FusedGhostNorm(torch.autograd.Function):
         if dy is None:  # grads are not materialized, and only y is differentiable
             return None, None, None, None, None
         xg, weight, mean, rstd = ctx.saved_tensors
-        dy = dy.view(xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
+        dy = dy.view(*xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
         grad_x, dweight, dbias = ctx.kernels(
             dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
         )

@@ -533,8 +533,9 @@ class _Plan:
     def args(self) -> tuple[int, ...]:
         return (self.A, self.C, self.B, self.n_cb, self.n_bt, self.n_tiles)
 
-    def blocks(self) -> dict[str, int]:
-        return {"BA": self.BA, "BCH": self.BCH, "BB": self.BB}
+    def blocks(self) -> tuple[tuple[str, int], ...]:
+        """The tile sizes as the kernels' last constexpr arguments, in their order."""
+        return (("BA", self.BA), ("BCH", self.BCH), ("BB", self.BB))
 
 
 def _tiling(A: int, B: int, G: int, C: int, tile: int, config: _Config) -> _Plan:
@@ -562,15 +563,20 @@ class _Launch:
     # Reductions (stats, backward_reduce): a grid of (G, split, channel blocks) programs.
     reduce_grid: tuple[int]
     reduce_args: tuple[int, ...]  # plan.args() + (tiles_per_split, split)
-    reduce_blocks: dict[str, int]
+    reduce_blocks: tuple[tuple[str, int], ...]
     split: int
     # Elementwise passes (normalize, backward_apply): one tile per program.
     apply_grid: tuple[int]
     apply_args: tuple[int, ...]
-    apply_blocks: dict[str, int]
+    apply_blocks: tuple[tuple[str, int], ...]
     # The finishing kernels: one program per channel block.
     finish_grid: tuple[int]
-    finish_blocks: dict[str, int]
+    finish_blocks: tuple[tuple[str, int], ...]
+    device_index: int
+    # Compiled kernels for this shape, launched without Triton's dispatch (see _run).
+    runners: dict[tuple[Any, ...], Any] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False
+    )
 
 
 def _launch(xg: Tensor) -> _Launch:
@@ -626,8 +632,93 @@ def _launch_for(
         apply_args=app.args(),
         apply_blocks=app.blocks(),
         finish_grid=(_cdiv(C, f_bch),),
-        finish_blocks={"BG": f_bg, "BS": f_bs, "BCH": f_bch},
+        finish_blocks=(("BG", f_bg), ("BS", f_bs), ("BCH", f_bch)),
+        device_index=device_index,
     )
+
+
+def _direct_launch_supported() -> bool:
+    """Whether :func:`_run` may launch compiled kernels itself: on CUDA (not the interpreter),
+    with a Triton whose compiled kernels take every parameter, constexprs included, in signature
+    order (checked in 3.6 and 3.8), unless ``FXGHOST_TRITON_LAUNCH=jit``."""
+    if triton is None or interpreting():
+        return False
+    if os.environ.get("FXGHOST_TRITON_LAUNCH", "direct").lower() == "jit":
+        return False
+    try:
+        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return version >= (3, 5)
+
+
+_DIRECT = _direct_launch_supported()
+
+
+def _run(
+    lp: _Launch,
+    kernel: Any,
+    grid: tuple[int, ...],
+    stream: int,
+    args: tuple[Any, ...],
+    consts: tuple[tuple[str, Any], ...],
+    num_warps: int,
+) -> None:
+    """``kernel[grid](*args, **dict(consts), num_warps=num_warps)``, on ``stream``.
+
+    Triton's dispatch binds and specializes every argument and hashes a cache key on each call:
+    tens of microseconds of CPU per launch, six launches per layer step, which small layers in
+    eager mode do not hide behind their kernels. The first call here goes through that dispatch
+    and keeps the compiled kernel it returns; later calls with the same specialization launch it
+    directly. What Triton specializes on is fixed by ``lp`` (shape, strides, dtype: the integer
+    arguments, by value) and by ``consts``, except for the tensors' dtypes and their pointers'
+    16-byte alignment, which make the rest of the key; an unaligned tensor takes Triton's
+    dispatch. The tensors come first in ``args`` (the kernels' ``*_ptr`` parameters), and
+    ``consts`` follow ``args`` in the kernel's signature, in its order (both checked at the
+    compile; a call that breaks them always takes the dispatch).
+    """
+    if _DIRECT:
+        pointers = _pointer_count(kernel)
+        key: list[Any] = [kernel, grid, consts, num_warps]
+        for t in args[:pointers]:
+            if t.data_ptr() % 16:
+                break
+            key.append(t.dtype)
+        else:
+            k = tuple(key)
+            entry = lp.runners.get(k)
+            if entry is not None:
+                entry[0](*args, *entry[1], stream=stream)
+                return
+            compiled = kernel[grid](*args, **dict(consts), num_warps=num_warps)
+            if (
+                tuple(kernel.arg_names[len(args):]) == tuple(n for n, _ in consts)
+                and all(isinstance(a, Tensor) for a in args[:pointers])
+                and not any(isinstance(a, Tensor) for a in args[pointers:])
+                and hasattr(compiled, "__getitem__")
+            ):
+                # A compiled kernel's launcher reads all three grid dimensions.
+                runner = compiled[(*grid, 1, 1)[:3]]
+                lp.runners[k] = (runner, tuple(v for _, v in consts))
+            return
+    kernel[grid](*args, **dict(consts), num_warps=num_warps)
+
+
+@functools.cache
+def _pointer_count(kernel: Any) -> int:
+    """How many of ``kernel``'s parameters, from the first, are pointers (named ``*_ptr``, as
+    all of this module's are, ahead of the scalars)."""
+    n = 0
+    for name in kernel.arg_names:
+        if not name.endswith("_ptr"):
+            break
+        n += 1
+    return n
+
+
+def _stream(lp: _Launch) -> int:
+    """The current CUDA stream of the launch's device, as Triton launches on it."""
+    return torch._C._cuda_getCurrentRawStream(lp.device_index) if lp.device_index >= 0 else 0
 
 
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -711,35 +802,20 @@ def forward_stats(
         ema = rmean = rvar = nbt = mean  # not read
         decay = bessel = 1.0
     with _device_guard(xg):
-        _stats_partial_kernel[lp.reduce_grid](
-            xg,
-            partials,
-            *lp.reduce_args,
-            **lp.reduce_blocks,
-            num_warps=_CONFIG.reduce_warps,
+        stream = _stream(lp)
+        _run(
+            lp, _stats_partial_kernel, lp.reduce_grid, stream, (xg, partials, *lp.reduce_args),
+            lp.reduce_blocks, _CONFIG.reduce_warps,
         )
-        _stats_finish_kernel[lp.finish_grid](
-            partials,
-            mean,
-            var,
-            rstd,
-            coef,
-            w,
-            b,
-            ema,
-            rmean,
-            rvar,
-            nbt,
-            G,
-            C,
-            lp.split,
-            eps,
-            decay,
-            bessel,
-            HAS_AFFINE=affine,
-            UPDATE=update is not None,
-            **lp.finish_blocks,
-            num_warps=4,
+        _run(
+            lp,
+            _stats_finish_kernel,
+            lp.finish_grid,
+            stream,
+            (partials, mean, var, rstd, coef, w, b, ema, rmean, rvar, nbt, G, C, lp.split, eps,
+             decay, bessel),
+            (("HAS_AFFINE", affine), ("UPDATE", update is not None), *lp.finish_blocks),
+            4,
         )
     return mean, var, rstd, coef[0], coef[1]
 
@@ -759,14 +835,10 @@ def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = Non
     if y.shape != xg.shape or y.stride() != xg.stride():
         raise ValueError("fxghost: normalize needs an output laid out as its input")
     with _device_guard(xg):
-        _normalize_kernel[lp.apply_grid](
-            xg,
-            y,
-            _f32(scale),
-            _f32(shift),
-            *lp.apply_args,
-            **lp.apply_blocks,
-            num_warps=_CONFIG.apply_warps,
+        _run(
+            lp, _normalize_kernel, lp.apply_grid, _stream(lp),
+            (xg, y, _f32(scale), _f32(shift), *lp.apply_args), lp.apply_blocks,
+            _CONFIG.apply_warps,
         )
     return y
 
@@ -788,19 +860,15 @@ def backward_sums(
     dbias = torch.empty(C, dtype=torch.float32, device=xg.device)
     dweight = torch.empty(C, dtype=torch.float32, device=xg.device)
     with _device_guard(xg):
-        _backward_reduce_kernel[lp.reduce_grid](
-            dy,
-            xg,
-            _f32(mean),
-            _f32(rstd),
-            partials,
-            G,
-            *lp.reduce_args,
-            **lp.reduce_blocks,
-            num_warps=_CONFIG.reduce_warps,
+        stream = _stream(lp)
+        _run(
+            lp, _backward_reduce_kernel, lp.reduce_grid, stream,
+            (dy, xg, _f32(mean), _f32(rstd), partials, G, *lp.reduce_args), lp.reduce_blocks,
+            _CONFIG.reduce_warps,
         )
-        _backward_finish_kernel[lp.finish_grid](
-            partials, sums, dbias, dweight, G, C, lp.split, **lp.finish_blocks, num_warps=4
+        _run(
+            lp, _backward_finish_kernel, lp.finish_grid, stream,
+            (partials, sums, dbias, dweight, G, C, lp.split), lp.finish_blocks, 4,
         )
     return sums[0], sums[1], dbias, dweight
 
@@ -832,19 +900,15 @@ def backward_apply(
     w = mean if weight is None else _f32(weight)
     dx = _like(xg)
     with _device_guard(xg):
-        _backward_apply_kernel[lp.apply_grid](
-            dy,
-            xg,
-            dx,
-            mean,
-            _f32(rstd),
-            w,  # never read without a weight; any float32 pointer will do
-            _f32(sum_dy),
-            _f32(sum_dy_xhat),
-            1.0 / count,
-            *lp.apply_args,
-            HAS_WEIGHT=weight is not None,
-            **lp.apply_blocks,
-            num_warps=_CONFIG.apply_warps,
+        _run(
+            lp,
+            _backward_apply_kernel,
+            lp.apply_grid,
+            _stream(lp),
+            # w is never read without a weight: any float32 pointer will do
+            (dy, xg, dx, mean, _f32(rstd), w, _f32(sum_dy), _f32(sum_dy_xhat), 1.0 / count,
+             *lp.apply_args),
+            (("HAS_WEIGHT", weight is not None), *lp.apply_blocks),
+            _CONFIG.apply_warps,
         )
     return dx

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,67 @@ def test_cpu_tensors_need_the_interpreter() -> None:
     from fxghost import _triton
 
     assert not _triton.supported(torch.randn(2, 3, 5))
+
+class _FakeCompiled:
+    """What Triton's dispatch returns: a compiled kernel that launches with every parameter."""
+
+    def __init__(self, calls: list[tuple[Any, ...]]) -> None:
+        self.calls = calls
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Any:
+        def runner(*args: Any, stream: int | None = None) -> None:
+            # As Triton's: the launcher takes three grid dimensions.
+            self.calls.append(("direct", (grid[0], grid[1], grid[2]), args, stream))
+
+        return runner
+
+
+class _FakeKernel:
+    """A JIT kernel ``(x_ptr, n, BA: constexpr, BB: constexpr)`` that records its launches."""
+
+    arg_names = ["x_ptr", "n", "BA", "BB"]
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Any:
+        def launch(*args: Any, num_warps: int, **consts: Any) -> _FakeCompiled:
+            self.calls.append(("jit", grid, args, consts, num_warps))
+            return _FakeCompiled(self.calls)
+
+        return launch
+
+
+def test_direct_launch_reuses_what_the_dispatch_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_run: the first launch of a specialization through Triton's dispatch, later ones through
+    the compiled kernel it returned, with the constexprs appended positionally; anything that
+    would change Triton's specialization (dtype, pointer alignment) or that _run cannot order
+    goes back to the dispatch."""
+    from types import SimpleNamespace
+
+    from fxghost import _triton
+
+    monkeypatch.setattr(_triton, "_DIRECT", True)
+    kernel, lp = _FakeKernel(), SimpleNamespace(runners={})
+    x = torch.zeros(64)
+    consts = (("BA", 4), ("BB", 1))
+
+    def run(t: Tensor, order: tuple[tuple[str, int], ...] = consts) -> tuple[Any, ...]:
+        _triton._run(lp, kernel, (3,), 7, (t, 5), order, 2)  # type: ignore[arg-type]
+        return kernel.calls[-1]
+
+    assert run(x) == ("jit", (3,), (x, 5), {"BA": 4, "BB": 1}, 2)
+    assert run(x) == ("direct", (3, 1, 1), (x, 5, 4, 1), 7)
+    assert run(x)[0] == "direct"
+    assert run(x.double())[0] == "jit"  # another dtype: another specialization
+    assert run(x.double())[0] == "direct"
+    unaligned = x[1:]  # 4 bytes past an aligned pointer: Triton would specialize differently
+    assert [run(unaligned)[0] for _ in range(2)] == ["jit", "jit"]
+    swapped = (("BB", 1), ("BA", 4))  # not the signature's order: positions would be wrong
+    assert [run(x, swapped)[0] for _ in range(2)] == ["jit", "jit"]
+    monkeypatch.setattr(_triton, "_DIRECT", False)
+    assert run(x)[0] == "jit"
+
 
 
 # --------------------------------------------------------------------------------------------
