@@ -12,6 +12,8 @@
 #   tests-all tests/test_cuda.py, all of it
 #   eager     the suite, eager mode: every layer case and ResNet-50
 #   profile   benchmarks/profile_layer.py: CPU queueing time against GPU kernel time per step
+#   probe     benchmarks/probe_overhead.py: the CPU time of the Triton path's pieces, with Triton's
+#             dispatch and with direct launches, and a cProfile of its layer steps
 #   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost,
 #             then fxghost again with FXGHOST_COMPILED_NORM=kernels (its own JSON); compiling it
 #             with the chunked reference takes ~5 minutes (ANCHORS.md has its figures)
@@ -47,6 +49,8 @@ run() {  # run NAME LIMIT_S CMD...: output to the log; status and the tail to th
         echo "== $name: rc=$rc in $((SECONDS - t0)) s"
         if [[ $name == bench-profile ]]; then
             tail -n 40 "$log.$name"
+        elif [[ $name == probe ]]; then
+            grep -E "^## |queue" "$log.$name"
         elif [[ $name == bench* ]]; then
             sed -n '/^## /,$p' "$log.$name"
         else
@@ -86,6 +90,9 @@ torchvision.__version__, torch.cuda.get_device_name())'"
         ;;
     profile)
         run bench-profile 300 "$py" benchmarks/profile_layer.py
+        ;;
+    probe)
+        run probe 300 "$py" benchmarks/probe_overhead.py
         ;;
     tests-all)
         run tests-all 600 "$py" -m pytest -q -p no:cacheprovider -o addopts= "${xdist[@]}" \
