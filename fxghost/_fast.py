@@ -627,13 +627,14 @@ def _dense_layout(xg: Tensor) -> bool:
 
 
 def _triton_op_applies(xg: Tensor) -> bool:
+    # The opt-in first: by default nothing else is traced (each check costs dynamo time per layer).
     return (
-        (xg.device.type == "cuda" or (xg.device.type == "cpu" and _triton_interpreting()))
+        _compiled_kernels_wanted()
+        and (xg.device.type == "cuda" or (xg.device.type == "cpu" and _triton_interpreting()))
         and _triton_installed()
         and xg.dim() >= 3
         and xg.dtype in _triton._DTYPES
         and _dense_layout(xg)
-        and _compiled_kernels_wanted()
     )
 
 
@@ -649,8 +650,8 @@ def _cpu_op_applies(xg: Tensor) -> bool:
         xg.device.type == "cpu"
         and xg.dim() > 3
         and xg.dtype in (torch.float32, torch.float64)
-        and _dense_layout(xg)
         and _cpu_kernels_ready()
+        and _dense_layout(xg)  # last: the only check that adds ops to the trace
     )
 
 

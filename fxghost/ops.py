@@ -130,7 +130,9 @@ def ghost_norm(
         return main.flatten(0, 1) * 1, None
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
-    if tail is None and layer.training and main.numel():
+    # Under torch.compile training_norm declines: not traced, so that dynamo does not trace
+    # select() twice per layer.
+    if tail is None and layer.training and main.numel() and not torch.compiler.is_compiling():
         y = _fast.training_norm(main, layer, requested, main.shape[1] * per_sample)
         if y is not None:
             return y, None
