@@ -14,11 +14,12 @@
 #   profile   benchmarks/profile_layer.py: CPU queueing time against GPU kernel time per step
 #   probe     benchmarks/probe_overhead.py: the CPU time of the Triton path's pieces, with Triton's
 #             dispatch and with direct launches, and a cProfile of its layer steps
-#   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost,
-#             then fxghost again with FXGHOST_COMPILED_NORM=kernels (its own JSON); compiling it
-#             with the chunked reference takes ~5 minutes (ANCHORS.md has its figures)
-#   compiled-layer  the same for the main layer cases (plain and fxghost)
-#   compiled  compiled-model, then compiled-layer
+#   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost
+#             (compiling it with the chunked reference takes ~5 minutes; ANCHORS.md has its
+#             figures)
+#   compiled-kernels  fxghost's ResNet-50 again with FXGHOST_COMPILED_NORM=kernels (own JSON)
+#   compiled-layer  the suite under torch.compile for the main layer cases (plain and fxghost)
+#   compiled  compiled-model, compiled-kernels, then compiled-layer
 # Logs go to OUTDIR/gpu_check.log, the suite's raw numbers to OUTDIR/*.json; a summary (test
 # results, the suite's tables) is printed at the end. Runs from the source tree: no install needed.
 set -uo pipefail
@@ -61,6 +62,12 @@ run() {  # run NAME LIMIT_S CMD...: output to the log; status and the tail to th
     echo "   rc=$rc ($((SECONDS - t0)) s)" >&2
 }
 
+compiled_layer() {
+    run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
+        --sections layer --impls plain,fxghost \
+        --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
+}
+
 for stage in "${stages[@]}"; do
     case $stage in
     env)
@@ -98,22 +105,20 @@ torchvision.__version__, torch.cuda.get_device_name())'"
         run tests-all 600 "$py" -m pytest -q -p no:cacheprovider -o addopts= "${xdist[@]}" \
             tests/test_cuda.py
         ;;
-    compiled-model | compiled)
-        run bench-compiled-model 600 "$py" -m fxghost bench --device cuda --modes compiled \
-            --sections model --impls plain,fxghost --out "$out/compiled-model.json"
-        FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" -m fxghost \
-            bench --device cuda --modes compiled --sections model --impls fxghost \
-            --out "$out/compiled-model-kernels.json"
-        if [ "$stage" = compiled ]; then
-            run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
-                --sections layer --impls plain,fxghost \
-                --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
+    compiled-model | compiled-kernels | compiled)
+        if [ "$stage" != compiled-kernels ]; then
+            run bench-compiled-model 600 "$py" -m fxghost bench --device cuda --modes compiled \
+                --sections model --impls plain,fxghost --out "$out/compiled-model.json"
         fi
+        if [ "$stage" != compiled-model ]; then
+            FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" -m fxghost \
+                bench --device cuda --modes compiled --sections model --impls fxghost \
+                --out "$out/compiled-model-kernels.json"
+        fi
+        [ "$stage" = compiled ] && compiled_layer
         ;;
     compiled-layer)
-        run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
-            --sections layer --impls plain,fxghost \
-            --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
+        compiled_layer
         ;;
     *)
         echo "unknown stage: $stage" >&2
