@@ -214,3 +214,30 @@ def test_page_faults_count_memory_touched_for_the_first_time() -> None:
     # One fault per 4 KB page, or per 2 MB where transparent huge pages serve it.
     assert after - before >= size // (2 << 20)
     del buf
+
+
+def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh, with `echo` for Python: each stage runs its own commands, in the
+    order given, and an unknown stage stops the script with status 2."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": "echo"}
+
+    def stages(*names: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(script), str(tmp_path), *names], capture_output=True, text=True,
+            timeout=60, env=env,
+        )
+
+    proc = stages("compiled-model", "compiled-kernels", "compiled")
+    assert proc.returncode == 0, proc.stderr
+    ran = [line.split(":")[0] for line in proc.stderr.splitlines() if line.startswith("== ")]
+    assert ran == [
+        "== bench-compiled-model",
+        "== bench-compiled-model-kernels",
+        "== bench-compiled-model",
+        "== bench-compiled-model-kernels",
+        "== bench-compiled-layer",
+    ]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "--impls plain,fxghost --out" in log and "--sections layer" in log
+    assert stages("probe", "no-such-stage").returncode == 2
