@@ -673,9 +673,10 @@ def _run(
     directly. What Triton specializes on is fixed by ``lp`` (shape, strides, dtype: the integer
     arguments, by value) and by ``consts``, except for the tensors' dtypes and their pointers'
     16-byte alignment, which make the rest of the key; an unaligned tensor takes Triton's
-    dispatch. The tensors come first in ``args`` (the kernels' ``*_ptr`` parameters), and
-    ``consts`` follow ``args`` in the kernel's signature, in its order (both checked at the
-    compile; a call that breaks them always takes the dispatch).
+    dispatch. The tensors come first in ``args`` (the kernels' ``*_ptr`` parameters, which the
+    key loop reads), and ``consts`` follow ``args`` in the kernel's signature, in its order: a
+    tensor after the pointers, or constexprs out of order, are found at the compile, and such a
+    call always takes the dispatch.
     """
     if _DIRECT:
         pointers = _pointer_count(kernel)
@@ -693,7 +694,6 @@ def _run(
             compiled = kernel[grid](*args, **dict(consts), num_warps=num_warps)
             if (
                 tuple(kernel.arg_names[len(args):]) == tuple(n for n, _ in consts)
-                and all(isinstance(a, Tensor) for a in args[:pointers])
                 and not any(isinstance(a, Tensor) for a in args[pointers:])
                 and hasattr(compiled, "__getitem__")
             ):

@@ -74,6 +74,7 @@ def test_cpu_tensors_need_the_interpreter() -> None:
 
     assert not _triton.supported(torch.randn(2, 3, 5))
 
+
 class _FakeCompiled:
     """What Triton's dispatch returns: a compiled kernel that launches with every parameter."""
 
