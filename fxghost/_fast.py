@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import _cpu, _cpu_autograd, _math, _triton
+from . import _compile_ops, _cpu, _cpu_autograd, _math, _triton
 
 __all__ = ["NormFn", "select", "training_norm"]
 
@@ -679,7 +679,7 @@ def select(xg: Tensor) -> NormFn:
             return _cpu_op_norm
         if _triton_op_applies(xg):
             return _triton_op_norm
-        return _math.ghost_norm_compiled
+        return _compile_ops.ghost_norm
     cpu = xg.is_cpu
     # On CPU the Triton kernels run only in the interpreter: asked first, as cheaply as possible.
     if (not cpu or _triton.interpreting()) and _triton.supported(xg):

@@ -88,8 +88,8 @@ class _CompiledGhostNorm(torch.autograd.Function):
     input per layer), and its graph is three times plain BatchNorm's. This backward uses the
     saved mean and ``rstd`` and two reductions, as inductor's own decomposition of
     ``native_batch_norm_backward`` does, so inductor fuses it the same way; ``dx`` includes the
-    statistics' contribution, so ``mean`` and ``rstd`` come in detached. Dynamo traces both
-    methods into the graph. Eager code keeps :func:`ghost_norm_decomposed`: the statistics are
+    statistics' contribution, so ``mean`` and ``rstd`` come in detached. AOT autograd traces both
+    methods into the graph (dynamo sees one op: :mod:`fxghost._compile_ops`). Eager code keeps :func:`ghost_norm_decomposed`: the statistics are
     constants to autograd here, so a second derivative through this backward would be wrong.
     """
 
@@ -200,6 +200,7 @@ def update_running_stats(
     momentum: float | None,
     requested: int,
     groups: Sequence[tuple[Tensor, Tensor, int]],
+    compiling: bool | None = None,
 ) -> None:
     """Apply, in closed form and in place, the running-statistics updates that the ghost batches
     would make one after another through BatchNorm.
@@ -212,6 +213,9 @@ def update_running_stats(
     them ``R = (1-a)^M R0 + sum_j a (1-a)^(M-j) s_j``. With ``momentum=None`` BatchNorm keeps a
     cumulative average, ``R_t = R_{t-1} + (s_t - R_{t-1}) / t``, which telescopes to
     ``(t0 R0 + sum_j s_j) / (t0 + M)``.
+
+    ``compiling`` (default: ``torch.compiler.is_compiling()``) keeps the eager path's C kernels
+    and weight cache out of a torch.compile trace.
     """
     channels = running_mean.shape[0]
     count = sum(m.numel() // channels for m, _, _ in groups)
@@ -230,7 +234,8 @@ def update_running_stats(
         new_mean = running_mean.to(dtype) * keep + means.sum(0) / total
         new_var = running_var.to(dtype) * keep + unbiased.sum(0) / total
     else:
-        compiling = torch.compiler.is_compiling()
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
         weights, decay = ema_coefficients(
             momentum, requested, count, dtype, groups[0][0].device, cached=not compiling
         )

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fast, _math
+from . import _compile_ops, _fast, _math
 from ._plan import plan_ghost_batches, uses_batch_stats
 
 __all__ = ["GhostGroups", "ghost_norm", "ghost_unview", "ghost_view"]
@@ -145,7 +145,11 @@ def ghost_norm(
         y_tail, mean_t, var_t = norm(tail, weight, bias, eps)
         stats.append((mean_t, var_t, tail.shape[1] * per_sample))
     if layer.training and layer.track_running_stats and layer.running_mean is not None:
-        _math.update_running_stats(
+        update = (
+            _compile_ops.update_running_stats if torch.compiler.is_compiling()
+            else _math.update_running_stats
+        )
+        update(
             layer.running_mean,
             layer.running_var,
             layer.num_batches_tracked,

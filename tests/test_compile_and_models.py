@@ -88,6 +88,52 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
     assert "var_mean" in forward
 
 
+
+@pytest.mark.parametrize(
+    ("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)]
+)
+def test_dynamo_records_each_layer_as_composite_ops(
+    momentum: float | None, affine: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dynamo's graph holds one normalization node and one running-statistics node per group of
+    ghost batches, not their traced-through ops (dynamo's time per layer); AOT autograd then
+    expands them, and the step still matches the reference: output, input grad, running
+    statistics with an EMA or a cumulative average, with and without affine parameters, over a
+    tail ghost batch."""
+    from fxghost import _fast
+
+    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)  # CUDA's formulation
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), make_bn("2d", momentum=momentum, affine=affine)
+    ).double()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    dynamo_graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        dynamo_graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    for step, n in enumerate((10, 10)):  # uneven: a tail ghost batch of 2
+        x = torch.randn(n, 3, 5, 3, dtype=torch.float64)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(x1), reference(x2)
+        dy = torch.randn_like(y_ref)
+        y.backward(dy)
+        y_ref.backward(dy)
+        assert_close(y, y_ref, f"step {step}: output")
+        assert_close(x1.grad, x2.grad, f"step {step}: input grad")
+        assert_same_state(model, reference, f"step {step}")
+        model.zero_grad()
+        reference.zero_grad()
+    (graph,) = dynamo_graphs
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert targets.count("fxghost.compiled_ghost_norm") == 2  # main and tail groups
+    assert targets.count("fxghost.update_running_stats") == 1
+    assert not any("var_mean" in t for t in targets)
+    torch._dynamo.reset()
+
 # Deep models amplify float64 rounding through layers whose ghost batches hold few values per
 # channel (deep layers are 2x2 here), so the model-level tolerance is looser than the layer tests'.
 MODEL_TOL = {"rtol": 1e-7, "atol": 1e-9}
