@@ -88,9 +88,10 @@ class _CompiledGhostNorm(torch.autograd.Function):
     input per layer), and its graph is three times plain BatchNorm's. This backward uses the
     saved mean and ``rstd`` and two reductions, as inductor's own decomposition of
     ``native_batch_norm_backward`` does, so inductor fuses it the same way; ``dx`` includes the
-    statistics' contribution, so ``mean`` and ``rstd`` come in detached. AOT autograd traces both
-    methods into the graph (dynamo sees one op: :mod:`fxghost._compile_ops`). Eager code keeps :func:`ghost_norm_decomposed`: the statistics are
-    constants to autograd here, so a second derivative through this backward would be wrong.
+    statistics' contribution, so ``mean`` and ``rstd`` come in detached. AOT autograd traces
+    both methods into the graph (dynamo sees one op: :mod:`fxghost._compile_ops`). Eager code
+    keeps :func:`ghost_norm_decomposed`: the statistics are constants to autograd here, so a
+    second derivative through this backward would be wrong.
     """
 
     @staticmethod

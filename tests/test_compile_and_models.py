@@ -216,24 +216,33 @@ def test_compiled_formulation_gradients() -> None:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "memory_format"),
+    [
+        ("2d", torch.contiguous_format),
+        ("2d", torch.channels_last),
+        ("3d", torch.channels_last_3d),
+    ],
+)
 def test_compiled_decomposition_on_conv_inputs(
-    channels_last: bool, monkeypatch: pytest.MonkeyPatch
+    kind: str, memory_format: torch.memory_format, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The formulation inductor gets on CUDA for BatchNorm2d (here on CPU, where such inputs
-    otherwise take the C kernels): float32, a tail ghost batch, against the reference. With
-    torch 2.11 a no-op dtype cast on its output made dynamo give it a zero gradient."""
+    """The formulation inductor gets on CUDA for BatchNorm2d/3d (here on CPU, where such inputs
+    otherwise take the C kernels): float32, a tail ghost batch, an in-place ReLU after it, against
+    the reference. Channels-last inputs take the ``(G, c * spatial, C)`` view, and the output
+    made from it must still take the in-place op. With torch 2.11 a no-op dtype cast on its
+    output made dynamo give it a zero gradient."""
     from fxghost import _fast
 
     monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make_bn("2d", dtype=torch.float32))
+    conv = nn.Conv2d(3, 4, 3, padding=1) if kind == "2d" else nn.Conv3d(3, 3, 3, padding=1)
+    model = nn.Sequential(conv, make_bn(kind, dtype=torch.float32), nn.ReLU(inplace=True))
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True)
     for step, n in enumerate((12, 9)):
-        x = torch.randn(n, 3, 5, 3)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.randn(n, 3, 5, 3) if kind == "2d" else torch.randn(n, 3, 2, 3, 2)
+        x = x.contiguous(memory_format=memory_format)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y, y_ref = compiled(x1), reference(x2)
         dy = torch.randn_like(y_ref)
