@@ -852,6 +852,21 @@ def _load_average() -> float | None:
         return None
 
 
+def source_digest(root: Path | None = None) -> str:
+    """SHA-256 of the package's source files (``*.py``, ``*.c``, ``*.cpp`` under ``root``,
+    default this package, by relative path): which code produced a JSON file, when the machine
+    that ran it had a checkout whose git metadata did not match its files."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent if root is None else root
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".cpp") and p.is_file())
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -888,6 +903,7 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "torchvision": tv_version,
         "fxghost": __version__,
         "git_commit": _git_commit(),
+        "source_sha256": source_digest(),
         "quick": args.quick,
         "compile": "compiled" in args.modes,
         "modes": args.modes,

@@ -67,6 +67,7 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
         if r["section"] == "model":
             assert r["items_per_s"] is not None and r["items_per_s"] > 0
     assert data["meta"]["device"] == "cpu" and data["meta"]["compile"] is False
+    assert data["meta"]["source_sha256"] == _bench.source_digest()
 
     # One table per section on stdout, progress on stderr.
     assert result.stdout.count("median ms") == 2
@@ -241,3 +242,21 @@ def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
     log = (tmp_path / "gpu_check.log").read_text()
     assert "--impls plain,fxghost --out" in log and "--sections layer" in log
     assert stages("probe", "no-such-stage").returncode == 2
+
+
+def test_source_digest_names_the_code_that_ran(tmp_path: Path) -> None:
+    """The JSON's source digest changes with any source file's content or name, and with
+    nothing else."""
+    package = Path(_bench.__file__).resolve().parent
+    assert _bench.source_digest() == _bench.source_digest(package)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "k.c").write_text("int f(void);\n")
+    first = _bench.source_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not source")
+    assert _bench.source_digest(tmp_path) == first
+    (tmp_path / "a.py").write_text("x = 2\n")
+    changed = _bench.source_digest(tmp_path)
+    assert changed != first
+    (tmp_path / "a.py").rename(tmp_path / "b.py")
+    assert _bench.source_digest(tmp_path) not in (first, changed)
