@@ -7,7 +7,8 @@ dynamo's work on a BatchNorm-heavy network. As ``CompositeImplicitAutograd`` ops
 as one node, from a fake-tensor call; AOT autograd then runs the same Python (the formulation with
 its analytic-backward Function, the closed-form update) and inductor sees exactly the ops it saw
 before, so the compiled code is unchanged. Only used under ``torch.compile``: eager code calls
-:mod:`fxghost._math` and :mod:`fxghost._fast` directly.
+:mod:`fxghost._math` and :mod:`fxghost._fast` directly, and ``torch.export`` traces through them
+(:func:`wanted`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from . import _math
 
-__all__ = ["ghost_norm", "update_running_stats"]
+__all__ = ["ghost_norm", "update_running_stats", "wanted"]
 
 _lib = torch.library.Library("fxghost", "FRAGMENT")
 _lib.define(
@@ -54,6 +55,15 @@ def _update_impl(
 
 
 _lib.impl("update_running_stats", _update_impl, "CompositeImplicitAutograd")
+
+
+def wanted() -> bool:
+    """Whether the ops here stand in for their Python under tracing: under ``torch.compile``, not
+    under ``torch.export``, whose programs should hold only aten ops (loadable without fxghost,
+    and what they were before these ops existed); export's trace time matters less."""
+    # The flag itself, not torch.compiler.is_exporting(): dynamo in torch 2.11 folds that call to
+    # True under torch.compile too. (No flag in older torch: the ops are used under export too.)
+    return not getattr(torch.compiler, "_is_exporting_flag", False)
 
 
 def ghost_norm(

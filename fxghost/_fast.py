@@ -669,17 +669,17 @@ def select(xg: Tensor) -> NormFn:
     Under ``torch.compile``: on CPU the C kernels as custom ops for dense float32/float64
     inputs with spatial dims; with ``FXGHOST_COMPILED_NORM=kernels`` the Triton kernels as
     custom ops where they apply; else the decomposition with the analytic backward, for inductor
-    to fuse with neighbouring ops. In eager: the Triton kernels where they apply (CUDA,
-    float32/16-bit, contiguous or channels-last layouts); on CPU the compiled C kernels for dense
-    float32/float64 inputs; else the torch-ops Function for float32/float64, else the
-    decomposition.
+    to fuse with neighbouring ops (one composite op to dynamo, :mod:`fxghost._compile_ops`). In
+    eager: the Triton kernels where they apply (CUDA, float32/16-bit, contiguous or channels-last
+    layouts); on CPU the compiled C kernels for dense float32/float64 inputs; else the torch-ops
+    Function for float32/float64, else the decomposition.
     """
     if torch.compiler.is_compiling():
         if _cpu_op_applies(xg):
             return _cpu_op_norm
         if _triton_op_applies(xg):
             return _triton_op_norm
-        return _compile_ops.ghost_norm
+        return _compile_ops.ghost_norm if _compile_ops.wanted() else _math.ghost_norm_compiled
     cpu = xg.is_cpu
     # On CPU the Triton kernels run only in the interpreter: asked first, as cheaply as possible.
     if (not cpu or _triton.interpreting()) and _triton.supported(xg):

@@ -146,7 +146,8 @@ def ghost_norm(
         stats.append((mean_t, var_t, tail.shape[1] * per_sample))
     if layer.training and layer.track_running_stats and layer.running_mean is not None:
         update = (
-            _compile_ops.update_running_stats if torch.compiler.is_compiling()
+            _compile_ops.update_running_stats
+            if torch.compiler.is_compiling() and _compile_ops.wanted()
             else _math.update_running_stats
         )
         update(

@@ -89,6 +89,24 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
 
 
 
+def _steps_match_reference(
+    compiled: nn.Module, model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor]
+) -> None:
+    """One training step per input through ``compiled`` (sharing ``model``'s state) and the
+    chunked ``reference``: output, input gradient and state must match after each."""
+    for step, x in enumerate(inputs):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y, y_ref = compiled(x1), reference(x2)
+        dy = torch.randn_like(y_ref)
+        y.backward(dy)
+        y_ref.backward(dy)
+        assert_close(y, y_ref, f"step {step}: output")
+        assert_close(x1.grad, x2.grad, f"step {step}: input grad")
+        assert_same_state(model, reference, f"step {step}")
+        model.zero_grad()
+        reference.zero_grad()
+
+
 @pytest.mark.parametrize(
     ("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)]
 )
@@ -115,18 +133,8 @@ def test_dynamo_records_each_layer_as_composite_ops(
         return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
 
     compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
-    for step, n in enumerate((10, 10)):  # uneven: a tail ghost batch of 2
-        x = torch.randn(n, 3, 5, 3, dtype=torch.float64)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, y_ref = compiled(x1), reference(x2)
-        dy = torch.randn_like(y_ref)
-        y.backward(dy)
-        y_ref.backward(dy)
-        assert_close(y, y_ref, f"step {step}: output")
-        assert_close(x1.grad, x2.grad, f"step {step}: input grad")
-        assert_same_state(model, reference, f"step {step}")
-        model.zero_grad()
-        reference.zero_grad()
+    inputs = [torch.randn(10, 3, 5, 3, dtype=torch.float64) for _ in range(2)]  # tails of 2
+    _steps_match_reference(compiled, model, reference, inputs)
     (graph,) = dynamo_graphs
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
     assert targets.count("fxghost.compiled_ghost_norm") == 2  # main and tail groups
@@ -228,10 +236,9 @@ def test_compiled_decomposition_on_conv_inputs(
     kind: str, memory_format: torch.memory_format, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The formulation inductor gets on CUDA for BatchNorm2d/3d (here on CPU, where such inputs
-    otherwise take the C kernels): float32, a tail ghost batch, an in-place ReLU after it, against
-    the reference. Channels-last inputs take the ``(G, c * spatial, C)`` view, and the output
-    made from it must still take the in-place op. With torch 2.11 a no-op dtype cast on its
-    output made dynamo give it a zero gradient."""
+    otherwise take the C kernels): float32, contiguous and channels-last, a tail ghost batch, an
+    in-place ReLU after the layer, against the reference. With torch 2.11 a no-op dtype cast on
+    its output made dynamo give it a zero gradient."""
     from fxghost import _fast
 
     monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)
@@ -240,17 +247,30 @@ def test_compiled_decomposition_on_conv_inputs(
     model = nn.Sequential(conv, make_bn(kind, dtype=torch.float32), nn.ReLU(inplace=True))
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True)
-    for step, n in enumerate((12, 9)):
-        x = torch.randn(n, 3, 5, 3) if kind == "2d" else torch.randn(n, 3, 2, 3, 2)
-        x = x.contiguous(memory_format=memory_format)
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, y_ref = compiled(x1), reference(x2)
-        dy = torch.randn_like(y_ref)
-        y.backward(dy)
-        y_ref.backward(dy)
-        assert_close(y, y_ref, f"step {step}: output")
-        assert_close(x1.grad, x2.grad, f"step {step}: input grad")
-        assert_same_state(model, reference, f"step {step}")
-        model.zero_grad()
-        reference.zero_grad()
+    spatial = (5, 3) if kind == "2d" else (2, 3, 2)
+    inputs = [torch.randn(n, 3, *spatial).contiguous(memory_format=memory_format) for n in (12, 9)]
+    _steps_match_reference(compiled, model, reference, inputs)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_traces_through_to_aten_ops(strict: bool) -> None:
+    """torch.export of a transformed model in training mode holds aten ops only (the composite
+    ops that speed up dynamo under torch.compile are traced through), and the exported program
+    trains like the reference: output and running statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), make_bn("1d_NC"), nn.ReLU()).double()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    x = torch.randn(16, 6, dtype=torch.float64)
+    program = torch.export.export(fxghost.transform(copy.deepcopy(model), 4), (x,), strict=strict)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets and not any("fxghost" in t for t in targets), targets
+    exported = program.module()
+    assert_close(exported(x), reference(x), "output")
+    for (name, got), (_, want) in zip(
+        exported.named_buffers(), reference.named_buffers(), strict=True
+    ):
+        if got.dtype == torch.long:
+            assert torch.equal(got, want), f"{name}: {got} != {want}"
+        else:
+            assert_close(got, want, name)
