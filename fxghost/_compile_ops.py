@@ -4,7 +4,8 @@ Dynamo turns every Python-level tensor op it traces into a graph node at a cost 
 millisecond, and an ``autograd.Function`` costs it a speculative trace of both the forward and the
 backward. Traced through, the ghost formulation and the running-statistics update were half of
 dynamo's work on a BatchNorm-heavy network. As ``CompositeImplicitAutograd`` ops dynamo records each
-as one node, from a fake-tensor call; AOT autograd then runs the same Python (the formulation with
+as one node, from a fake-tensor call (integer arguments are SymInts, so a dynamic batch size
+stays symbolic); AOT autograd then runs the same Python (the formulation with
 its analytic-backward Function, the closed-form update) and inductor sees exactly the ops it saw
 before, so the compiled code is unchanged. Only used under ``torch.compile``: eager code calls
 :mod:`fxghost._math` and :mod:`fxghost._fast` directly, and ``torch.export`` traces through them
@@ -30,8 +31,8 @@ _lib.define(
 _lib.impl("compiled_ghost_norm", _math.ghost_norm_compiled, "CompositeImplicitAutograd")
 _lib.define(
     "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
-    "Tensor(c!)? num_batches_tracked, float? momentum, int requested, Tensor[] means, "
-    "Tensor[] vars, int[] counts) -> ()"
+    "Tensor(c!)? num_batches_tracked, float? momentum, SymInt requested, Tensor[] means, "
+    "Tensor[] vars, SymInt[] counts) -> ()"
 )
 
 
@@ -46,8 +47,8 @@ def _update_impl(
     counts: Sequence[int],
 ) -> None:
     # compiling=True explicitly: this runs in AOT autograd's trace, after dynamo, where
-    # torch.compiler.is_compiling() is False in torch < 2.12, and the eager path's C kernels and
-    # weight cache must not see fake tensors.
+    # torch.compiler.is_compiling() is False in torch 2.11 (True in 2.14), and the eager path's
+    # C kernels and weight cache must not see fake tensors.
     _math.update_running_stats(
         running_mean, running_var, num_batches_tracked, momentum, requested,
         list(zip(means, variances, counts, strict=True)), compiling=True,

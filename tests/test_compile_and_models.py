@@ -274,3 +274,22 @@ def test_export_traces_through_to_aten_ops(strict: bool) -> None:
             assert torch.equal(got, want), f"{name}: {got} != {want}"
         else:
             assert_close(got, want, name)
+
+
+def test_dynamic_batch_sizes_compile_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``dynamic=True`` the batch size stays symbolic through the composite ops (their
+    integer arguments are SymInts): batch sizes that are multiples of the ghost size share one
+    compiled graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    from fxghost import _fast
+
+    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)  # CUDA's formulation
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make_bn("2d"), nn.ReLU()).double()
+    counter = CompileCounter()
+    compiled = torch.compile(fxghost.transform(model, 4), backend=counter, dynamic=True)
+    for n in (16, 32, 64):
+        compiled(torch.randn(n, 3, 5, 3, dtype=torch.float64)).sum().backward()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
