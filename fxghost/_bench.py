@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import datetime as _dt
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -856,8 +857,6 @@ def source_digest(root: Path | None = None) -> str:
     """SHA-256 of the package's source files (``*.py``, ``*.c``, ``*.cpp`` under ``root``,
     default this package, by relative path): which code produced a JSON file, when the machine
     that ran it had a checkout whose git metadata did not match its files."""
-    import hashlib
-
     root = Path(__file__).resolve().parent if root is None else root
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".cpp") and p.is_file())
