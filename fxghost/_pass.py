@@ -1,35 +1,42 @@
-"""The graph pass: each ``call_module`` BatchNorm node becomes
-ghost_view -> ghost_norm -> ghost_unview."""
+"""The graph pass on one graph: each ``call_module`` BatchNorm node becomes
+ghost_view -> ghost_norm -> ghost_unview (between the layer's forward hooks, when it has any)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
-from ._dual import DualGraphModule
-from ._plan import check_ghost_batch_size
-from ._report import GhostReport, LayerRecord, attach
+from ._graph_module import DualGraphModule, GhostGraphModule
+from ._report import LayerRecord
 from ._select import LayerRule, LayerSelector, rule_for
 
-__all__ = ["ghost_batchnorm_pass"]
+__all__ = [
+    "Records",
+    "Rewrite",
+    "emit_ghost_subgraph",
+    "full_name",
+    "holds_candidates",
+    "is_batchnorm_like",
+    "layer_record",
+    "rewrite",
+    "skip_reason",
+]
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
-_GHOST_OPS = (ops.ghost_view, ops.ghost_norm, ops.ghost_unview)
 
 
-def _is_batchnorm_like(module: nn.Module) -> bool:
+def is_batchnorm_like(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
     # torchvision's FrozenBatchNorm2d and third-party norms are not _BatchNorm subclasses.
     return "BatchNorm" in type(module).__name__
 
 
-def _skip_reason(module: nn.Module) -> str:
+def skip_reason(module: nn.Module) -> str:
     kind = type(module)
     if isinstance(module, nn.SyncBatchNorm):
         return (
@@ -42,13 +49,24 @@ def _skip_reason(module: nn.Module) -> str:
         return "frozen statistics: nothing to ghost"
     return (
         f"subclass {kind.__module__}.{kind.__qualname__} of BatchNorm: its forward may differ, "
-        "so it is left as is"
+        "so it is left as is; if it is BatchNorm's (then submodules), teach it with "
+        "fxghost.register_batchnorm"
     )
 
 
-def _layer_record(
-    name: str, module: nn.Module, rewritten: bool, reason: str, g: int | None
+def layer_record(
+    name: str,
+    module: nn.Module,
+    rewritten: bool,
+    reason: str,
+    g: int | None,
+    *,
+    warn: bool | None = None,
 ) -> LayerRecord:
+    """The report entry of ``module``. ``warn``: whether ``transform``'s warning names it (by
+    default: a layer with a ``reason``, except a frozen one, which has nothing to ghost)."""
+    if warn is None:
+        warn = bool(reason) and "Frozen" not in type(module).__name__
     return LayerRecord(
         name=name,
         kind=type(module).__name__,
@@ -57,10 +75,11 @@ def _layer_record(
         num_features=getattr(module, "num_features", None),
         ghost_batch_size=g,
         momentum=getattr(module, "momentum", None),
+        warn=warn,
     )
 
 
-class _Records:
+class Records:
     """Report entries keyed by layer, counting repeated calls of a shared layer."""
 
     def __init__(self) -> None:
@@ -73,6 +92,14 @@ class _Records:
         else:
             self._by_name[record.name] = LayerRecord(**{**old.__dict__, "calls": old.calls + 1})
 
+    def replace(self, record: LayerRecord) -> None:
+        """``record`` instead of any entry of the same layer (a part rewritten on its own)."""
+        self._by_name[record.name] = record
+
+    def update(self, other: Records) -> None:
+        for record in other.values():
+            self.replace(record)
+
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
@@ -80,34 +107,61 @@ class _Records:
         return list(self._by_name.values())
 
 
-def _emit_ghost_subgraph(
-    graph: fx.Graph, node: fx.Node, x: Any, module: nn.Module, rule: LayerRule, g: int, name: str
-) -> fx.Node:
-    """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``node``.
+def _has_hooks(module: nn.Module, kind: str) -> bool:
+    return bool(getattr(module, kind, None))
 
-    ``name`` is the layer's qualified name in the user's model (for errors and provenance); the
-    node names derive from the original node's, and the last node takes it over, so downstream
-    code reads the same.
+
+def emit_ghost_subgraph(
+    graph: fx.Graph,
+    x: Any,
+    module: nn.Module,
+    rule: LayerRule,
+    g: int,
+    name: str,
+    *,
+    base: str,
+    meta: dict[str, Any],
+    layer_target: str,
+    hooks_target: str,
+    submodule_prefix: str,
+) -> fx.Node:
+    """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module``,
+    between its forward pre-hooks and forward hooks when it has any.
+
+    ``name`` is the layer's qualified name in the user's model (for errors and provenance); node
+    names derive from ``base`` (the original node's name), and the last node takes ``base``
+    itself, so downstream code reads the same. ``layer_target`` is what the ghost ops read the
+    layer from, ``hooks_target`` the module whose hooks run (the user's layer), and
+    ``submodule_prefix`` the path of the layer's own submodules.
     """
-    base = node.name
-    target = str(node.target)
     info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
     after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
+    post_hooks = _has_hooks(module, "_forward_hooks")
+    steps: list[str] = ["unview", *after, *(["hooks"] if post_hooks else [])]
 
-    def make(op: str, tgt: Any, args: tuple[Any, ...], suffix: str, step: str) -> fx.Node:
+    def make(op: str, tgt: Any, args: tuple[Any, ...], step: str) -> fx.Node:
+        ghost_step = step in ("pre_hooks", "view", "normalize", "unview", "hooks")
+        suffix = "" if step == steps[-1] else f"_ghost_{step}" if ghost_step else f"_{step}"
+        suffix = suffix.replace("_ghost_normalize", "_ghost_norm")
         new = graph.create_node(op, tgt, args, {}, name=f"{base}{suffix}")
-        new.meta = {**node.meta, "fxghost": {**info, "step": step}}
+        new.meta = {**meta, "fxghost": {**info, "step": step}}
         return new
 
-    layer = make("get_attr", target, (), "_layer", "layer")
-    view = make("call_function", ops.ghost_view, (x, layer, g, name), "_ghost_view", "view")
-    norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "_ghost_norm", "normalize")
-    out = make(
-        "call_function", ops.ghost_unview, (norm, name), "_ghost_unview" if after else "", "unview"
-    )
-    for i, sub in enumerate(after):
-        last = i == len(after) - 1
-        out = make("call_module", f"{target}.{sub}", (out,), "" if last else f"_{sub}", sub)
+    layer = make("get_attr", layer_target, (), "layer")
+    hooks_owner = layer
+    if hooks_target != layer_target and (
+        post_hooks or _has_hooks(module, "_forward_pre_hooks")
+    ):
+        hooks_owner = make("get_attr", hooks_target, (), "hooks_owner")
+    if _has_hooks(module, "_forward_pre_hooks"):
+        x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
+    view = make("call_function", ops.ghost_view, (x, layer, g, name), "view")
+    norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize")
+    out = make("call_function", ops.ghost_unview, (norm, name), "unview")
+    for sub in after:
+        out = make("call_module", f"{submodule_prefix}{sub}", (out,), sub)
+    if post_hooks:
+        out = make("call_function", ops.ghost_hooks, (out, x, hooks_owner, name), "hooks")
     return out
 
 
@@ -121,6 +175,9 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
     """
     if source is target:
         return
+    # state_dict metadata: loaders read the version the module was saved with.
+    if target._version != source._version:
+        target._version = source._version
     for pname, param in source.named_parameters(recurse=False):
         if target._parameters.get(pname) is not param:
             target.register_parameter(pname, param)
@@ -156,64 +213,49 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
         current.update(ordered)
 
 
-def ghost_batchnorm_pass(
-    gm: fx.GraphModule,
-    ghost_batch_size: int = 32,
-    *,
-    only: Iterable[str] | str | None = None,
-    root: nn.Module | None = None,
-    prefix: str = "",
-) -> fx.GraphModule:
-    """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
-    with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
-    GraphModule (``gm`` is left unchanged).
-
-    Use it on a GraphModule you traced yourself (custom tracer, leaf modules, ``concrete_args``)
-    or between other FX passes. ``only`` narrows the rewrite to layers named by qualified name or
-    glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
-    mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
-    qualified name inside a larger model, for layer names in reports, errors and ``only``.
-
-    >>> import torch, fxghost
-    >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
-    >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=8)
-    >>> [n.name for n in gm.graph.nodes]
-    ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
-    """
-    g = check_ghost_batch_size(ghost_batch_size)
-    if not isinstance(gm, fx.GraphModule):
-        raise TypeError(
-            f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
-            f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
-        )
-    selector = LayerSelector(only)
-    new_gm, records, candidates = _rewrite(gm, g, selector, root, prefix)
-    selector.check_all_matched(candidates)
-    attach(new_gm, GhostReport(ghost_batch_size=g, layers=records.values()))
-    return new_gm
+def hook_note(module: nn.Module) -> str:
+    """What the rewrite of ``module`` cannot keep: backward hooks (forward hooks are kept)."""
+    if module._backward_hooks or module._backward_pre_hooks:
+        return "its backward hooks do not fire (forward hooks and pre-hooks do)"
+    return ""
 
 
-def _full(prefix: str, name: str) -> str:
+def full_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _rewrite(
+class Rewrite(NamedTuple):
+    """One graph rewritten: the new GraphModule, its report entries, the candidate layer names
+    (so that a caller rewriting several pieces can check ``only`` against all of them), and the
+    submodules the graph uses as black boxes that hold BatchNorms (tracer leaves, and modules
+    passed as arguments, e.g. to ``checkpoint``), by path, which the caller rewrites on their
+    own."""
+
+    gm: fx.GraphModule
+    records: Records
+    candidates: list[str]
+    opaque: dict[str, str]
+
+
+def rewrite(
     gm: fx.GraphModule,
     g: int,
     selector: LayerSelector,
     root: nn.Module | None,
     prefix: str,
-) -> tuple[fx.GraphModule, _Records, list[str]]:
-    """The pass proper; returns the new GraphModule, its report entries and the candidate names
-    (so that a caller rewriting several pieces can check ``only`` against all of them)."""
+) -> Rewrite:
+    """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`)."""
     source = root if root is not None else gm
-    graph, records, candidates = _rewrite_graph(gm, gm.graph, g, selector, source, prefix)
+    graph, records, candidates, opaque = _rewrite_graph(gm, gm.graph, g, selector, source, prefix)
     if isinstance(gm, DualGraphModule):
         other = gm.eval_graph if gm.graph is gm.train_graph else gm.train_graph
-        other_graph, other_records, _ = _rewrite_graph(gm, other, g, selector, source, prefix)
+        other_graph, other_records, _, other_opaque = _rewrite_graph(
+            gm, other, g, selector, source, prefix
+        )
         for record in other_records.values():
             if record.name not in records:
                 records.add(record)
+        opaque.update(other_opaque)
         train_graph, eval_graph = (
             (graph, other_graph) if gm.graph is gm.train_graph else (other_graph, graph)
         )
@@ -221,7 +263,7 @@ def _rewrite(
             gm, train_graph, eval_graph, class_name=gm.__class__.__name__
         )
     else:
-        new_gm = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
+        new_gm = GhostGraphModule(gm, graph, class_name=gm.__class__.__name__)
     _mirror_state(source, new_gm)
     new_gm.meta.update(gm.meta)
     new_gm.recompile()
@@ -230,7 +272,11 @@ def _rewrite(
         new_gm.graph = new_gm.eval_graph
         new_gm._mode_graph_is_train = False
     new_gm.training = gm.training
-    return new_gm, records, candidates
+    return Rewrite(new_gm, records, candidates, opaque)
+
+
+def holds_candidates(module: nn.Module) -> bool:
+    return any(rule_for(m) is not None for m in module.modules())
 
 
 def _rewrite_graph(
@@ -240,9 +286,10 @@ def _rewrite_graph(
     selector: LayerSelector,
     source: nn.Module,
     prefix: str,
-) -> tuple[fx.Graph, _Records, list[str]]:
-    records = _Records()
+) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
+    records = Records()
     candidates: list[str] = []
+    opaque: dict[str, str] = {}
     graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
     graph._codegen = old_graph._codegen
     env: dict[fx.Node, fx.Node] = {}
@@ -254,54 +301,74 @@ def _rewrite_graph(
         if module is not None:
             called.add(str(node.target))
         if module is not None and rule is not None:
-            name = _full(prefix, str(node.target))
+            name = full_name(prefix, str(node.target))
             candidates.append(name)
             if selector.selects(name):
                 x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
-                env[node] = _emit_ghost_subgraph(graph, node, x, module, rule, g, name)
-                records.add(_layer_record(name, module, True, "", g))
+                target = str(node.target)
+                env[node] = emit_ghost_subgraph(
+                    graph, x, module, rule, g, name, base=node.name, meta=node.meta,
+                    layer_target=target, hooks_target=target, submodule_prefix=f"{target}.",
+                )
+                records.add(layer_record(name, module, True, hook_note(module), g))
                 continue
             reason = f"not selected by {selector.describe()}"
-            records.add(_layer_record(name, module, False, reason, None))
-        elif module is not None and _is_batchnorm_like(module):
-            name = _full(prefix, str(node.target))
-            records.add(_layer_record(name, module, False, _skip_reason(module), None))
+            records.add(layer_record(name, module, False, reason, None, warn=False))
+        elif module is not None and is_batchnorm_like(module):
+            name = full_name(prefix, str(node.target))
+            records.add(layer_record(name, module, False, skip_reason(module), None))
+        elif module is not None and holds_candidates(module):
+            opaque[str(node.target)] = "a tracer leaf"
+        elif node.op == "get_attr":
+            value = _attr(gm, str(node.target))
+            if isinstance(value, nn.Module) and holds_candidates(value):
+                called.add(str(node.target))
+                opaque[str(node.target)] = "passed as an argument"
         elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
             records.add(
                 LayerRecord(
-                    name=_full(prefix, node.name),
+                    name=full_name(prefix, node.name),
                     kind=f"{getattr(node.target, '__name__', node.target)} call",
                     rewritten=False,
                     reason="functional batch_norm call: no module owns its statistics",
+                    warn=True,
                 )
             )
-        elif node.op == "call_function" and node.target is ops.ghost_norm:
-            layer_node = node.args[1]
-            info = node.meta.get("fxghost", {})
-            called.add(str(layer_node.target))  # type: ignore[union-attr]
-            records.add(
-                _layer_record(
-                    str(node.args[3]),
-                    gm.get_submodule(layer_node.target),  # type: ignore[union-attr,arg-type]
-                    False,
-                    f"already rewritten (ghost_batch_size={info.get('ghost_batch_size')})",
-                    None,
-                )
-            )
+        elif node.op == "call_function" and node.target in (ops.ghost_view, ops.ghost_norm):
+            # Rewritten before: keep it, with this pass's ghost size where selected.
+            layer_node, name = node.args[1], str(node.args[3])
+            old_g = node.args[2]
+            new_g = g if selector.selects(name) else old_g
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
+            env[node].meta.setdefault("fxghost", {})["ghost_batch_size"] = new_g
+            if node.target is ops.ghost_norm:
+                layer = _attr(gm, str(layer_node.target))  # type: ignore[union-attr]
+                candidates.append(name)
+                called.add(str(layer_node.target))  # type: ignore[union-attr]
+                note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
+                records.add(layer_record(name, layer, True, note, new_g, warn=False))
+            continue
         env[node] = graph.node_copy(node, lambda n: env[n])
 
+    inside_opaque = tuple(f"{path}." for path in opaque)
     for name, module in source.named_modules():
-        if name and name not in called and _is_batchnorm_like(module):
-            full = _full(prefix, name)
-            if full in records:
+        if name and name not in called and is_batchnorm_like(module):
+            full = full_name(prefix, name)
+            if full in records or name.startswith(inside_opaque):
                 continue
-            reason = (
-                "not called as a module in the traced graph (inside a leaf module, "
-                "traced into, or unused)"
-            )
+            reason = "not called as a module in the traced graph (traced into, or unused)"
+            warn = False
             if rule_for(module) is None:
-                reason = f"{_skip_reason(module)}; also {reason}"
-            records.add(_layer_record(full, module, False, reason, None))
+                reason, warn = f"{skip_reason(module)}; also {reason}", None
+            records.add(layer_record(full, module, False, reason, None, warn=warn))
 
     graph.lint()
-    return graph, records, candidates
+    return graph, records, candidates, opaque
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value

@@ -25,6 +25,9 @@ class LayerRecord:
     ghost_batch_size: int | None = None
     momentum: float | None = None
     calls: int = 1
+    #: Whether ``transform``'s warning names this layer: not ghosted although it runs with batch
+    #: statistics, or ghosted with something of it not kept.
+    warn: bool = False
 
     @property
     def status(self) -> str:
@@ -89,6 +92,26 @@ class GhostReport:
                 f" (at {part.location})" if part.location else ""
             )
         return text
+
+    def warning(self, model_name: str, shown: int = 3) -> str | None:
+        """The text of ``transform``'s one warning: how many layers were ghosted, and the first
+        few that need attention with why; ``None`` when there are none."""
+        flagged = [r for r in self.layers if r.warn]
+        if not flagged:
+            return None
+        modules = [r for r in self.layers if not r.kind.endswith(" call")]
+        done = sum(r.rewritten for r in modules)
+        lines = [
+            f"fxghost: ghosted {done} of {len(modules)} BatchNorm layers of {model_name}; "
+            f"{len(flagged)} need attention:"
+        ]
+        for r in flagged[:shown]:
+            why = r.reason.split(";")[0]
+            lines.append(f"  {r.name or '(root)'} ({r.kind}): {why}")
+        if len(flagged) > shown:
+            lines.append(f"  and {len(flagged) - shown} more")
+        lines.append("fxghost.report(result) lists every layer and why.")
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return f"{self.table()}\n{self.summary()}"

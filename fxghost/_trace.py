@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import fx, nn
 
-from ._dual import DualGraphModule
+from ._graph_module import DualGraphModule
 
 __all__ = ["GhostTracer", "TracingError", "trace"]
 
@@ -55,6 +56,12 @@ class GhostTracer(fx.Tracer):
     branch into the graph (eval would then silently use batch statistics), and its input checks
     branch on tensor shapes that tracing cannot follow. ``+=``, ``-=``, ``*=`` and ``/=`` stay
     in-place operators in the graph, as the model wrote them (plain FX makes them out-of-place).
+
+    ``torch.utils.checkpoint.checkpoint(submodule, ...)`` stays a checkpoint call, with the
+    submodule as its argument (a ``get_attr`` node): tracing through it would drop the
+    recomputation, so the rewritten model would store every activation of the block. A checkpoint
+    of anything but a submodule fails to trace, so that the module calling it is kept as Python
+    code and rewritten below.
     """
 
     def __init__(
@@ -62,7 +69,12 @@ class GhostTracer(fx.Tracer):
         leaf_modules: Iterable[type[nn.Module] | str] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
-        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        super().__init__(
+            autowrap_functions=(*autowrap_functions, torch.utils.checkpoint.checkpoint)
+        )
+        # Also `torch.utils.checkpoint.checkpoint(...)` and `cp.checkpoint(...)`, looked up in the
+        # module rather than in the caller's globals.
+        self._autowrap_search.append(torch.utils.checkpoint)
         leaves = list(leaf_modules)
         self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self.leaf_names = [s for s in leaves if isinstance(s, str)]
@@ -74,6 +86,17 @@ class GhostTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any) -> Any:
+        if target is torch.utils.checkpoint.checkpoint and not (
+            args and isinstance(args[0], nn.Module)
+        ):
+            what = args[0] if args else kwargs.get("function")
+            raise TypeError(
+                f"torch.utils.checkpoint.checkpoint of {what!r}, which is not a submodule: only "
+                "checkpoint(self.submodule, ...) can stay a checkpoint call in a graph"
+            )
+        return super().create_proxy(kind, target, args, kwargs, *a, **k)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):

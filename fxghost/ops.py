@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import _compile_ops, _fast, _math
 from ._plan import plan_ghost_batches, uses_batch_stats
 
-__all__ = ["GhostGroups", "ghost_norm", "ghost_unview", "ghost_view"]
+__all__ = ["GhostGroups", "ghost_hooks", "ghost_norm", "ghost_pre_hooks", "ghost_unview", "ghost_view"]
 
 #: ``(main, tail)``. From :func:`ghost_view`: ``main`` a ``(G, c, C, *spatial)`` view of the full
 #: ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when
@@ -75,7 +75,7 @@ class _GraphOp:
                 # Re-tracing (also what unpickling a GraphModule does) keeps the provenance.
                 out.node.meta["fxghost"] = {
                     "source_layer": layer_name,
-                    "ghost_batch_size": args[2] if len(args) == 4 else None,
+                    "ghost_batch_size": args[2] if self._step in ("ghost_view", "ghost_norm") else None,
                     "step": self._step,
                 }
                 return out
@@ -176,3 +176,34 @@ def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
         if flat.is_contiguous(memory_format=fmt) and not out.is_contiguous(memory_format=fmt):
             out = out.contiguous(memory_format=fmt)
     return out
+
+
+@_fx_leaf("pre_hooks")
+def ghost_pre_hooks(x: Tensor, layer: nn.Module, name: str) -> Tensor:
+    """``layer``'s forward pre-hooks, run on its input as ``nn.Module.__call__`` runs them (a hook
+    may replace the input). Emitted only for layers that had such hooks when rewritten."""
+    args: tuple[Any, ...] = (x,)
+    for hook_id, hook in tuple(layer._forward_pre_hooks.items()):
+        if hook_id in layer._forward_pre_hooks_with_kwargs:
+            result = hook(layer, args, {})
+            if result is not None:
+                args = result[0]
+        else:
+            result = hook(layer, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args[0]  # type: ignore[no-any-return]
+
+
+@_fx_leaf("hooks")
+def ghost_hooks(y: Tensor, x: Tensor, layer: nn.Module, name: str) -> Tensor:
+    """``layer``'s forward hooks, run on its input ``x`` and output ``y`` as
+    ``nn.Module.__call__`` runs them (a hook may replace the output)."""
+    for hook_id, hook in tuple(layer._forward_hooks.items()):
+        if hook_id in layer._forward_hooks_with_kwargs:
+            result = hook(layer, (x,), {}, y)
+        else:
+            result = hook(layer, (x,), y)
+        if result is not None:
+            y = result
+    return y

@@ -20,7 +20,7 @@ from conftest import ConstantNet, assert_close
 from torch import nn
 
 import fxghost
-from fxghost._dual import DualGraphModule
+from fxghost._graph_module import DualGraphModule
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 TESTS_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,152 @@
+"""The public entry points: ``transform`` (trace and rewrite a model) and ``ghost_batchnorm_pass``
+(rewrite a GraphModule the user traced)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import fx, nn
+
+from ._plan import check_ghost_batch_size
+from ._report import GhostReport, attach
+from ._scope import Walk, rewrite_graph_module, rewrite_module
+from ._select import LayerSelector
+from ._trace import GhostTracer
+
+__all__ = ["PartialRewriteWarning", "ghost_batchnorm_pass", "transform"]
+
+
+class PartialRewriteWarning(UserWarning):
+    """Some BatchNorm layers were not ghosted (or not wholly: their backward hooks); the
+    warning counts them, and ``fxghost.report(result)`` says why for each."""
+
+
+def _timm_rules(model: nn.Module) -> tuple[list[Any], list[Any]]:
+    """timm's own tracer rules (as ``timm.layers._fx`` uses them) when the model has timm parts."""
+    if not any(type(m).__module__.startswith("timm.") for m in model.modules()):
+        return [], []
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - timm modules without an importable timm
+        return [], []
+    functions = [f for f in get_notrace_functions() if callable(f)]
+    return list(get_notrace_modules()), functions
+
+
+def transform(
+    model: nn.Module,
+    ghost_batch_size: int = 32,
+    *,
+    only: Iterable[str] | str | None = None,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    tracer: fx.Tracer | None = None,
+    strict: bool = False,
+) -> nn.Module:
+    """Trace ``model`` and rewrite its ``nn.BatchNorm1d/2d/3d`` layers into ghost BatchNorm.
+
+    Returns a new ``torch.fx.GraphModule`` that shares ``model``'s parameters and buffers (so an
+    optimizer built on ``model.parameters()`` keeps working, and ``model`` ends up holding the
+    trained weights and running statistics) and has the same ``state_dict`` keys. ``model`` itself
+    is not modified. ``fxghost.report(gm)`` lists the layers rewritten and skipped.
+
+    Every BatchNorm that runs is ghosted, following the module tree: submodules that the graph
+    keeps as black boxes (tracer leaves, modules passed to ``torch.utils.checkpoint``) are
+    rewritten on their own, inside the same call. If ``model`` does not trace as a whole, it is
+    kept as Python code (a copy of its module tree sharing all parameters and buffers) and its
+    children are rewritten instead, down to a BatchNorm called by untraceable code, which
+    becomes a GraphModule of its own with the layer's ``state_dict`` keys. ``strict=True``
+    raises :class:`TracingError` instead. Models using timm layers are traced with timm's own
+    rules. A layer's forward hooks and pre-hooks still fire. One
+    :class:`PartialRewriteWarning` counts the layers that could not be ghosted (subclasses of
+    BatchNorm not taught with :func:`fxghost.register_batchnorm`, SyncBatchNorm, functional
+    calls); ``fxghost.report(result)`` says why for each.
+
+    Args:
+        model: the module to trace (a GraphModule is rewritten without re-tracing).
+        ghost_batch_size: samples per ghost batch, a positive int.
+        only: qualified layer names or glob patterns to rewrite (default: all).
+        leaf_modules: module classes or qualified names to keep as black boxes while tracing
+            (their BatchNorms are still ghosted, each submodule on its own).
+        autowrap_functions: functions to record as single nodes instead of tracing into them.
+        concrete_args: arguments of ``forward`` to fix while tracing (see ``torch.fx``).
+        tracer: a ``torch.fx.Tracer`` to use instead of fxghost's.
+        strict: raise :class:`TracingError` rather than rewrite only the traceable parts.
+
+    >>> import torch, fxghost
+    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+    >>> gm = fxghost.transform(model, ghost_batch_size=16)
+    >>> sorted(gm.state_dict()) == sorted(model.state_dict())
+    True
+    """
+    g = check_ghost_batch_size(ghost_batch_size)
+    if isinstance(model, fx.GraphModule):
+        return ghost_batchnorm_pass(model, g, only=only)
+    if tracer is not None and (leaf_modules or autowrap_functions):
+        raise ValueError(
+            "fxghost: pass leaf_modules/autowrap_functions or a tracer, not both; "
+            "configure the custom tracer instead"
+        )
+    timm_leaves, timm_functions = _timm_rules(model)
+    leaves = [*leaf_modules, *timm_leaves]
+    functions = [*autowrap_functions, *timm_functions]
+
+    def make_tracer() -> fx.Tracer:
+        return tracer if tracer is not None else GhostTracer(leaves, functions)
+
+    walk = Walk(g, LayerSelector(only), make_tracer, strict=strict)
+    result = rewrite_module(model, walk, concrete_args=concrete_args)
+    return _finish(result, model, walk)
+
+
+def ghost_batchnorm_pass(
+    gm: fx.GraphModule,
+    ghost_batch_size: int = 32,
+    *,
+    only: Iterable[str] | str | None = None,
+    root: nn.Module | None = None,
+    prefix: str = "",
+) -> fx.GraphModule:
+    """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
+    with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
+    GraphModule (``gm`` is left unchanged). Submodules that the graph calls as black boxes
+    (tracer leaves) and that hold BatchNorms are rewritten on their own, as ``transform`` does.
+
+    Use it on a GraphModule you traced yourself (custom tracer, leaf modules, ``concrete_args``)
+    or between other FX passes. ``only`` narrows the rewrite to layers named by qualified name or
+    glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
+    mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
+    qualified name inside a larger model, for layer names in reports, errors and ``only``.
+
+    >>> import torch, fxghost
+    >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=8)
+    >>> [n.name for n in gm.graph.nodes]
+    ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
+    """
+    g = check_ghost_batch_size(ghost_batch_size)
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(
+            f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
+            f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
+        )
+    walk = Walk(g, LayerSelector(only), GhostTracer)
+    result = rewrite_graph_module(gm, walk, root, prefix)
+    return _finish(result, root if root is not None else gm, walk, stacklevel=3)
+
+
+def _finish(result: Any, model: nn.Module, walk: Walk, stacklevel: int = 3) -> Any:
+    """Check ``only``, attach the report (layers in the model's order) and warn, once, about
+    the layers not ghosted."""
+    walk.selector.check_all_matched(walk.candidates)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers = sorted(walk.records.values(), key=lambda r: order.get(r.name, len(order)))
+    rep = GhostReport(ghost_batch_size=walk.g, layers=layers, untraced=walk.untraced)
+    attach(result, rep)
+    text = rep.warning(type(model).__name__)
+    if text:
+        warnings.warn(text, PartialRewriteWarning, stacklevel=stacklevel)
+    return result

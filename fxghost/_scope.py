@@ -1,0 +1,159 @@
+"""Which parts of a model are rewritten, following the module tree.
+
+A model that traces is rewritten as one graph. Below it, every submodule that the graph uses as a
+black box and that holds BatchNorms (a tracer leaf, or a module passed as an argument, as to
+``checkpoint``) is rewritten on its own. A module that does not trace is kept as Python code, and
+its children are rewritten instead, down to a BatchNorm called directly by untraceable code, which
+becomes a :class:`~fxghost._graph_module.LayerGraphModule` of its own. So every BatchNorm that
+runs is ghosted, and the model's own Python (its checkpointing, its data-dependent code) is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from ._graph_module import layer_graph_module
+from ._pass import (
+    Records,
+    emit_ghost_subgraph,
+    full_name,
+    holds_candidates,
+    hook_note,
+    is_batchnorm_like,
+    layer_record,
+    rewrite,
+    skip_reason,
+)
+from ._select import LayerRule, LayerSelector, rule_for
+from ._trace import TracingError, trace
+
+__all__ = ["UntracedPart", "Walk", "rewrite_graph_module", "rewrite_module"]
+
+
+class UntracedPart:
+    """A submodule kept as Python code (its children rewritten instead), with why: it does not
+    trace (``error`` and ``location`` say where), or it is a tracer leaf."""
+
+    def __init__(self, name: str, error: TracingError | str) -> None:
+        self.name = name or "(root)"
+        self.location = error.location if isinstance(error, TracingError) else None
+        self.error = str(error).splitlines()[0]
+
+    def __repr__(self) -> str:
+        return f"UntracedPart({self.name!r}, {self.error!r}, at {self.location!r})"
+
+
+@dataclass
+class Walk:
+    """What a rewrite of a model found, over all its parts."""
+
+    g: int
+    selector: LayerSelector
+    make_tracer: Callable[[], fx.Tracer]
+    strict: bool = False
+    records: Records = field(default_factory=Records)
+    candidates: list[str] = field(default_factory=list)
+    untraced: list[UntracedPart] = field(default_factory=list)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing parameters, buffers and children, with its own registries,
+    so that replacing a child does not touch the caller's model."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)  # type: ignore[assignment]
+    new._parameters = dict(module._parameters)  # type: ignore[assignment]
+    new._buffers = dict(module._buffers)  # type: ignore[assignment]
+    return new
+
+
+def rewrite_module(
+    module: nn.Module,
+    walk: Walk,
+    prefix: str = "",
+    concrete_args: dict[str, Any] | None = None,
+    *,
+    leaf: bool = False,
+) -> nn.Module:
+    """``module`` rewritten: a GraphModule where it traces (unless it is a tracer ``leaf``), else
+    a shallow copy whose children are rewritten; ``module`` itself is left unchanged."""
+    rule = rule_for(module)
+    if rule is not None:
+        return _rewrite_layer(module, rule, walk, prefix)
+    if leaf:
+        walk.untraced.append(UntracedPart(prefix, "a tracer leaf"))
+    else:
+        try:
+            traced = trace(module, tracer=walk.make_tracer(), concrete_args=concrete_args)
+        except TracingError as err:
+            if walk.strict:
+                raise
+            walk.untraced.append(UntracedPart(prefix, err))
+        else:
+            return rewrite_graph_module(traced, walk, module, prefix)
+    new = shallow_copy(module)
+    for child_name, child in module.named_children():
+        if holds_candidates(child):
+            new._modules[child_name] = rewrite_module(child, walk, full_name(prefix, child_name))
+    for name, sub in module.named_modules():
+        full = full_name(prefix, name)
+        if name and full not in walk.records and is_batchnorm_like(sub):
+            walk.records.replace(layer_record(full, sub, False, skip_reason(sub), None))
+    return new
+
+
+def rewrite_graph_module(
+    gm: fx.GraphModule, walk: Walk, root: nn.Module | None, prefix: str
+) -> fx.GraphModule:
+    """The pass on ``gm`` (traced from ``root``, whose state the result mirrors), then each
+    black-box submodule of its graph that holds BatchNorms, rewritten on its own."""
+    result = rewrite(gm, walk.g, walk.selector, root, prefix)
+    walk.records.update(result.records)
+    walk.candidates += result.candidates
+    source = root if root is not None else gm
+    for path, why in result.opaque.items():
+        sub = source.get_submodule(path)
+        new_sub = rewrite_module(
+            sub, walk, full_name(prefix, path), leaf=why == "a tracer leaf"
+        )
+        _set_submodule(result.gm, path, new_sub, source)
+    return result.gm
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module, source: nn.Module) -> None:
+    """Put ``new`` at ``path`` in ``root``, copying on the way any container that is still the
+    caller's own object (``source``'s), so that the caller's model is left unchanged."""
+    *parents, attr = path.split(".")
+    parent, walked = root, ""
+    for atom in parents:
+        walked = full_name(walked, atom)
+        child = parent._modules[atom]
+        if child is source.get_submodule(walked):
+            child = parent._modules[atom] = shallow_copy(child)
+        parent = child  # type: ignore[assignment]
+    parent._modules[attr] = new
+
+
+def _rewrite_layer(module: nn.Module, rule: LayerRule, walk: Walk, prefix: str) -> nn.Module:
+    """A BatchNorm called by code that does not trace (or the model itself), as a
+    :class:`LayerGraphModule`: its graph is the same subgraph a traced model gets."""
+    walk.candidates.append(prefix)
+    name = prefix or type(module).__name__
+    if not walk.selector.selects(prefix):
+        reason = f"not selected by {walk.selector.describe()}"
+        walk.records.replace(layer_record(name, module, False, reason, None, warn=False))
+        return module
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    base = prefix.rpartition(".")[2] or "bn"
+    out = emit_ghost_subgraph(
+        graph, x, module, rule, walk.g, name, base=base, meta={},
+        layer_target="_fxghost_self", hooks_target="_fxghost_layer", submodule_prefix="",
+    )
+    graph.output(out)
+    walk.records.replace(layer_record(name, module, True, hook_note(module), walk.g))
+    return layer_graph_module(module, graph, f"Ghost{type(module).__name__}")
