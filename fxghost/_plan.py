@@ -13,7 +13,22 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_int
 
-__all__ = ["GhostPlan", "check_ghost_batch_size", "plan_ghost_batches", "uses_batch_stats"]
+__all__ = [
+    "GhostPlan",
+    "InputDtypeError",
+    "check_ghost_batch_size",
+    "plan_ghost_batches",
+    "uses_batch_stats",
+]
+
+
+class InputDtypeError(TypeError, RuntimeError):
+    """A layer got an input whose dtype BatchNorm refuses.
+
+    A ``TypeError`` by fxghost's rule for user errors, and a ``RuntimeError`` because that is what
+    plain BatchNorm raises for the same input, so code written against plain BatchNorm still
+    catches it.
+    """
 
 
 class GhostPlan(NamedTuple):
@@ -62,6 +77,76 @@ def uses_batch_stats(layer: nn.Module) -> bool:
     return bool(layer.training) or (layer.running_mean is None and layer.running_var is None)
 
 
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_STATE = ("weight", "bias", "running_mean", "running_var")
+
+#: Key: the input's dtype, then the dtypes of weight, bias, running_mean and running_var (None for
+#: each the layer lacks). Value: why BatchNorm refuses that combination, or None.
+_DTYPE_VERDICTS: dict[tuple[torch.dtype | None, ...], str | None] = {}
+
+
+def _dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
+    """BatchNorm's dtype rules, as its CPU kernels apply them (tests compare this with
+    ``F.batch_norm`` on each device they run on): a floating-point input; every parameter and
+    running statistic in the input's dtype, or all float32 under a float16/bfloat16 input
+    (mixed precision)."""
+    x_dtype, *state = key
+    if x_dtype not in _FLOATING:
+        return (
+            f"got a {x_dtype} input, and BatchNorm normalizes only float16, bfloat16, float32 "
+            "and float64 inputs: convert the batch, e.g. x.float()"
+        )
+    present = {n: d for n, d in zip(_STATE, state, strict=True) if d is not None}
+    dtypes = set(present.values())
+    if not dtypes or dtypes == {x_dtype} or (x_dtype in _HALF and dtypes == {torch.float32}):
+        return None
+    if len(dtypes) > 1:
+        held = ", ".join(f"{n} {d}" for n, d in present.items())
+        return (
+            f"got a {x_dtype} input but holds {held}; BatchNorm needs all of them in one dtype, "
+            f"the input's (or float32 under a float16/bfloat16 input): convert the layer, e.g. "
+            f"layer.to({x_dtype})"
+        )
+    (held_dtype,) = dtypes
+    kinds = [k for k, names in (("parameters", _STATE[:2]), ("running statistics", _STATE[2:]))
+             if any(n in present for n in names)]
+    return (
+        f"got a {x_dtype} input but its {' and '.join(kinds)} are {held_dtype}; BatchNorm needs "
+        f"the input in their dtype (or float16/bfloat16 with float32 ones, mixed precision): "
+        f"convert the batch with x.to({held_dtype}), or the model with model.to({x_dtype})"
+    )
+
+
+def _check_dtypes(layer: nn.Module, name: str, x: torch.Tensor) -> None:
+    # Runs on every training call of every layer, so the verdict is cached per combination of
+    # dtypes, and the tensors are read from the module's dicts (_BatchNorm registers all four
+    # there, None when absent) rather than through Module.__getattr__, a Python fallback that
+    # costs several times as much.
+    # Under torch.compile the rule is evaluated instead, on dtypes that are constants of the
+    # trace, so that dynamo guards on no global dict.
+    if torch.compiler.is_compiling():
+        state = [getattr(layer, n) for n in _STATE]
+        problem = _dtype_problem((x.dtype, *(None if t is None else t.dtype for t in state)))
+    else:
+        params, buffers = layer._parameters, layer._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        mean, var = buffers.get("running_mean"), buffers.get("running_var")
+        key = (
+            x.dtype,
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+            None if mean is None else mean.dtype,
+            None if var is None else var.dtype,
+        )
+        try:
+            problem = _DTYPE_VERDICTS[key]
+        except KeyError:
+            problem = _DTYPE_VERDICTS.setdefault(key, _dtype_problem(key))
+    if problem is not None:
+        raise InputDtypeError(f"fxghost: layer '{name}' ({type(layer).__name__}) {problem}")
+
+
 def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
     # BatchNorm's own dimension check (ValueError "expected 4D input (got 3D input)"), with the
     # layer named.
@@ -79,6 +164,7 @@ def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
             f"{x.shape[1] if x.dim() >= 2 else 'no'} channels in dim 1; "
             "the input must be (N, C, ...) with C equal to num_features"
         )
+    _check_dtypes(layer, name, x)
 
 
 def plan_ghost_batches(
@@ -87,7 +173,9 @@ def plan_ghost_batches(
     """Validate ``x`` for ``layer`` in batch-statistics mode and return its ghost batches.
 
     Raises ``ValueError`` naming the layer, ``N`` and ``g`` when a training batch is smaller than
-    the ghost size or a ghost batch would have a single value per channel.
+    the ghost size or a ghost batch would have a single value per channel, and
+    :class:`InputDtypeError` for an input dtype that BatchNorm refuses; both before anything has
+    changed.
     """
     _check_input(layer, name, x)
     g = ghost_batch_size
