@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -69,8 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "model",
         metavar="MODEL",
-        help="a torchvision model name (resnet18, mobilenet_v3_small, ...) or "
-        "package.module:callable returning an nn.Module",
+        help="package.module:callable returning an nn.Module, a torchvision model name "
+        "(resnet18, mobilenet_v3_small, ...) or a timm model name (resnet18d, ...), looked up in "
+        "that order; torchvision:NAME or timm:NAME picks the source",
     )
     inspect.add_argument("--ghost-batch-size", "-g", type=_positive_int, default=32, metavar="G")
     inspect.add_argument("--only", nargs="+", metavar="NAME",
@@ -82,23 +84,88 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(spec: str) -> nn.Module:
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+_SOURCES = ("torchvision", "timm")
+
+
+def _model_names(source: str) -> list[str] | None:
+    """The model names ``source`` knows, or None when it is not installed."""
+    if source == "torchvision":
+        import torchvision
+
+        return list(torchvision.models.list_models())
+    try:
+        import timm
+    except ImportError:
+        return None
+    return list(timm.list_models())
+
+
+def _knows(source: str, name: str, names: list[str] | None) -> bool:
+    if names is None:
+        return False
+    if source == "timm":
+        import timm
+
+        # Also a name with a pretrained tag (resnet18.a1_in1k), which list_models leaves out.
+        return bool(timm.is_model(name))
+    return name in names
+
+
+def _create(source: str, name: str) -> nn.Module:
+    if source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+    import timm
+
+    return timm.create_model(name, pretrained=False)
+
+
+def _unknown(spec: str, known: dict[str, list[str] | None], *, module_attr: bool) -> ValueError:
+    tried = ["package.module:callable (no ':' in it)"] if module_attr else []
+    tried += [f"{source} model names" for source, names in known.items() if names is not None]
+    said = ", ".join(tried[:-1]) + " and " + tried[-1] if len(tried) > 1 else tried[0]
+    parts = [f"unknown model {spec!r}: tried {said}"]
+    missing = [source for source, names in known.items() if names is None]
+    if missing:
+        parts.append(f"{' and '.join(missing)} not installed (pip install {' '.join(missing)})")
+    candidates = sorted({n for names in known.values() if names for n in names})
+    close = difflib.get_close_matches(spec, candidates, n=3)
+    if close:
+        parts.append(f"close matches: {', '.join(close)}")
+    return ValueError("; ".join(parts))
+
+
+def _load_model(spec: str) -> tuple[nn.Module, str | None]:
+    """The model ``spec`` names, and a line saying where it came from (None for module:attr)."""
+    source, sep, name = spec.partition(":")
+    if sep and source in _SOURCES:
+        names = _model_names(source)
+        if names is None:
+            raise ValueError(f"{spec!r} asks for a {source} model, but {source} is not installed: "
+                             f"pip install {source}")
+        if not _knows(source, name, names):
+            raise _unknown(name, {source: names}, module_attr=False)
+        return _checked(spec, _create(source, name)), f"{name}: {source} model"
+    if sep:
+        module_name, attr = source, name
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot load {spec!r}: {err}") from None
-        model = factory()
-    else:
-        import torchvision
+        return _checked(spec, factory()), None
+    known = {source: _model_names(source) for source in _SOURCES}
+    found = [source for source in _SOURCES if _knows(source, spec, known[source])]
+    if not found:
+        raise _unknown(spec, known, module_attr=True)
+    source, *others = found
+    note = f"{spec}: {source} model"
+    if others:
+        note += f" ({others[0]} has one too: pass {others[0]}:{spec})"
+    return _checked(spec, _create(source, spec)), note
 
-        if spec not in torchvision.models.list_models():
-            raise ValueError(
-                f"unknown model {spec!r}: give a torchvision model name (e.g. resnet18) "
-                "or package.module:callable"
-            )
-        model = torchvision.models.get_model(spec, weights=None)
+
+def _checked(spec: str, model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -168,7 +235,9 @@ def demo(ghost_batch_size: int = 32, batch_size: int = 96) -> int:
 
 
 def inspect_model(spec: str, ghost_batch_size: int, only: Sequence[str] | None, code: bool) -> int:
-    model = _load_model(spec)
+    model, source = _load_model(spec)
+    if source is not None:
+        print(source)
     gm = transform(model, ghost_batch_size, only=only)
     rep = report(gm)
     print(rep.table())

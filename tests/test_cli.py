@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+from torch import nn
+
+from fxghost._cli import main
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -45,3 +50,87 @@ def test_help_explains_commands() -> None:
     assert result.returncode == 0
     for word in ("demo", "inspect", "bench", "ghost batch"):
         assert word in result.stdout
+
+
+def small_net() -> nn.Module:
+    """For ``inspect test_cli:small_net``: tests/ is on sys.path while pytest runs."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_finds_timm_names() -> None:
+    pytest.importorskip("timm")
+    result = _run("inspect", "resnet18d", "-g", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "resnet18d: timm model"
+    # timm's deep stem, which torchvision's resnets do not have.
+    assert "conv1.1" in result.stdout and "rewritten with ghost_batch_size=8" in result.stdout
+
+
+def test_name_in_both_sources_says_which_and_a_prefix_picks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("timm")
+    code, out, err = _main(capsys, "inspect", "resnet18", "--code")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first == "resnet18: torchvision model (timm has one too: pass timm:resnet18)"
+    assert "self.avgpool" in out and "global_pool" not in out
+    code, out, err = _main(capsys, "inspect", "timm:resnet18", "--code")
+    assert code == 0, err
+    assert out.splitlines()[0] == "resnet18: timm model"
+    assert "global_pool" in out and "self.avgpool" not in out
+    code, out, err = _main(capsys, "inspect", "torchvision:resnet18")
+    assert code == 0, err
+    assert out.splitlines()[0] == "resnet18: torchvision model"
+
+
+def test_inspect_module_attr(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _main(capsys, "inspect", "test_cli:small_net", "-g", "4")
+    assert code == 0, err
+    # No source line: the callable is the source.
+    assert out.splitlines()[0].split()[:2] == ["layer", "kind"], out
+    assert "1 layer(s) rewritten with ghost_batch_size=4" in out
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("resnet18x", ["package.module:callable", "torchvision model names", "timm model names",
+                       "close matches: resnet18"]),
+        ("timm:resnet18x", ["tried timm model names;", "close matches: resnet18"]),
+        ("torchvision:resnet18d", ["tried torchvision model names;", "close matches: resnet18"]),
+        ("zzqqxx", ["torchvision model names and timm model names"]),
+    ],
+)
+def test_unknown_names_say_what_was_tried(
+    capsys: pytest.CaptureFixture[str], spec: str, said: list[str]
+) -> None:
+    pytest.importorskip("timm")
+    code, out, err = _main(capsys, "inspect", spec)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"fxghost: error: unknown model {spec.partition(':')[2] or spec!r}")
+    for text in said:
+        assert text in err, err
+    if spec == "zzqqxx":
+        assert "close matches" not in err
+
+
+def test_without_timm_the_error_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    code, _, err = _main(capsys, "inspect", "resnet18d")
+    assert code == 2
+    assert "tried package.module:callable (no ':' in it) and torchvision model names" in err
+    assert "timm not installed (pip install timm)" in err
+    code, _, err = _main(capsys, "inspect", "timm:resnet18d")
+    assert code == 2
+    assert "timm is not installed: pip install timm" in err
