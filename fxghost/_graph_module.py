@@ -143,18 +143,22 @@ class LayerGraphModule(GhostGraphModule):
             return getattr(layer, name)
 
 
-def layer_graph_module(layer: nn.Module, graph: fx.Graph, class_name: str) -> LayerGraphModule:
+def layer_graph_module(
+    layer: nn.Module, graph: fx.Graph, class_name: str, state: nn.Module | None = None
+) -> LayerGraphModule:
     """A :class:`LayerGraphModule` for ``layer`` running ``graph`` (whose nodes name this module
-    ``_fxghost_self`` and the layer's submodules by their own names)."""
+    ``_fxghost_self`` and the layer's submodules by their own names), holding the parameters,
+    buffers and submodules of ``state`` (default: ``layer``'s own)."""
+    state = layer if state is None else state
     gm = LayerGraphModule(nn.Module(), fx.Graph(), class_name)
     object.__setattr__(gm, "_fxghost_layer", layer)  # not a submodule: no state of its own
-    gm._parameters.update(layer._parameters)
-    gm._buffers.update(layer._buffers)
-    gm._non_persistent_buffers_set.update(layer._non_persistent_buffers_set)
-    gm._modules.update(layer._modules)
+    gm._parameters.update(state._parameters)
+    gm._buffers.update(state._buffers)
+    gm._non_persistent_buffers_set.update(state._non_persistent_buffers_set)
+    gm._modules.update(state._modules)
     if layer._version != gm._version:
         gm._version = layer._version
-    gm.training = layer.training
+    gm.training = state.training
     gm.graph = graph
     graph.lint()
     return gm

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
-from ._graph_module import DualGraphModule, GhostGraphModule
+from ._graph_module import DualGraphModule, GhostGraphModule, LayerGraphModule
 from ._report import LayerRecord
 from ._select import LayerRule, LayerSelector, rule_for
 
@@ -27,9 +27,13 @@ __all__ = [
 ]
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
+#: The ops that take a rewritten layer as an argument.
+GHOST_OPS = (ops.ghost_view, ops.ghost_norm, ops.ghost_pre_hooks, ops.ghost_hooks)
 
 
 def is_batchnorm_like(module: nn.Module) -> bool:
+    if isinstance(module, LayerGraphModule):  # ghosted already
+        return False
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
     # torchvision's FrozenBatchNorm2d and third-party norms are not _BatchNorm subclasses.
@@ -48,8 +52,8 @@ def skip_reason(module: nn.Module) -> str:
     if "Frozen" in kind.__name__:
         return "frozen statistics: nothing to ghost"
     return (
-        f"subclass {kind.__module__}.{kind.__qualname__} of BatchNorm: its forward may differ, "
-        "so it is left as is; if it is BatchNorm's (then submodules), teach it with "
+        f"subclass {kind.__module__}.{kind.__qualname__} of BatchNorm, whose forward may "
+        "differ: if it is BatchNorm's (then submodules), teach it with "
         "fxghost.register_batchnorm"
     )
 
@@ -276,7 +280,9 @@ def rewrite(
 
 
 def holds_candidates(module: nn.Module) -> bool:
-    return any(rule_for(m) is not None for m in module.modules())
+    """Whether ``module`` holds a BatchNorm to rewrite (or one rewritten before, to rewrite
+    again)."""
+    return any(rule_for(m) is not None or isinstance(m, LayerGraphModule) for m in module.modules())
 
 
 def _rewrite_graph(
@@ -319,7 +325,7 @@ def _rewrite_graph(
             records.add(layer_record(name, module, False, skip_reason(module), None))
         elif module is not None and holds_candidates(module):
             opaque[str(node.target)] = "a tracer leaf"
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" and not all(u.target in GHOST_OPS for u in node.users):
             value = _attr(gm, str(node.target))
             if isinstance(value, nn.Module) and holds_candidates(value):
                 called.add(str(node.target))
@@ -341,7 +347,7 @@ def _rewrite_graph(
             new_g = g if selector.selects(name) else old_g
             env[node] = graph.node_copy(node, lambda n: env[n])
             env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
-            env[node].meta.setdefault("fxghost", {})["ghost_batch_size"] = new_g
+            env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
             if node.target is ops.ghost_norm:
                 layer = _attr(gm, str(layer_node.target))  # type: ignore[union-attr]
                 candidates.append(name)

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from ._graph_module import layer_graph_module
+from . import ops
+from ._graph_module import LayerGraphModule, layer_graph_module
 from ._pass import (
     Records,
     emit_ghost_subgraph,
@@ -81,6 +82,9 @@ def rewrite_module(
 ) -> nn.Module:
     """``module`` rewritten: a GraphModule where it traces (unless it is a tracer ``leaf``), else
     a shallow copy whose children are rewritten; ``module`` itself is left unchanged."""
+    if isinstance(module, LayerGraphModule):  # rewritten before: again, from the same layer
+        layer = module._fxghost_layer
+        return _rewrite_layer(layer, rule_for(layer) or LayerRule(), walk, prefix, module)
     rule = rule_for(module)
     if rule is not None:
         return _rewrite_layer(module, rule, walk, prefix)
@@ -138,12 +142,23 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module, source: nn.Module
     parent._modules[attr] = new
 
 
-def _rewrite_layer(module: nn.Module, rule: LayerRule, walk: Walk, prefix: str) -> nn.Module:
+def _rewrite_layer(
+    module: nn.Module,
+    rule: LayerRule,
+    walk: Walk,
+    prefix: str,
+    before: LayerGraphModule | None = None,
+) -> nn.Module:
     """A BatchNorm called by code that does not trace (or the model itself), as a
-    :class:`LayerGraphModule`: its graph is the same subgraph a traced model gets."""
+    :class:`LayerGraphModule`: its graph is the same subgraph a traced model gets. ``before``:
+    the LayerGraphModule of an earlier rewrite of it, whose state the new one takes."""
     walk.candidates.append(prefix)
     name = prefix or type(module).__name__
+    old_g = None if before is None else _ghost_size(before)
     if not walk.selector.selects(prefix):
+        if before is not None:
+            walk.records.replace(layer_record(name, module, True, "", old_g, warn=False))
+            return before
         reason = f"not selected by {walk.selector.describe()}"
         walk.records.replace(layer_record(name, module, False, reason, None, warn=False))
         return module
@@ -155,5 +170,14 @@ def _rewrite_layer(module: nn.Module, rule: LayerRule, walk: Walk, prefix: str) 
         layer_target="_fxghost_self", hooks_target="_fxghost_layer", submodule_prefix="",
     )
     graph.output(out)
-    walk.records.replace(layer_record(name, module, True, hook_note(module), walk.g))
-    return layer_graph_module(module, graph, f"Ghost{type(module).__name__}")
+    note = hook_note(module)
+    if old_g is not None and old_g != walk.g:
+        note = f"ghost_batch_size changed from {old_g}"
+    walk.records.replace(layer_record(name, module, True, note, walk.g, warn=bool(hook_note(module))))
+    return layer_graph_module(
+        module, graph, f"Ghost{type(module).__name__}", state=module if before is None else before
+    )
+
+
+def _ghost_size(gm: fx.GraphModule) -> int:
+    return next(n.args[2] for n in gm.graph.nodes if n.target is ops.ghost_norm)  # type: ignore[no-any-return]

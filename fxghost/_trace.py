@@ -14,11 +14,14 @@ import torch
 import torch.utils.checkpoint
 from torch import fx, nn
 
+from . import ops
 from ._graph_module import DualGraphModule
 
 __all__ = ["GhostTracer", "TracingError", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# Taken now: while tracing, the module attribute is FX's wrapper of it.
+_CHECKPOINT = torch.utils.checkpoint.checkpoint
 
 
 class TracingError(RuntimeError):
@@ -70,7 +73,7 @@ class GhostTracer(fx.Tracer):
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
         super().__init__(
-            autowrap_functions=(*autowrap_functions, torch.utils.checkpoint.checkpoint)
+            autowrap_functions=(*autowrap_functions, _CHECKPOINT)
         )
         # Also `torch.utils.checkpoint.checkpoint(...)` and `cp.checkpoint(...)`, looked up in the
         # module rather than in the caller's globals.
@@ -88,14 +91,17 @@ class GhostTracer(fx.Tracer):
         return _InplaceProxy(node, self)
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any) -> Any:
-        if target is torch.utils.checkpoint.checkpoint and not (
-            args and isinstance(args[0], nn.Module)
-        ):
-            what = args[0] if args else kwargs.get("function")
-            raise TypeError(
-                f"torch.utils.checkpoint.checkpoint of {what!r}, which is not a submodule: only "
-                "checkpoint(self.submodule, ...) can stay a checkpoint call in a graph"
-            )
+        if target is _CHECKPOINT:
+            if not (args and isinstance(args[0], nn.Module)):
+                what = args[0] if args else kwargs.get("function")
+                raise TypeError(
+                    f"torch.utils.checkpoint.checkpoint of {what!r}, which is not a submodule: "
+                    "only checkpoint(self.submodule, ...) can stay a checkpoint call in a graph"
+                )
+            # fxghost's op, which stays one node when the graph is traced again: a node of
+            # torch's function would be generated as wrap("torch.utils.checkpoint.checkpoint"),
+            # which breaks every later symbolic trace in the process.
+            target = ops.checkpoint
         return super().create_proxy(kind, target, args, kwargs, *a, **k)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

@@ -27,12 +27,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from . import _compile_ops, _fast, _math
 from ._plan import plan_ghost_batches, uses_batch_stats
 
-__all__ = ["GhostGroups", "ghost_hooks", "ghost_norm", "ghost_pre_hooks", "ghost_unview", "ghost_view"]
+__all__ = [
+    "GhostGroups",
+    "checkpoint",
+    "ghost_hooks",
+    "ghost_norm",
+    "ghost_pre_hooks",
+    "ghost_unview",
+    "ghost_view",
+]
 
 #: ``(main, tail)``. From :func:`ghost_view`: ``main`` a ``(G, c, C, *spatial)`` view of the full
 #: ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when
@@ -44,7 +53,7 @@ def _find_proxy(args: tuple[Any, ...]) -> torch.fx.Proxy | None:
     for a in args:
         if isinstance(a, torch.fx.Proxy):
             return a
-        if isinstance(a, tuple):
+        if isinstance(a, (tuple, list)):
             found = _find_proxy(a)
             if found is not None:
                 return found
@@ -65,13 +74,15 @@ class _GraphOp:
         self._fn = fn
         self._step = step
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.compiler.is_compiling():
-            proxy = _find_proxy(args)
+            proxy = _find_proxy((*args, *kwargs.values()))
             if proxy is not None:
-                layer_name = args[-1] if isinstance(args[-1], str) else None
+                layer_name = args[-1] if args and isinstance(args[-1], str) else None
                 node_name = f"{layer_name.replace('.', '_')}_{self._step}" if layer_name else None
-                out = proxy.tracer.create_proxy("call_function", self, args, {}, name=node_name)
+                out = proxy.tracer.create_proxy(
+                    "call_function", self, args, kwargs, name=node_name
+                )
                 # Re-tracing (also what unpickling a GraphModule does) keeps the provenance.
                 out.node.meta["fxghost"] = {
                     "source_layer": layer_name,
@@ -79,7 +90,7 @@ class _GraphOp:
                     "step": self._step,
                 }
                 return out
-        return self._fn(*args)
+        return self._fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"{self.__module__}.{self.__name__}"  # type: ignore[attr-defined]
@@ -207,3 +218,11 @@ def ghost_hooks(y: Tensor, x: Tensor, layer: nn.Module, name: str) -> Tensor:
         if result is not None:
             y = result
     return y
+
+
+@_fx_leaf("checkpoint")
+def checkpoint(function: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``torch.utils.checkpoint.checkpoint(function, *args, **kwargs)``, as one graph node: what a
+    model's own ``checkpoint(self.block, x)`` becomes when traced, so that re-tracing the graph
+    (or unpickling it) keeps it a checkpoint call under any tracer."""
+    return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
