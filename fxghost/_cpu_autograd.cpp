@@ -6,6 +6,8 @@
  * removes is the Python around them: the autograd.Function's forward and backward, the ctypes
  * argument conversion and a dozen small tensor calls. On a tabular (N, C) layer these cost about
  * as much as the kernels themselves; here they are a dispatcher call and a C++ autograd node.
+ * Under create_graph=True its backward is, like the Function's, differentiable ATen ops instead
+ * of the kernels (fxghost._math.differentiable_backward).
  */
 #define restrict __restrict__
 extern "C" {
@@ -16,7 +18,6 @@ extern "C" {
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <array>
@@ -155,6 +156,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
                                       threads(xg.numel())));
         });
         ctx->save_for_backward({xg, weight ? *weight : Tensor(), mean, rstd});
+        ctx->saved_data["eps"] = eps;
         /* mean and var are not differentiable: no zero gradients need to be made up for them. */
         ctx->set_materialize_grads(false);
         Tensor mean_s = standard(mean, xg.dim()), var_s = standard(var, xg.dim());
@@ -166,11 +168,10 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
        says whether anything else holds it (a copy of the list would hold it too). */
     static variable_list backward(AutogradContext *ctx, variable_list &grads) {
         if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
-        bool requires_grad = false; /* create_graph: see once_differentiable */
-        for (const auto &g : grads) requires_grad |= g.defined() && g.requires_grad();
+        /* create_graph=True: the gradients must be differentiable, which the kernels' are not */
+        if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grads[0]);
         variable_list out;
         {
-            at::NoGradGuard no_grad;
             auto saved = ctx->get_saved_variables();
             const Tensor &xg = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
             const Dims d = dense_dims(xg);
@@ -203,7 +204,38 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             };
             out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor()};
         }
-        return once_differentiable(requires_grad, std::move(out));
+        return out;
+    }
+
+    /* fxghost._math.differentiable_backward in ATen ops: BatchNorm's backward with the
+       statistics recomputed from x (the forward's were computed without autograd), so that the
+       gradients depend on x, the weight and dy through ops autograd can differentiate again. */
+    static variable_list differentiable_backward(AutogradContext *ctx, const Tensor &grad) {
+        auto saved = ctx->get_saved_variables();
+        const Tensor &xg = saved[0], &weight = saved[1];
+        const double eps = ctx->saved_data["eps"].toDouble();
+        std::vector<int64_t> dims{1}, channel_shape(xg.dim(), 1);
+        for (int64_t d = 3; d < xg.dim(); d++) dims.push_back(d);
+        channel_shape[2] = xg.size(2);
+        const Tensor g = grad.view(xg.sizes()); /* sample-first to grouped: a view */
+        auto [var, mean] = at::var_mean(xg, dims, /*correction=*/0, /*keepdim=*/true);
+        const Tensor rstd = at::rsqrt(var + eps);
+        const Tensor xhat = (xg - mean) * rstd;
+        const Tensor sum_dy = g.sum(dims, /*keepdim=*/true);
+        const Tensor sum_dy_xhat = (g * xhat).sum(dims, /*keepdim=*/true);
+        Tensor dx, gw, gb;
+        if (ctx->needs_input_grad(0)) {
+            const int64_t per_group = xg.size(0) * xg.size(2);
+            const double count = static_cast<double>(per_group ? xg.numel() / per_group : 0);
+            Tensor k = rstd;
+            if (weight.defined()) k = rstd * weight.to(xg.scalar_type()).view(channel_shape);
+            dx = k * (g - sum_dy / count - xhat * (sum_dy_xhat / count));
+        }
+        if (weight.defined() && ctx->needs_input_grad(1))
+            gw = sum_dy_xhat.sum(0).flatten().to(weight.scalar_type());
+        if (weight.defined() && ctx->needs_input_grad(2))
+            gb = sum_dy.sum(0).flatten().to(weight.scalar_type());
+        return {dx, gw, gb, Tensor()};
     }
 
     /* Whether the incoming gradient can be overwritten: nothing else holds the tensor or its
@@ -217,27 +249,6 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
                g.layout() == at::kStrided && !g.is_conj() && !g.is_neg() &&
                g.storage_offset() == 0 && !g.is_inference() &&
                g.storage().nbytes() == static_cast<size_t>(g.numel()) * g.element_size();
-    }
-
-    /* As torch.autograd.function.once_differentiable: with create_graph=True the gradients get a
-       grad_fn that raises if they are differentiated again, instead of silently having none. */
-    static variable_list once_differentiable(bool requires_grad, variable_list out) {
-        if (!at::GradMode::is_enabled() || !requires_grad) return out;
-        variable_list aliases;
-        for (const auto &t : out) {
-            if (!t.defined()) {
-                aliases.emplace_back();
-                continue;
-            }
-            Tensor alias = t.detach();
-            alias.set_requires_grad(true);
-            aliases.push_back(std::move(alias));
-        }
-        auto error = std::make_shared<torch::autograd::DelayedError>(
-            "fxghost: trying to differentiate twice the ghost normalization, whose backward is "
-            "not differentiable (as with @once_differentiable)",
-            static_cast<int64_t>(aliases.size()));
-        return error->apply(std::move(aliases));
     }
 };
 

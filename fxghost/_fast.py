@@ -13,6 +13,11 @@ otherwise. Under ``torch.compile`` the C kernels run as custom ops on CPU inputs
 (inductor's code for them was slower); everywhere else the decomposition in :mod:`fxghost._math`,
 with BatchNorm's analytic backward, so that inductor can fuse it with neighbouring ops
 (``FXGHOST_COMPILED_NORM=kernels`` gives it the Triton kernels as custom ops instead).
+
+The kernels' gradients cannot be differentiated again. Under ``create_graph=True`` (double
+backward: gradient penalties, Hessian-vector products) every backward here computes them instead
+in differentiable torch ops (:func:`fxghost._math.differentiable_backward`); the first-order
+backward is untouched.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import _compile_ops, _cpu, _cpu_autograd, _math, _triton
 
@@ -140,19 +144,20 @@ def _forward_outputs(
     ctx: Any,
     xg: Tensor,
     weight: Tensor | None,
+    eps: float,
     stats: tuple[Tensor, ...],
     kernels: BackwardKernels,
     extra: Any,
 ) -> tuple[Tensor, Tensor]:
-    """What every Function's forward ends with: save ``x``, ``weight`` and the per-group
-    ``(mean, rstd)``, and the backward ``kernels`` with their ``extra`` argument, for backward;
-    return ``(mean, var)`` in the standard shape, marked non-differentiable. ``stats`` is
-    ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
+    """What every Function's forward ends with: save ``x``, ``weight``, ``eps`` and the
+    per-group ``(mean, rstd)``, and the backward ``kernels`` with their ``extra`` argument, for
+    backward; return ``(mean, var)`` in the standard shape, marked non-differentiable. ``stats``
+    is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
     mean, rstd, var = stats
     ctx.save_for_backward(xg, weight, mean, rstd)
     # mean and var are not differentiable: no zero gradients need to be made up for them.
     ctx.set_materialize_grads(False)
-    ctx.kernels, ctx.extra = kernels, extra
+    ctx.kernels, ctx.extra, ctx.eps = kernels, extra, eps
     mean_s, var_s = _standard(mean, xg.shape), _standard(var, xg.shape)
     ctx.mark_non_differentiable(mean_s, var_s)
     return mean_s, var_s
@@ -183,10 +188,10 @@ def _totals(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
 class _FusedGhostNorm(torch.autograd.Function):
     """The backward every Function here shares: ``ctx.kernels`` (set by its forward through
     :func:`_forward_outputs`) give the input gradient and the two per-(group, channel) sums,
-    which make the weight and bias gradients."""
+    which make the weight and bias gradients; under ``create_graph=True``, differentiable
+    torch ops give them."""
 
     @staticmethod
-    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
@@ -195,6 +200,9 @@ class _FusedGhostNorm(torch.autograd.Function):
         if dy is None:  # grads are not materialized, and only y is differentiable
             return None, None, None, None, None
         xg, weight, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the result must be differentiable
+            grads = _math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad)
+            return (*grads, None, None)
         dy = dy.view(*xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
         grad_x, dweight, dbias = ctx.kernels(
             dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
@@ -233,7 +241,7 @@ class _TorchOpsGhostNorm(_FusedGhostNorm):
         else:
             y.mul_(rstd * layout.per_channel(weight)).add_(layout.per_channel(bias))  # type: ignore[arg-type]
         mean_s, var_s = _forward_outputs(
-            ctx, xg, weight, (mean, rstd, var), _torch_ops_backward, count
+            ctx, xg, weight, eps, (mean, rstd, var), _torch_ops_backward, count
         )
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
@@ -285,7 +293,7 @@ class _TritonGhostNorm(_FusedGhostNorm):
         y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, update)
         count = xg.numel() // (xg.shape[0] * xg.shape[2])
         mean_s, var_s = _forward_outputs(
-            ctx, xg, weight, (mean, rstd, var), _triton_backward, count
+            ctx, xg, weight, eps, (mean, rstd, var), _triton_backward, count
         )
         return y, mean_s, var_s
 
@@ -335,7 +343,7 @@ class _CpuKernelGhostNorm(_FusedGhostNorm):
         dims = _dense_dims(xg)
         out, mean, var, rstd = _cpu_forward(xg, weight, bias, eps, dims)
         mean_s, var_s = _forward_outputs(
-            ctx, xg, weight, (mean, rstd, var), _cpu_backward, dims
+            ctx, xg, weight, eps, (mean, rstd, var), _cpu_backward, dims
         )
         return out, mean_s, var_s
 
@@ -491,7 +499,7 @@ def _norm_backward_fake(
 
 
 def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    xg, weight, _bias, _eps = inputs
+    xg, weight, _bias, ctx.eps = inputs
     ctx.save_for_backward(xg, weight, output[1], output[3])
 
 
@@ -519,8 +527,13 @@ def _register_norm_ops(
 
     def backward_rule(
         ctx: Any, dy: Tensor, *_unused: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
+        # create_graph=True: reached when dynamo runs the op without AOT autograd (whose traced
+        # backward has grad mode off; AOT autograd refuses double backward).
+        if torch.is_grad_enabled():
+            return (*_math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad),
+                    None)
         grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
         grad_w, grad_b = _param_grads(ctx, weight, dweight, dbias)
         return grad_x, grad_w, grad_b, None

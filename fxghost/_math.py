@@ -20,6 +20,7 @@ from . import _cpu
 __all__ = [
     "affine_coefficients",
     "bessel",
+    "differentiable_backward",
     "ema_coefficients",
     "ghost_norm_compiled",
     "ghost_norm_decomposed",
@@ -80,6 +81,39 @@ def ghost_norm_decomposed(
     return _normalized(xs, scale, shift).to(xg.dtype), mean, var
 
 
+def differentiable_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, eps: float | Tensor,
+    needs_input_grad: Sequence[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_weight, grad_bias)`` of ghost normalization for the sample-first incoming
+    gradient ``dy``, in differentiable ops: what the fused paths' backward returns under
+    ``create_graph=True``, so that a second derivative (a gradient penalty, a Hessian-vector
+    product) can go through it. The statistics are recomputed from ``xg`` rather than taken
+    from the forward, where they were computed without autograd: the gradient depends on ``xg``
+    through them too. ``needs_input_grad`` as a Function's ``ctx`` has it (x, weight, bias)."""
+    dtype = stat_dtype(xg.dtype)
+    dims = reduce_dims(xg.dim())
+    xs = _cast(xg, dtype)
+    g = _cast(dy.view(xg.shape), dtype)  # sample-first to grouped: a view
+    var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = (xs - mean) * rstd
+    sum_dy = g.sum(dims, keepdim=True)
+    sum_dy_xhat = (g * xhat).sum(dims, keepdim=True)
+    grad_x = grad_w = grad_b = None
+    if needs_input_grad[0]:
+        count = xg.numel() // (xg.shape[0] * xg.shape[2])
+        k = rstd
+        if weight is not None:
+            k = rstd * _cast(weight, dtype).view(channel_shape(xg.dim(), xg.shape[2]))
+        grad_x = _cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
+    if weight is not None and needs_input_grad[1]:
+        grad_w = _cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
+    if weight is not None and needs_input_grad[2]:
+        grad_b = _cast(sum_dy.sum(0).flatten(), weight.dtype)
+    return grad_x, grad_w, grad_b
+
+
 class _CompiledGhostNorm(torch.autograd.Function):
     """``y`` from ``xg`` and its per-group ``mean`` and ``rstd``, with BatchNorm's analytic
     backward, for torch.compile (:func:`ghost_norm_compiled`).
@@ -90,8 +124,11 @@ class _CompiledGhostNorm(torch.autograd.Function):
     ``native_batch_norm_backward`` does, so inductor fuses it the same way; ``dx`` includes the
     statistics' contribution, so ``mean`` and ``rstd`` come in detached. AOT autograd traces
     both methods into the graph (dynamo sees one op: :mod:`fxghost._compile_ops`). Eager code
-    keeps :func:`ghost_norm_decomposed`: the statistics are constants to autograd here, so a
-    second derivative through this backward would be wrong.
+    keeps :func:`ghost_norm_decomposed`.
+
+    The statistics are constants to autograd here, so under ``create_graph=True`` (reached when
+    dynamo runs without AOT autograd, as with ``backend="eager"``; AOT autograd refuses double
+    backward, for plain BatchNorm too) the backward is :func:`differentiable_backward` instead.
     """
 
     @staticmethod
@@ -108,6 +145,15 @@ class _CompiledGhostNorm(torch.autograd.Function):
         ctx: Any, dy: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         xg, weight, mean, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the result must be differentiable
+            # eps is not an input (see ghost_norm_compiled): recovered, up to rounding, from
+            # rstd = 1 / sqrt(var + eps).
+            var = torch.var(
+                _cast(xg.detach(), mean.dtype), dim=reduce_dims(xg.dim()), correction=0,
+                keepdim=True,
+            )
+            eps = rstd.pow(-2) - var
+            return (*differentiable_backward(dy, xg, weight, eps, ctx.needs_input_grad), None, None)
         dims = reduce_dims(xg.dim())
         g = dy.view(xg.shape).to(mean.dtype)  # sample-first to grouped: a view
         xhat = (xg.to(mean.dtype) - mean) * rstd

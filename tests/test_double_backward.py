@@ -1,0 +1,245 @@
+"""Second derivatives (gradient penalties, Hessian-vector products) through every implementation
+that a transformed BatchNorm can run, against numerical derivatives and the chunked reference.
+
+Each eager implementation is reached as the other test modules reach it, by patching private
+names: the C++ autograd ops by default, the ctypes Function with the op unavailable, the
+torch-ops Function with the C kernels declined, the decomposition by ``select``. The Triton
+Function runs in float32 only (it does not take float64) under the Triton interpreter, in a
+subprocess (see test_triton.py), against the float64 reference with a float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import init_bn
+from torch import Tensor, nn
+
+import fxghost
+from fxghost import _cpu, _cpu_autograd, _fast, _math
+from fxghost.reference import apply_chunked_ghost_batchnorm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+GHOST = 4
+
+needs_kernels = pytest.mark.skipif(
+    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+)
+needs_op = pytest.mark.skipif(
+    not _cpu_autograd.available(),
+    reason="no C++ compiler or torch headers: the CPU autograd op is not built here",
+)
+
+# implementation: the name of the backward node its output has (the path is checked, not assumed)
+IMPLS = {
+    "cpu_autograd_op": "fxghost::GhostNorm",
+    "cpu_function": "_CpuKernelGhostNormBackward",
+    "torch_ops": "_TorchOpsGhostNormBackward",
+    "decomposition": "VarMeanBackward",
+}
+IMPL_PARAMS = [
+    pytest.param("cpu_autograd_op", marks=needs_op),
+    pytest.param("cpu_function", marks=needs_kernels),
+    "torch_ops",
+    "decomposition",
+]
+
+# name: (a BatchNorm, per-sample input shape, channels_last); batches of
+# 2 * GHOST samples are whole ghost batches, of 2 * GHOST - 2 end in a shorter one.
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
+    "1d": (lambda: nn.BatchNorm1d(3), (3,), False),
+    "1d_no_affine": (lambda: nn.BatchNorm1d(3, affine=False), (3,), False),
+    "2d": (lambda: nn.BatchNorm2d(2), (2, 2, 2), False),
+    "2d_channels_last": (lambda: nn.BatchNorm2d(2), (2, 2, 2), True),
+}
+BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}
+
+
+def _model(name: str) -> nn.Module:
+    """``MODELS[name]``'s BatchNorm in float64, in a Sequential."""
+    torch.manual_seed(0)
+    return nn.Sequential(init_bn(MODELS[name][0](), torch.float64))
+
+
+@pytest.fixture
+def use(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Route the transformed layers' eager training calls to one implementation."""
+
+    def route(impl: str) -> None:
+        if impl == "cpu_function":
+            monkeypatch.setattr(_cpu_autograd, "op", lambda: None)
+            monkeypatch.setattr(_cpu_autograd, "update_op", lambda: None)
+        elif impl == "torch_ops":
+            monkeypatch.setattr(_fast, "_cpu_kernels_apply", lambda xg: False)
+        elif impl == "decomposition":
+            monkeypatch.setattr(_fast, "select", lambda xg: _math.ghost_norm_decomposed)
+
+    return route
+
+
+def _nodes(t: Tensor) -> Iterator[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node.name()
+        todo.extend(n for n, _ in node.next_functions)
+
+
+def _input(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype) -> Tensor:
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_gradgradcheck(use: Callable[[str], None], impl: str, model_name: str, batch: str) -> None:
+    """First and second derivatives of a transformed model in training mode with respect to the
+    input, weight and bias (and the incoming gradient) match numerical ones."""
+    use(impl)
+    _, sample, channels_last = MODELS[model_name]
+    model = fxghost.transform(_model(model_name), ghost_batch_size=GHOST).train()
+    x = _input((BATCHES[batch], *sample), channels_last, torch.float64).requires_grad_()
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
+
+    def f(x: Tensor, *params: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
+
+    assert any(IMPLS[impl] in n for n in _nodes(f(x, *params))), f"{impl} did not run"
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def _penalty_grads(model: nn.Module, x: Tensor, r: Tensor) -> list[Tensor]:
+    """A gradient penalty's gradients: g = d loss / d x with create_graph, then (g**2).sum()
+    differentiated with respect to x and every parameter (Hessian-vector products)."""
+    x = x.clone().requires_grad_()
+    loss = (torch.sin(model(x)) * r).sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (g**2).sum().backward()
+    assert x.grad is not None
+    return [g.detach(), x.grad, *(p.grad for p in model.parameters())]
+
+
+# name: (a model, float32, whose BatchNorm takes another layer's output, so that the second
+# derivatives flow on through it; per-sample input and output shapes; channels_last). The layer
+# before has no bias: the BatchNorm would cancel it, and its zero gradient would be all rounding.
+Penalty = tuple[nn.Module, tuple[int, ...], tuple[int, ...], bool]
+
+
+def _penalty_model(name: str) -> Penalty:
+    torch.manual_seed(0)
+    if name == "1d":
+        bn = init_bn(nn.BatchNorm1d(3), torch.float32)
+        return nn.Sequential(nn.Linear(4, 3, bias=False), bn, nn.Tanh()), (4,), (3,), False
+    bn = init_bn(nn.BatchNorm2d(3), torch.float32)
+    return nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), bn), (2, 3, 2), (3, 3, 2), True
+
+
+def _compare_penalty(
+    penalty: Penalty, batch: int, dtype: torch.dtype, rtol: float, node: str
+) -> None:
+    """The penalty's gradients through the transformed model in ``dtype``, whose layer runs the
+    backward ``node``, against the chunked reference's in float64, each relative to its largest
+    value."""
+    model, sample, out_sample, channels_last = penalty
+    x = _input((batch, *sample), channels_last, torch.float64)
+    r = torch.randn((batch, *out_sample), dtype=torch.float64)
+    transformed = fxghost.transform(copy.deepcopy(model).to(dtype), GHOST).train()
+    assert any(node in n for n in _nodes(transformed(x.to(dtype)))), f"{node} did not run"
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model).double(), GHOST).train()
+    got = _penalty_grads(transformed, x.to(dtype), r.to(dtype))
+    want = _penalty_grads(reference, x, r)
+    names = ["g", "x", *(f"param {n}" for n, _ in model.named_parameters())]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a is not None, name
+        scale = b.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        assert err <= rtol * scale, f"{name}: error {err:.3g} for values up to {scale:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_gradient_penalty_matches_reference(
+    use: Callable[[str], None], impl: str, model_name: str, batch: str
+) -> None:
+    use(impl)
+    # float64 with a few values per channel is ill-conditioned: 1e-10 of the scale is rounding
+    penalty = _penalty_model(model_name)
+    _compare_penalty(penalty, BATCHES[batch], torch.float64, 1e-10, IMPLS[impl])
+
+
+def test_triton_interpreted() -> None:
+    """The check_* functions below, under the Triton interpreter in a fresh process."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
+           "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def check_triton_gradient_penalty(model_name: str, batch: str) -> None:
+    """The Triton Function (it takes float32 and 16-bit inputs, not float64) in float32, against
+    the float64 reference."""
+    if not _fast._triton.interpreting():
+        pytest.fail("run with TRITON_INTERPRET=1 (test_triton_interpreted does)")
+    penalty = _penalty_model(model_name)
+    _compare_penalty(penalty, BATCHES[batch], torch.float32, 5e-5, "_TritonGhostNormBackward")
+
+
+def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor] | str:
+    """The penalty's gradients through ``torch.compile(model)``, or the error it raises."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    r = torch.randn_like(x)
+    try:
+        return _penalty_grads(compiled, x, r)
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+@pytest.mark.parametrize("model_name", ["1d", "2d"])
+def test_compiled_double_backward_behaves_as_plain(backend: str, model_name: str) -> None:
+    """Under torch.compile a transformed model does what plain BatchNorm does: AOT autograd
+    refuses double backward for both (the same error); dynamo alone runs the ops eagerly, and
+    the second derivatives are the reference's. On CPU the 1d layer takes the composite op with
+    the decomposition, the 2d layer the C kernels' custom op."""
+    model, sample = _model(model_name), MODELS[model_name][1]
+    x = _input((BATCHES["tail"], *sample), False, torch.float64)
+    torch.manual_seed(1)
+    plain = _compiled_penalty(copy.deepcopy(model), x, backend)
+    torch.manual_seed(1)
+    got = _compiled_penalty(fxghost.transform(copy.deepcopy(model), GHOST), x, backend)
+    if isinstance(plain, str):
+        assert "double backward" in plain
+        assert got == plain
+        return
+    assert not isinstance(got, str), got
+    torch.manual_seed(1)
+    want = _penalty_grads(apply_chunked_ghost_batchnorm(copy.deepcopy(model), GHOST), x,
+                          torch.randn_like(x))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * b.abs().max().item())
