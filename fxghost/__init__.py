@@ -12,6 +12,7 @@ torch.Size([10, 8, 6, 6])
 from __future__ import annotations
 
 from ._api import PartialRewriteWarning, ghost_batchnorm_pass, transform
+from ._plan import InputDtypeError
 from ._report import GhostReport, LayerRecord, report
 from ._scope import UntracedPart
 from ._select import register_batchnorm
@@ -21,6 +22,7 @@ from ._version import __version__
 __all__ = [
     "GhostReport",
     "GhostTracer",
+    "InputDtypeError",
     "LayerRecord",
     "PartialRewriteWarning",
     "TracingError",

@@ -32,7 +32,28 @@ __all__ = ["DualGraphModule", "GhostGraphModule", "LayerGraphModule"]
 class GhostGraphModule(fx.GraphModule):
     """A GraphModule whose copies (``copy.deepcopy``, pickling) keep every attribute: all
     submodules, parameters and buffers in the model's order, buffer persistence, ``_version``,
-    state-dict hooks and fxghost's report."""
+    state-dict hooks and fxghost's report.
+
+    Data attributes it does not have (``num_classes``, ``config``, a ``resolution`` that the
+    model's own Python reads off a submodule) are read from the module it was traced from
+    (``_fxghost_source``). Methods are not: the source's methods would run its plain forward.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_fxghost_source")
+            if source is None or name.startswith("__"):
+                raise
+            value = getattr(source, name)
+            if callable(value) and not isinstance(value, nn.Module):
+                raise AttributeError(
+                    f"fxghost: {type(source).__name__}.{name} is a method of the traced module; "
+                    "the rewritten GraphModule has only forward (call the method on the "
+                    "original model, which runs plain BatchNorm)"
+                ) from None
+            return value
 
     def _graphs(self) -> dict[str, fx.Graph]:
         return {"_graph": self.graph}

@@ -269,6 +269,7 @@ def rewrite(
     else:
         new_gm = GhostGraphModule(gm, graph, class_name=gm.__class__.__name__)
     _mirror_state(source, new_gm)
+    object.__setattr__(new_gm, "_fxghost_source", source)  # not a submodule: no state
     new_gm.meta.update(gm.meta)
     new_gm.recompile()
     # Only the top-level flag (and graph): recursing would flip the caller's shared layers.

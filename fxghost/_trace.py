@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import operator
 import os
 import re
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -90,6 +91,10 @@ class GhostTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceProxy(node, self)
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _checkpoint_internals_refuse_proxies():
+            return super().trace(root, concrete_args)
+
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any) -> Any:
         if target is _CHECKPOINT:
             if not (args and isinstance(args[0], nn.Module)):
@@ -112,6 +117,51 @@ class GhostTracer(fx.Tracer):
         if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_names):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+@contextlib.contextmanager
+def _checkpoint_internals_refuse_proxies() -> Iterator[None]:
+    """While tracing, make torch's checkpoint machinery refuse traced values: reached other than
+    through the name ``checkpoint`` (a ``functools.partial`` stored on the module, as
+    HuggingFace writes it, or an alias), it would be traced through silently, and the rewritten
+    model would store every activation that the model meant to recompute. Refused, the module
+    calling it is kept as Python code, and its checkpoint with it."""
+    module = torch.utils.checkpoint
+    saved = {name: module.__dict__[name] for name in _CHECKPOINT_INTERNALS if name in module.__dict__}
+
+    def refusing(original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _holds_proxy((args, kwargs)):
+                raise TypeError(
+                    "torch.utils.checkpoint reached with traced values other than as "
+                    "checkpoint(self.submodule, ...) (through a functools.partial or an alias): "
+                    "the module calling it is kept as Python code"
+                )
+            return original(*args, **kwargs)
+
+        return call
+
+    try:
+        for name, original in saved.items():
+            setattr(module, name, refusing(original))
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(module, name, original)
+
+
+# What checkpoint() calls with the checkpointed function's arguments, in recent torch and in older.
+_CHECKPOINT_INTERNALS = ("_checkpoint_impl", "_checkpoint_without_reentrant_generator")
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    return False
 
 
 def _user_frame(err: BaseException) -> str | None:

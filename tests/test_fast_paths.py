@@ -415,18 +415,6 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     assert _fast.training_norm(xg, _bn_for(xg), 3, 4) is not None
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-def test_double_backward_raises(impl: _fast.NormFn) -> None:
-    """The backward is not differentiable: a second differentiation raises instead of giving
-    silently wrong second derivatives (create_graph=True alone is allowed)."""
-    xg = _grouped("tabular", False, torch.float64).requires_grad_()
-    w = torch.rand(xg.shape[2], dtype=torch.float64, requires_grad=True)
-    y = impl(xg, w, torch.zeros_like(w), 1e-5)[0]
-    (grad,) = torch.autograd.grad((y * y).sum(), xg, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiat"):
-        grad.sum().backward()
-
-
 @needs_op
 def test_eager_layers_run_the_autograd_op() -> None:
     """A transformed model's eager CPU step goes through the C++ op (its backward node), and

@@ -4,6 +4,7 @@ BatchNorms, checkpointing, hooks, state-dict metadata, copies, re-applying, the 
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import warnings
 from collections.abc import Callable
@@ -173,19 +174,45 @@ def test_checkpoint_calls_stay_checkpoint_calls() -> None:
     )
 
 
-def test_checkpoint_of_a_plain_function_keeps_the_calling_module_as_python() -> None:
-    class Closure(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.block = _Block()
+class _Closure(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return checkpoint(lambda t: self.block(t) * 2, x, use_reentrant=False)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(lambda t: self.block(t) * 2, x, use_reentrant=False)
 
-    model = Closure().double()
+
+class _Partial(nn.Module):
+    """Checkpointing through a stored partial, as HuggingFace models do."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.block = _Block()
+        self.checkpoint_fn = functools.partial(checkpoint, use_reentrant=reentrant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint_fn(self.block.__call__, x)
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_Closure, "not a submodule"),
+        (lambda: _Partial(False), "through a functools.partial"),
+        (lambda: _Partial(True), "through a functools.partial"),
+    ],
+    ids=["lambda", "partial", "partial-reentrant"],
+)
+def test_other_checkpoints_keep_the_calling_module_as_python(
+    make: Callable[[], nn.Module], why: str
+) -> None:
+    model = make().double()
     gm = _transform_quietly(model, 4)
-    assert type(gm) is Closure and isinstance(gm.block, torch.fx.GraphModule)
-    assert "not a submodule" in fxghost.report(gm).untraced[0].error
+    assert type(gm) is type(model) and isinstance(gm.block, torch.fx.GraphModule)
+    assert why in fxghost.report(gm).untraced[0].error
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert _saved_tensors(copy.deepcopy(gm), x) == _saved_tensors(copy.deepcopy(model), x)
     run_side_by_side(model, 4, [(8, 4, 3, 3)], transformed=gm)
 
 

@@ -7,13 +7,14 @@ model's eval output.
 
 A representative subset runs by default; ``FXGHOST_ALL_MODELS=1 pytest
 tests/test_torchvision_models.py`` runs every model. Models that symbolic tracing cannot handle are
-listed in :data:`UNTRACEABLE` and skipped with the reason.
+listed in :data:`UNTRACEABLE`: they keep their Python code and are ghosted below it.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,6 +267,11 @@ def test_model_matches_reference(case: Case) -> None:
         if type(m) in BATCHNORM
     ), "every layer counts one update per ghost batch"
 
+    # A checkpoint of the rewritten model loads into a freshly built plain one, strictly.
+    fresh = _build(case)
+    fresh.load_state_dict(gm.state_dict())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
     gm.eval()
     model.eval()
     with torch.no_grad():
@@ -275,12 +281,35 @@ def test_model_matches_reference(case: Case) -> None:
         assert_close(o, r, f"{case.name}: eval output {i} vs the original model", dict(case.tol))
 
 
-@pytest.mark.parametrize("name", sorted(UNTRACEABLE))
-def test_untraceable_model(name: str) -> None:
-    pytest.skip(
-        f"{name}: symbolic tracing fails ({UNTRACEABLE[name]}); the whole model is covered by "
-        "partial rewriting (tests/test_detection.py)"
-    )
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=[]
+            if n == "raft_large" or ALL_MODELS
+            else pytest.mark.skip(reason=f"detection models are large; run {ALL_MODELS_HINT}"),
+        )
+        for n in sorted(UNTRACEABLE)
+    ],
+)
+def test_untraceable_model_is_ghosted_below_its_python(name: str) -> None:
+    """Models that do not trace as a whole keep their Python and have every BatchNorm ghosted
+    below it; the result loads into, and from, a freshly built plain model."""
+    kwargs = {} if name == "raft_large" else {"weights_backbone": None}
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxghost.PartialRewriteWarning)
+        result = fxghost.transform(model, 2)
+    rep = fxghost.report(result)
+    assert rep.untraced and rep.untraced[0].name == "(root)"
+    assert len(rep.rewritten) == sum(type(m) in BATCHNORM for m in model.modules()) > 0
+    assert list(result.state_dict()) == list(model.state_dict())
+    torch.manual_seed(0)
+    fresh = torchvision.models.get_model(name, weights=None, **kwargs)
+    fresh.load_state_dict(result.state_dict())
+    result.load_state_dict(fresh.state_dict())
 
 
 def test_model_lists_cover_torchvision() -> None:
