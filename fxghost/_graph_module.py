@@ -39,6 +39,9 @@ class GhostGraphModule(fx.GraphModule):
     (``_fxghost_source``). Methods are not: the source's methods would run its plain forward.
     """
 
+    #: Whether methods, too, are read from the source (a LayerGraphModule's layer's are).
+    _source_methods = False
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -47,7 +50,7 @@ class GhostGraphModule(fx.GraphModule):
             if source is None or name.startswith("__"):
                 raise
             value = getattr(source, name)
-            if callable(value) and not isinstance(value, nn.Module):
+            if not self._source_methods and callable(value) and not isinstance(value, nn.Module):
                 raise AttributeError(
                     f"fxghost: {type(source).__name__}.{name} is a method of the traced module; "
                     "the rewritten GraphModule has only forward (call the method on the "
@@ -135,10 +138,12 @@ class DualGraphModule(GhostGraphModule):
 class LayerGraphModule(GhostGraphModule):
     """One BatchNorm, ghosted on its own. The layer's parameters, buffers and submodules are this
     module's own (the same tensors, so ``state_dict`` keys and ``named_parameters`` are the
-    layer's), and the graph passes this module to the ghost ops as the layer. Attributes it does
-    not have (``momentum``, ``eps``, ``num_features``, ...) are read from the original layer,
-    kept as ``_fxghost_layer``, so that changing them on the layer takes effect as it would in a
-    model traced whole."""
+    layer's), and the graph passes this module to the ghost ops as the layer. Attributes and
+    methods it does not have (``momentum``, ``eps``, ``num_features``, ``_check_input_dim``) are
+    read from the original layer, its ``_fxghost_source``, so that changing them on the layer
+    takes effect as it would in a model traced whole."""
+
+    _source_methods = True
 
     @property
     def _fxghost_self(self) -> LayerGraphModule:
@@ -151,17 +156,8 @@ class LayerGraphModule(GhostGraphModule):
         root = nn.Module()
         root._modules.update(self._modules)
         root._fxghost_self = nn.Module()
-        root._fxghost_layer = nn.Module()
+        root._fxghost_source = nn.Module()
         return root
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_fxghost_layer")
-            if layer is None or name.startswith("__"):
-                raise
-            return getattr(layer, name)
 
 
 def layer_graph_module(
@@ -172,7 +168,7 @@ def layer_graph_module(
     buffers and submodules of ``state`` (default: ``layer``'s own)."""
     state = layer if state is None else state
     gm = LayerGraphModule(nn.Module(), fx.Graph(), class_name)
-    object.__setattr__(gm, "_fxghost_layer", layer)  # not a submodule: no state of its own
+    object.__setattr__(gm, "_fxghost_source", layer)  # not a submodule: no state of its own
     gm._parameters.update(state._parameters)
     gm._buffers.update(state._buffers)
     gm._non_persistent_buffers_set.update(state._non_persistent_buffers_set)

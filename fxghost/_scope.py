@@ -83,7 +83,7 @@ def rewrite_module(
     """``module`` rewritten: a GraphModule where it traces (unless it is a tracer ``leaf``), else
     a shallow copy whose children are rewritten; ``module`` itself is left unchanged."""
     if isinstance(module, LayerGraphModule):  # rewritten before: again, from the same layer
-        layer = module._fxghost_layer
+        layer = module._fxghost_source
         return _rewrite_layer(layer, rule_for(layer) or LayerRule(), walk, prefix, module)
     rule = rule_for(module)
     if rule is not None:
@@ -167,7 +167,7 @@ def _rewrite_layer(
     base = prefix.rpartition(".")[2] or "bn"
     out = emit_ghost_subgraph(
         graph, x, module, rule, walk.g, name, base=base, meta={},
-        layer_target="_fxghost_self", hooks_target="_fxghost_layer", submodule_prefix="",
+        layer_target="_fxghost_self", hooks_target="_fxghost_source", submodule_prefix="",
     )
     graph.output(out)
     note = hook_note(module)

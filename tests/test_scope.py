@@ -346,3 +346,23 @@ def _no_warning(fn: Callable[[], object]) -> None:
 def test_no_warning_when_everything_is_ghosted() -> None:
     _no_warning(lambda: fxghost.transform(_Net(), 4))
     _no_warning(lambda: fxghost.transform(nn.BatchNorm3d(2), 4))
+
+
+def test_layer_graph_modules_and_hooks_compile_without_graph_breaks() -> None:
+    """A BatchNorm ghosted on its own, under Python that reads shapes, and a layer's hooks:
+    ``torch.compile(fullgraph=True)`` takes both, with the reference's results."""
+    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor | None]] = []
+    hooked = _hooked(calls)
+    model = nn.ModuleDict({"shape": _ShapeReader(), "hooked": hooked}).double()
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    gm = _transform_quietly(model, 4)
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m["hooked"](m["shape"](x).mean((2, 3))[:, :3])
+
+    compiled = torch.compile(lambda x: run(gm, x), backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    y = compiled(x)
+    assert [c[0] for c in calls] == ["pre", "post"]
+    torch.testing.assert_close(y, run(reference, x))
+    assert_same_state(model, reference, "after a compiled step")
