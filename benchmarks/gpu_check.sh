@@ -15,8 +15,7 @@
 #   probe     benchmarks/probe_overhead.py: the CPU time of the Triton path's pieces, with Triton's
 #             dispatch and with direct launches, and a cProfile of its layer steps
 #   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost
-#             (compiling it with the chunked reference takes ~5 minutes; ANCHORS.md has its
-#             figures)
+#             (compiling it with the chunked reference takes minutes, so it is left out)
 #   compiled-kernels  fxghost's ResNet-50 again with FXGHOST_COMPILED_NORM=kernels (own JSON)
 #   compiled-layer  the suite under torch.compile for the main layer cases (plain and fxghost)
 #   compiled  compiled-model, compiled-kernels, then compiled-layer
@@ -63,7 +62,7 @@ run() {  # run NAME LIMIT_S CMD...: output to the log; status and the tail to th
 }
 
 compiled_layer() {
-    run bench-compiled-layer 600 "$py" -m fxghost bench --device cuda --modes compiled \
+    run bench-compiled-layer 600 "$py" benchmarks/run.py --device cuda --modes compiled \
         --sections layer --impls plain,fxghost \
         --cases "(256,256,56,56) bf16" "(16384,512)" --out "$out/compiled-layer.json"
 }
@@ -92,7 +91,7 @@ torchvision.__version__, torch.cuda.get_device_name())'"
             tests/test_cuda.py -k compiled
         ;;
     eager)
-        run bench-eager 600 "$py" -m fxghost bench --device cuda --modes eager \
+        run bench-eager 600 "$py" benchmarks/run.py --device cuda --modes eager \
             --out "$out/eager.json"
         ;;
     profile)
@@ -107,12 +106,12 @@ torchvision.__version__, torch.cuda.get_device_name())'"
         ;;
     compiled-model | compiled-kernels | compiled)
         if [ "$stage" != compiled-kernels ]; then
-            run bench-compiled-model 600 "$py" -m fxghost bench --device cuda --modes compiled \
+            run bench-compiled-model 600 "$py" benchmarks/run.py --device cuda --modes compiled \
                 --sections model --impls plain,fxghost --out "$out/compiled-model.json"
         fi
         if [ "$stage" != compiled-model ]; then
-            FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" -m fxghost \
-                bench --device cuda --modes compiled --sections model --impls fxghost \
+            FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" \
+                benchmarks/run.py --device cuda --modes compiled --sections model --impls fxghost \
                 --out "$out/compiled-model-kernels.json"
         fi
         [ "$stage" = compiled ] && compiled_layer

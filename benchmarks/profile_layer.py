@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the suite beside this script, and its fxghost
 
-from fxghost import _bench  # noqa: E402
+import suite  # noqa: E402
+from harness import Builder, Step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CASES = (
@@ -30,27 +32,27 @@ DEFAULT_CASES = (
 )
 
 
-def _builder(text: str, device: torch.device) -> tuple[_bench._Builder, int]:
+def _builder(text: str, device: torch.device) -> tuple[Builder, int]:
     """The suite's step builder for a case, and how many steps to time per round."""
     if text == "resnet50":  # the suite's CUDA model case
-        case = _bench.model_cases("cuda", False)[0]
-        return _bench._model_steps(case, case.ghost_sizes[0], device)[0], 5
+        case = suite.model_cases("cuda", False)[0]
+        return suite.model_steps(case, case.ghost_sizes[0], device)[0], 5
     layer, g = _case(text)
-    return _bench._layer_steps(layer, g, device)[0], 50
+    return suite.layer_steps(layer, g, device)[0], 50
 
 
-def _case(text: str) -> tuple[_bench.LayerCase, int]:
+def _case(text: str) -> tuple[suite.LayerCase, int]:
     """``shape:dtype[cl]:g``, e.g. ``256,2048,7,7:bf16cl:32``."""
     shape, dtype, g = text.split(":")
     cl = dtype.endswith("cl")
-    case = _bench.LayerCase(
+    case = suite.LayerCase(
         tuple(int(v) for v in shape.split(",")), (int(g),), DTYPES[dtype.removesuffix("cl")],
         channels_last=cl,
     )
     return case, int(g)
 
 
-def _profile(step: _bench.Step, steps: int) -> tuple[float, int, list[tuple[str, float, int]]]:
+def _profile(step: Step, steps: int) -> tuple[float, int, list[tuple[str, float, int]]]:
     """GPU microseconds per step, launches per step, and the top kernels (name, us/step, calls)."""
     from torch.profiler import ProfilerActivity, profile
 

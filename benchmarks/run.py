@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Run fxghost's benchmark suite, as ``python -m fxghost bench`` does (``--help`` for options).
+"""Run fxghost's benchmark suite (``--help`` for options): ``python benchmarks/run.py``.
 
-Run it from the repository root: the JSON results go to ``benchmarks/results/`` under the current
-directory unless ``--out`` says otherwise.
+Tables go to stdout, progress to stderr, the raw numbers to ``benchmarks/results/`` unless
+``--out`` says otherwise.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-try:
-    from fxghost._bench import main
-except ImportError:  # a checkout that is not installed: import the package beside this folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from fxghost._bench import main
+HERE = Path(__file__).resolve().parent
+# The checkout's fxghost, installed or not: the suite measures the code beside it.
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+from suite import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from . import _version, report, transform
+from . import _userbench, _version, report, transform
 from ._trace import TracingError
 from .reference import apply_chunked_ghost_batchnorm
 
@@ -27,7 +27,7 @@ would, in a constant number of vectorized operations.
 commands:
   demo      trace torchvision resnet18, rewrite it, and check it against the chunked reference
   inspect   show which layers of a model are rewritten and which are skipped, and why
-  bench     time plain BatchNorm, the chunked reference and fxghost, eager and compiled
+  bench     time training steps of a model with plain BatchNorm and with fxghost
 """
 
 
@@ -79,8 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="rewrite only these layers (qualified names or glob patterns)")
     inspect.add_argument("--code", action="store_true", help="also print the generated code")
 
-    sub.add_parser("bench", help="run the benchmark suite (see `fxghost bench --help`)",
-                   add_help=False)
+    bench = sub.add_parser("bench", help="time a model's training step, plain vs fxghost",
+                           description=_userbench.DESCRIPTION)
+    _userbench.add_arguments(bench)
     return parser
 
 
@@ -249,10 +250,6 @@ def inspect_model(spec: str, ghost_batch_size: int, only: Sequence[str] | None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "bench":
-        from . import _bench
-
-        return _bench.main(args_list[1:])
     parser = _build_parser()
     args = parser.parse_args(args_list)
     try:
@@ -260,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return demo(args.ghost_batch_size, args.batch_size)
         if args.command == "inspect":
             return inspect_model(args.model, args.ghost_batch_size, args.only, args.code)
+        if args.command == "bench":
+            return _userbench.run(args, _load_model)
     except TracingError as err:
         # Not a bad argument: the model does not trace. The hints are the useful part.
         sys.stderr.write(f"{err}\n")

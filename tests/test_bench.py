@@ -1,4 +1,5 @@
-"""The benchmark suite, run for real in --quick mode on CPU (no timing assertions)."""
+"""The benchmark suite (benchmarks/), run for real in --quick mode on CPU (no timing assertions),
+and the user-facing ``fxghost bench``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from fxghost import _bench
+import fxghost
+from fxghost import _cli
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite is not part of the package: imported from the folder it lives in.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # noqa: E402
+import suite  # noqa: E402
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,7 +74,7 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
         if r["section"] == "model":
             assert r["items_per_s"] is not None and r["items_per_s"] > 0
     assert data["meta"]["device"] == "cpu" and data["meta"]["compile"] is False
-    assert data["meta"]["source_sha256"] == _bench.source_digest()
+    assert data["meta"]["source_sha256"] == suite.source_digest()
 
     # One table per section on stdout, progress on stderr.
     assert result.stdout.count("median ms") == 2
@@ -79,7 +86,7 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_compiled_layer_case(tmp_path: Path) -> None:
     out = tmp_path / "compiled.json"
-    args = "-m fxghost._bench --quick --sections layer --device cpu --out".split()
+    args = "benchmarks/run.py --quick --sections layer --device cpu --out".split()
     result = _run(*args, str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     compiled = [r for r in _load(out)["results"] if r["mode"] == "compiled"]
@@ -91,7 +98,7 @@ def test_quick_compiled_layer_case(tmp_path: Path) -> None:
 
 
 def test_options_parse_and_reject() -> None:
-    parser = _bench.build_parser()
+    parser = suite.build_parser()
     argv = (
         "--sections model,layer --impls fxghost,plain --ghost-sizes 16,32 --repeats 3 --warmup 0 "
         "--block 2"
@@ -109,10 +116,10 @@ def test_options_parse_and_reject() -> None:
 
 
 def test_modes_and_cases_select_jobs() -> None:
-    timing = _bench._Timing(0, 1)
+    timing = harness.Timing(0, 1)
 
     def jobs(modes: list[str], cases: list[str] | None) -> list[tuple[str, str, str, int]]:
-        found = _bench._jobs(["layer", "model"], modes, "cuda", False, None, timing, timing, cases)
+        found = suite.jobs(["layer", "model"], modes, "cuda", False, None, timing, timing, cases)
         return [(j.section, j.mode, j.case, j.g) for j in found]
 
     every = jobs(["eager", "compiled"], None)
@@ -128,7 +135,7 @@ def test_modes_and_cases_select_jobs() -> None:
 
 
 def test_a_cases_filter_that_matches_nothing_is_an_error() -> None:
-    result = _run("-m", "fxghost._bench", "--device", "cpu", "--cases", "(1,2,3)")
+    result = _run("benchmarks/run.py", "--device", "cpu", "--cases", "(1,2,3)")
     assert result.returncode == 2 and "no case matches --cases (1,2,3)" in result.stderr
 
 
@@ -139,7 +146,7 @@ def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
     clock = [0.0]
     # A fake clock that each step advances: by 1 s when it follows a step of another
     # implementation (the steps that must stay untimed), by 1 ms otherwise.
-    monkeypatch.setattr(_bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
 
     def make() -> tuple[object, dict]:
         def build(impl: str, compiled: bool):  # noqa: ANN202
@@ -151,9 +158,9 @@ def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
 
         return build, {}
 
-    timing = _bench._Timing(warmup=1, repeats=5, block=3)
-    job = _bench._Job("layer", "eager", "fake", 4, make, timing)
-    results = _bench._run_job(job, ["a", "b"], torch.device("cpu"), False, _bench._CpuPeakMemory())
+    timing = harness.Timing(warmup=1, repeats=5, block=3)
+    job = harness.Job("layer", "eager", "fake", 4, make, timing)
+    results = harness.run_job(job, ["a", "b"], torch.device("cpu"), False, harness.CpuPeakMemory())
     for r in results:
         assert r.times_ms == pytest.approx([1.0] * 5)
         assert len(r.page_faults) == 5  # the timed steps' only
@@ -170,7 +177,7 @@ def test_each_implementation_follows_each_other_equally_often(n: int) -> None:
     implementation's equally often (what one leaves behind slows the next one's steps); every
     round runs each implementation once."""
     impls = [f"impl{i}" for i in range(n)]
-    orders = _bench._round_orders(impls)
+    orders = harness.round_orders(impls)
     assert all(sorted(order) == impls for order in orders)
     sequence = [impl for order in orders for impl in order]
     after: dict[str, list[str]] = {impl: [] for impl in impls}
@@ -184,11 +191,11 @@ def test_each_implementation_follows_each_other_equally_often(n: int) -> None:
 
 def test_ratios_are_speeds_within_a_case() -> None:
     results = [
-        _bench.Result("layer", "eager", impl, "c", 32, median_ms=ms)
+        harness.Result("layer", "eager", impl, "c", 32, median_ms=ms)
         for impl, ms in (("plain", 2.0), ("chunked", 4.0), ("fxghost", 1.0))
     ]
-    results.append(_bench.Result("layer", "eager", "fxghost", "other", 32, median_ms=1.0))
-    _bench._set_ratios(results)
+    results.append(harness.Result("layer", "eager", "fxghost", "other", 32, median_ms=1.0))
+    harness.set_ratios(results)
     plain, chunked, fx, other = results
     assert fx.speed_vs_plain == 2.0 and fx.speed_vs_chunked == 4.0
     assert chunked.speed_vs_plain == 0.5 and plain.speed_vs_chunked == 2.0
@@ -197,20 +204,20 @@ def test_ratios_are_speeds_within_a_case() -> None:
 
 def test_ghost_size_override_runs_each_case_once_per_size() -> None:
     """The CPU suite lists (256,64,16,16) once per ghost size; an override must not repeat it."""
-    timing = _bench._Timing(0, 1)
-    jobs = _bench._jobs(["layer"], ["eager"], "cpu", False, [16, 32], timing, timing)
+    timing = harness.Timing(0, 1)
+    jobs = suite.jobs(["layer"], ["eager"], "cpu", False, [16, 32], timing, timing)
     keys = [(j.mode, j.case, j.g) for j in jobs]
     assert len(keys) == len(set(keys))
     assert sorted(g for _, c, g in keys if c == "(256,64,16,16) fp32") == [16, 32]
 
 
-@pytest.mark.skipif(_bench.resource is None, reason="no getrusage on this platform")
+@pytest.mark.skipif(harness.resource is None, reason="no getrusage on this platform")
 def test_page_faults_count_memory_touched_for_the_first_time() -> None:
     size = 32 << 20  # far above glibc's mmap threshold: fresh pages from the OS
-    before = _bench._page_faults()
+    before = harness.page_faults()
     buf = bytearray(size)
     buf[:: 4096] = b"\1" * (size // 4096)  # one write per page
-    after = _bench._page_faults()
+    after = harness.page_faults()
     assert before is not None and after is not None
     # One fault per 4 KB page, or per 2 MB where transparent huge pages serve it.
     assert after - before >= size // (2 << 20)
@@ -240,6 +247,7 @@ def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
         "== bench-compiled-layer",
     ]
     log = (tmp_path / "gpu_check.log").read_text()
+    assert "benchmarks/run.py --device cuda --modes compiled" in log
     assert "--impls plain,fxghost --out" in log and "--sections layer" in log
     assert stages("probe", "no-such-stage").returncode == 2
 
@@ -247,16 +255,59 @@ def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
 def test_source_digest_names_the_code_that_ran(tmp_path: Path) -> None:
     """The JSON's source digest changes with any source file's content or name, and with
     nothing else."""
-    package = Path(_bench.__file__).resolve().parent
-    assert _bench.source_digest() == _bench.source_digest(package)
+    package = Path(fxghost.__file__).resolve().parent
+    assert suite.source_digest() == suite.source_digest(package)
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub" / "k.c").write_text("int f(void);\n")
-    first = _bench.source_digest(tmp_path)
+    first = suite.source_digest(tmp_path)
     (tmp_path / "notes.txt").write_text("not source")
-    assert _bench.source_digest(tmp_path) == first
+    assert suite.source_digest(tmp_path) == first
     (tmp_path / "a.py").write_text("x = 2\n")
-    changed = _bench.source_digest(tmp_path)
+    changed = suite.source_digest(tmp_path)
     assert changed != first
     (tmp_path / "a.py").rename(tmp_path / "b.py")
-    assert _bench.source_digest(tmp_path) not in (first, changed)
+    assert suite.source_digest(tmp_path) not in (first, changed)
+
+
+# --------------------------------------------------------------------------------------------
+# The user-facing `fxghost bench MODEL`
+
+
+def tiny_net() -> nn.Module:
+    """For ``fxghost bench test_bench:tiny_net``: tests/ is on sys.path while pytest runs."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+        nn.BatchNorm1d(3),
+    )
+
+
+def test_user_bench_times_plain_fxghost_and_chunked(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = "bench test_bench:tiny_net --shape 12,3,8,8 -g 4 --repeats 2 --warmup 0 --chunked"
+    code = _cli.main(argv.split())
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "input (12, 3, 8, 8), ghost batch size 4 (3 ghost batches), eager" in out
+    assert "2 layer(s) rewritten with ghost_batch_size=4" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split()[:1] in (["plain"], ["fxghost"], ["chunked"])}
+    assert set(rows) == {"plain", "fxghost", "chunked"}
+    assert rows["plain"][3] == "1.00x" and rows["chunked"][4] == "1.00x"  # vs plain, vs chunked
+    for row in rows.values():
+        assert float(row[1]) > 0 and float(row[-1]) > 0  # median ms, first step s
+
+
+def test_user_bench_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, said in (
+        ("bench test_bench:tiny_net --shape 2,3,8,8 -g 4", "smaller than the ghost batch size"),
+        ("bench test_bench:tiny_net --shape 8,12 -g 4 --channels-last", "needs a 4-D shape"),
+        ("bench nosuch_model_name --shape 8,3,8,8 -g 4", "unknown model"),
+        ("bench test_bench:tiny_net --shape 8", "expected a batch shape"),
+    ):
+        try:
+            code = _cli.main(argv.split())
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code  # type: ignore[assignment]
+        assert code == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, (argv, err)

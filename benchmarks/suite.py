@@ -1,15 +1,15 @@
-"""Benchmark suite: plain BatchNorm, the chunked reference and fxghost, side by side in one run.
+"""fxghost's benchmark suite: plain BatchNorm, the chunked reference and fxghost, side by side.
 
-Run it as ``python -m fxghost bench`` or ``python benchmarks/run.py`` (``--help`` lists the
-options). Two sections, each measured in eager mode and under ``torch.compile``:
+Run it as ``python benchmarks/run.py`` from the repository root (``--help`` lists the options).
+Two sections, each measured in eager mode and under ``torch.compile``:
 
 - ``layer``: one BatchNorm layer, forward + backward in training mode.
 - ``model``: a whole training step (forward, loss, backward, SGD step) of a small network.
 
 Every case builds the three implementations from one BatchNorm (or one model) with the same
-initial weights, then times them back to back, interleaved round by round, so that the drift of a
-noisy machine hits all three alike. Results are printed as one table per section on stdout and
-saved as JSON; progress goes to stderr.
+initial weights, then times them back to back, interleaved round by round (``harness.py``), so
+that the drift of a noisy machine hits all three alike. Results are printed as one table per
+section on stdout and saved as JSON; progress goes to stderr.
 
 Ratios are speeds: ``vs plain`` is ``plain time / implementation time`` measured in the same mode
 (above 1 is faster than plain BatchNorm), ``vs chunked`` likewise against the chunked reference.
@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import datetime as _dt
-import gc
 import hashlib
 import json
 import os
@@ -33,30 +30,38 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None  # type: ignore[assignment]
-
 import torch
 import torch.nn.functional as F
+from harness import (
+    Builder,
+    CpuPeakMemory,
+    Job,
+    Result,
+    Step,
+    Timing,
+    progress,
+    run_job,
+    set_ratios,
+    warm_compiler,
+)
 from torch import Tensor, nn
 
-__all__ = ["IMPLS", "LayerCase", "ModelCase", "Result", "main"]
+import fxghost
+from fxghost.reference import apply_chunked_ghost_batchnorm
+
+__all__ = ["IMPLS", "LayerCase", "ModelCase", "build_parser", "jobs", "main", "source_digest"]
 
 IMPLS: tuple[str, ...] = ("plain", "chunked", "fxghost")
 SECTIONS: tuple[str, ...] = ("layer", "model")
 MODES: tuple[str, ...] = ("eager", "compiled")
-
-Step = Callable[[], None]
-# Builds the step of an implementation, eager or compiled: build(impl, compiled) -> step.
-_Builder = Callable[[str, bool], Step]
-
+# Raw JSON goes beside the suite, whatever the working directory (git ignores the folder).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_PACKAGE = Path(fxghost.__file__).resolve().parent
 
 # --------------------------------------------------------------------------------------------
 # Cases
@@ -104,7 +109,7 @@ class ModelCase:
 
 
 def layer_cases(device: str, quick: bool) -> list[LayerCase]:
-    """The layer shapes for ``device`` (those of ANCHORS.md), or tiny ones with ``quick``."""
+    """The layer shapes for ``device``, or tiny ones with ``quick``."""
     if quick:
         # Only the 2-D case is compiled: it is the cheapest to compile.
         return [
@@ -152,196 +157,6 @@ def model_cases(device: str, quick: bool) -> list[ModelCase]:
 
 
 # --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Result:
-    """The raw numbers of one implementation in one case and mode."""
-
-    section: str
-    mode: str
-    impl: str
-    case: str
-    ghost_batch_size: int
-    params: dict[str, Any] = field(default_factory=dict)
-    times_ms: list[float] = field(default_factory=list)
-    page_faults: list[int] = field(default_factory=list)  # CPU: per timed step, as times_ms
-    median_ms: float | None = None
-    p25_ms: float | None = None
-    p75_ms: float | None = None
-    first_call_s: float | None = None  # the first call, compilation included in compiled mode
-    step_mem_mib: float | None = None  # peak memory of one step above what was live before it
-    mem_kind: str = "n/a"
-    graph_breaks: int | None = None
-    graph_break_reasons: list[str] = field(default_factory=list)
-    graphs: int | None = None
-    items_per_s: float | None = None  # models: samples per second at the median
-    speed_vs_plain: float | None = None
-    speed_vs_chunked: float | None = None
-    error: str | None = None
-
-
-def _set_ratios(results: Sequence[Result]) -> None:
-    """Fill the speed ratios of results that share a section, mode, case and ghost size."""
-    groups: dict[tuple[str, str, str, int], dict[str, Result]] = {}
-    for r in results:
-        groups.setdefault((r.section, r.mode, r.case, r.ghost_batch_size), {})[r.impl] = r
-    for group in groups.values():
-        for r in group.values():
-            for base, attr in (("plain", "speed_vs_plain"), ("chunked", "speed_vs_chunked")):
-                ref = group.get(base)
-                if r.median_ms and ref is not None and ref.median_ms:
-                    setattr(r, attr, ref.median_ms / r.median_ms)
-
-
-# --------------------------------------------------------------------------------------------
-# Timing and memory
-
-
-def _page_faults() -> int | None:
-    """Page faults of this process so far (all threads), where ``getrusage`` reports them.
-
-    On CPU a step's time depends on whether its tensors' memory is fresh from the OS: each fresh
-    4 KB page faults on first touch (measured 1.5-3.6 us each on the project's VM, so 1024 of them,
-    one 4 MB activation, can cost more than a layer's kernels). Recorded with the times, it tells
-    an implementation's slow steps from the allocator's."""
-    if resource is None:
-        return None
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt + usage.ru_majflt
-
-
-class _Clock:
-    """Times steps: CUDA events on GPU (so host and device overlap as in training), wall-clock on
-    CPU. ``pending`` collects events until ``collect`` synchronizes once per round."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._pending: list[tuple[str, Any, Any]] = []
-
-    def sync(self) -> None:
-        """Wait for the device."""
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time(
-        self,
-        key: str,
-        step: Step,
-        out: dict[str, list[float]],
-        faults: dict[str, list[int]] | None = None,
-    ) -> None:
-        """Run ``step`` once and file its time (ms) under ``key`` (after ``collect`` on GPU), and
-        on CPU the page faults it took under ``key`` in ``faults``."""
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            self._pending.append((key, start, end))
-        else:
-            f0 = _page_faults()
-            t0 = time.perf_counter()
-            step()
-            out.setdefault(key, []).append((time.perf_counter() - t0) * 1e3)
-            f1 = _page_faults()
-            if faults is not None and f0 is not None and f1 is not None:
-                faults.setdefault(key, []).append(f1 - f0)
-
-    def collect(self, out: dict[str, list[float]]) -> None:
-        """Synchronize and file the pending CUDA event times."""
-        if self._pending:
-            torch.cuda.synchronize()
-            for key, start, end in self._pending:
-                out.setdefault(key, []).append(start.elapsed_time(end))
-            self._pending.clear()
-
-    def wall(self, step: Step) -> float:
-        """Seconds ``step`` takes, device work included."""
-        self.sync()
-        t0 = time.perf_counter()
-        step()
-        self.sync()
-        return time.perf_counter() - t0
-
-
-class _CpuPeakMemory:
-    """Peak resident memory of one call above the resident memory before it, on Linux.
-
-    The kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, and freed heap
-    memory is handed back with malloc_trim first: otherwise glibc reuses memory the warm-up freed
-    and the step shows no growth at all. Approximate (page granularity, allocator slack)."""
-
-    def __init__(self) -> None:
-        self._trim: Callable[[int], int] | None = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            self._trim = libc.malloc_trim
-        except (OSError, AttributeError):
-            self._trim = None
-        self.available = self._trim is not None and self._reset_hwm() and self._kib("VmHWM") > 0
-
-    @staticmethod
-    def _kib(key: str) -> int:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # "5" resets the peak RSS (Linux >= 4.0)
-            return True
-        except OSError:
-            return False
-
-    def measure(self, step: Step) -> float | None:
-        """MiB of resident memory ``step`` adds at its peak, or None where unsupported."""
-        if not self.available or self._trim is None:
-            return None
-        gc.collect()
-        self._trim(0)
-        self._reset_hwm()
-        before = self._kib("VmRSS")
-        step()
-        return max(self._kib("VmHWM") - before, 0) / 1024
-
-
-def _cuda_step_memory(step: Step) -> float:
-    """MiB that ``step`` allocates on the GPU at its peak above what was allocated before."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def _dynamo_snapshot() -> tuple[dict[str, int], int]:
-    """Dynamo's running counts of graph breaks (by reason) and of graphs compiled; they are not
-    cleared by ``torch._dynamo.reset``, so callers take differences."""
-    from torch._dynamo.utils import counters
-
-    return dict(counters["graph_break"]), int(counters["stats"]["unique_graphs"])
-
-
-def _quantiles(xs: Sequence[float]) -> tuple[float, float, float]:
-    """Median, 25th and 75th percentiles."""
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return statistics.median(xs), q[0], q[2]
-
-
-# --------------------------------------------------------------------------------------------
 # Building the implementations
 
 
@@ -350,13 +165,9 @@ def _apply_impl(impl: str, module: nn.Module, g: int) -> nn.Module:
     if impl == "plain":
         return module
     if impl == "chunked":
-        from .reference import apply_chunked_ghost_batchnorm
-
         return apply_chunked_ghost_batchnorm(module, g)
     if impl == "fxghost":
-        from . import transform
-
-        return transform(module, ghost_batch_size=g)
+        return fxghost.transform(module, ghost_batch_size=g)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -387,7 +198,7 @@ def _make_bn(case: LayerCase, device: torch.device) -> nn.Module:
     return bn.to(device)
 
 
-def _layer_steps(case: LayerCase, g: int, device: torch.device) -> tuple[_Builder, dict[str, Any]]:
+def layer_steps(case: LayerCase, g: int, device: torch.device) -> tuple[Builder, dict[str, Any]]:
     """The step builder of one layer case, and the parameters to record."""
     # Drawn on the device: hundreds of MB on the GPU cases, slow to draw on the host.
     gen = torch.Generator(device=device).manual_seed(1)
@@ -435,7 +246,7 @@ def _build_model(case: ModelCase) -> nn.Module:
     return factory(weights=None)  # never downloads: random init
 
 
-def _model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[_Builder, dict[str, Any]]:
+def model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[Builder, dict[str, Any]]:
     """The step builder of one model case, and the parameters to record."""
     torch.manual_seed(0)
     base = _build_model(case).to(device)
@@ -488,252 +299,31 @@ def _model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[_Builde
     return build, params
 
 
-# --------------------------------------------------------------------------------------------
-# Running
 
-
-@dataclass(frozen=True)
-class _Timing:
-    """``warmup`` untimed rounds, then rounds until ``repeats`` steps per implementation are timed.
-    In a round each implementation runs ``block`` steps in a row; with ``block > 1`` the first of
-    them is not timed, so that timed steps follow a step of the same implementation."""
-
-    warmup: int
-    repeats: int
-    block: int = 1
-
-    @property
-    def timed_per_block(self) -> int:
-        return max(1, self.block - 1)
-
-    @property
-    def rounds(self) -> int:
-        return -(-self.repeats // self.timed_per_block)
-
-
-@dataclass
-class _Job:
-    """One case at one ghost size in one mode: all implementations, timed together."""
-
-    section: str
-    mode: str
-    case: str
-    g: int
-    make: Callable[[], tuple[_Builder, dict[str, Any]]]
-    timing: _Timing
-    batch: int | None = None  # models: samples per step
-
-    @property
-    def title(self) -> str:
-        return f"{self.section} {self.mode} {self.case} g={self.g}"
-
-
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _compile_scope(enabled: bool) -> Iterator[None]:
-    """Fresh dynamo state for a compiled job, reset again afterwards."""
-    if not enabled:
-        yield
-        return
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    cfg = torch._dynamo.config
-    # The implementations of a job may share a forward's code object (nn.Sequential): each is a
-    # cache entry of its own, so allow more than the default 8.
-    limit_name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    try:
-        with cfg.patch({limit_name: 64}):
-            yield
-    finally:
-        torch._dynamo.reset()
-
-
-def _cold_cache(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """With ``enabled``, an empty Inductor cache (on disk and in memory) for one compilation, so
-    that its time depends neither on earlier runs nor on the implementation compiled before it.
-    Code already compiled keeps working once the cache is gone."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch._inductor.utils import fresh_cache
-
-    return fresh_cache()
-
-
-def _warm_compiler(device: torch.device, cold: bool) -> float:
-    """Compile and run a tiny training step once, so that the one-time costs of the process
-    (imports, toolchain checks) are not charged to the first implementation compiled."""
-    import torch._dynamo
-
-    t0 = time.perf_counter()
-    with _cold_cache(cold):
-        lin = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).to(device)
-        torch.compile(lin, dynamic=False)(torch.randn(16, 8, device=device)).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    torch._dynamo.reset()
-    return time.perf_counter() - t0
-
-
-def _round_orders(impls: list[str]) -> list[list[str]]:
-    """The implementations' orders in consecutive rounds, taken in turn.
-
-    On CPU what one implementation leaves behind slows the next one's steps, and not only the
-    first: after chunked's many chunk-sized tensors, a 4 MB layer step took 1.27x, 1.16x and
-    1.10x its settled time over its next three steps (no page faults; the heap's layout, and so
-    which addresses are cache-warm, takes steps to settle). So each implementation must follow
-    each other one equally often. Rotating ``abc, bca, cab`` does not do that (``a`` follows
-    ``c`` in two rounds of three); ``abc, acb`` does: the cycle ``abcacb`` holds every ordered
-    pair once. Found by a depth-first search, instant for the suite's three implementations.
-    """
-    n = len(impls)
-    if n <= 2:
-        return [impls]
-    seq: list[int] = []
-    used: set[tuple[int, int]] = set()
-
-    def extend() -> bool:
-        if len(seq) == n * (n - 1):  # n - 1 rounds; the cycle closes back to the first
-            return seq[-1] != seq[0] and (seq[-1], seq[0]) not in used
-        in_round = seq[len(seq) - len(seq) % n :]
-        for i in range(n):
-            pair = (seq[-1], i) if seq else None
-            if i in in_round or (pair and (pair[0] == i or pair in used)):
-                continue
-            seq.append(i)
-            used.update([pair] if pair else [])
-            if extend():
-                return True
-            seq.pop()
-            used.difference_update([pair] if pair else [])
-        return False
-
-    if not extend():  # none exists: rotate
-        return [impls[r:] + impls[:r] for r in range(n)]
-    return [[impls[i] for i in seq[r : r + n]] for r in range(0, len(seq), n)]
-
-
-def _run_job(
-    job: _Job,
-    impls: Sequence[str],
-    device: torch.device,
-    cold_compile: bool,
-    cpu_mem: _CpuPeakMemory,
-) -> list[Result]:
-    """Build, warm up and time every implementation of ``job``, interleaved."""
-    compiled = job.mode == "compiled"
-    clock = _Clock(device)
-    results = {impl: Result(job.section, job.mode, impl, job.case, job.g) for impl in impls}
-    steps: dict[str, Step] = {}
-    with _compile_scope(compiled):
-        try:
-            build, params = job.make()
-        except Exception as exc:  # a broken case must not stop the suite
-            for r in results.values():
-                r.error = f"setup: {type(exc).__name__}: {exc}"
-            return list(results.values())
-        for impl in impls:
-            r = results[impl]
-            r.params = dict(params)
-            try:
-                breaks0, graphs0 = _dynamo_snapshot()
-                with _cold_cache(compiled and cold_compile):
-                    step = build(impl, compiled)
-                    r.first_call_s = clock.wall(step)
-                if compiled:
-                    breaks1, graphs1 = _dynamo_snapshot()
-                    new = {k: n - breaks0.get(k, 0) for k, n in breaks1.items()}
-                    r.graph_breaks, r.graphs = sum(new.values()), graphs1 - graphs0
-                    r.graph_break_reasons = [str(k)[:300] for k, n in new.items() if n > 0]
-                    _progress(
-                        f"      {impl}: first call (compile) {r.first_call_s:.1f} s, "
-                        f"{r.graphs} graph(s), {r.graph_breaks} graph break(s)"
-                    )
-                steps[impl] = step
-            except Exception as exc:
-                r.error = f"{type(exc).__name__}: {exc}"
-                _progress(f"      {impl}: FAILED {r.error[:300]}")
-        times: dict[str, list[float]] = {}
-        faults: dict[str, list[int]] = {}
-        orders = _round_orders(list(steps))
-        timing = job.timing
-        # Rounds interleave the implementations, so that a slow spell of a shared machine hits
-        # them all. Within a round each runs a block of steps whose first is untimed: on CPU a
-        # step right after another implementation's pays for that one's allocation pattern
-        # (glibc hands memory back to the OS, and the next step page-faults it in again), which
-        # a training loop running one implementation never sees.
-        for rnd in range(timing.warmup + timing.rounds):
-            sink: dict[str, list[float]] = {} if rnd < timing.warmup else times
-            fault_sink: dict[str, list[int]] = {} if rnd < timing.warmup else faults
-            for impl in orders[rnd % len(orders)]:
-                for i in range(timing.block):
-                    if impl not in steps:
-                        break
-                    try:
-                        if timing.block > 1 and i == 0:
-                            steps[impl]()
-                        else:
-                            clock.time(impl, steps[impl], sink, fault_sink)
-                    except Exception as exc:
-                        results[impl].error = f"{type(exc).__name__}: {exc}"
-                        del steps[impl]
-            clock.collect(sink)
-        for ts in times.values():
-            del ts[timing.repeats :]
-        for fs in faults.values():
-            del fs[timing.repeats :]
-        for impl in list(steps):
-            r = results[impl]
-            try:
-                if device.type == "cuda":
-                    r.step_mem_mib, r.mem_kind = _cuda_step_memory(steps[impl]), "cuda allocated"
-                else:
-                    r.step_mem_mib = cpu_mem.measure(steps[impl])
-                    r.mem_kind = "rss" if r.step_mem_mib is not None else "n/a"
-            except Exception as exc:
-                r.error = f"{type(exc).__name__}: {exc}"
-                continue
-            ts = times.get(impl, [])
-            if ts:
-                r.times_ms = ts
-                r.page_faults = faults.get(impl, [])
-                r.median_ms, r.p25_ms, r.p75_ms = _quantiles(ts)
-                if job.batch is not None:
-                    r.items_per_s = job.batch / (r.median_ms / 1e3)
-        steps.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return list(results.values())
-
-
-def _jobs(
+def jobs(
     sections: Sequence[str],
     modes: Sequence[str],
     device: str,
     quick: bool,
     ghost_sizes: Sequence[int] | None,
-    layer_timing: _Timing,
-    model_timing: _Timing,
+    layer_timing: Timing,
+    model_timing: Timing,
     cases: Sequence[str] | None = None,
-) -> list[_Job]:
+) -> list[Job]:
     """All jobs in run order: by section, then mode, then case. With ``ghost_sizes`` given, cases
     that differ only in their own ghost sizes (one shape listed once per size) run once per size.
     With ``cases`` given, only cases whose label contains one of those strings run."""
     torch_device = torch.device(device)
-    jobs: list[_Job] = []
+    found: list[Job] = []
     seen: set[tuple[str, str, str, int]] = set()
 
-    def add(job: _Job) -> None:
+    def add(job: Job) -> None:
         key = (job.section, job.mode, job.case, job.g)
         if cases and not any(c in job.case for c in cases):
             return
         if key not in seen:
             seen.add(key)
-            jobs.append(job)
+            found.append(job)
 
     for section in sections:
         for mode in modes:
@@ -744,12 +334,12 @@ def _jobs(
                     for g in ghost_sizes or lc.ghost_sizes:
                         label = "(" + ",".join(map(str, lc.shape)) + ") " + lc.dtype_label
                         add(
-                            _Job(
+                            Job(
                                 section,
                                 mode,
                                 label,
                                 g,
-                                _bind(_layer_steps, lc, g, torch_device),
+                                _bind(layer_steps, lc, g, torch_device),
                                 layer_timing,
                             )
                         )
@@ -759,17 +349,17 @@ def _jobs(
                         continue
                     for g in ghost_sizes or mc.ghost_sizes:
                         add(
-                            _Job(
+                            Job(
                                 section,
                                 mode,
                                 f"{mc.label} batch {mc.batch}",
                                 g,
-                                _bind(_model_steps, mc, g, torch_device),
+                                _bind(model_steps, mc, g, torch_device),
                                 model_timing,
                                 batch=mc.batch,
                             )
                         )
-    return jobs
+    return found
 
 
 def _bind(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
@@ -855,9 +445,9 @@ def _load_average() -> float | None:
 
 def source_digest(root: Path | None = None) -> str:
     """SHA-256 of the package's source files (``*.py``, ``*.c``, ``*.cpp`` under ``root``,
-    default this package, by relative path): which code produced a JSON file, when the machine
-    that ran it had a checkout whose git metadata did not match its files."""
-    root = Path(__file__).resolve().parent if root is None else root
+    default the fxghost package that runs, by relative path): which code produced a JSON file,
+    when the machine that ran it had a checkout whose git metadata did not match its files."""
+    root = _PACKAGE if root is None else root
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".cpp") and p.is_file())
     for path in files:
@@ -870,7 +460,7 @@ def _git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+            cwd=_PACKAGE,
             capture_output=True,
             text=True,
             timeout=5,
@@ -882,8 +472,6 @@ def _git_commit() -> str | None:
 
 
 def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[str, Any]:
-    from . import __version__
-
     try:
         import torchvision
 
@@ -900,7 +488,7 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": tv_version,
-        "fxghost": __version__,
+        "fxghost": fxghost.__version__,
         "git_commit": _git_commit(),
         "source_sha256": source_digest(),
         "quick": args.quick,
@@ -967,9 +555,9 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fxghost bench`` argument parser."""
+    """The suite's argument parser."""
     p = argparse.ArgumentParser(
-        prog="fxghost bench",
+        prog="benchmarks/run.py",
         description=(
             "Benchmark plain BatchNorm, the chunked ghost-BN reference and fxghost, eager and "
             "under torch.compile: one layer (forward + backward) and whole training steps. "
@@ -1057,15 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="JSON output path (default: benchmarks/results/<device>-<timestamp>.json)",
+        help="JSON output path (default: benchmarks/results/<device>-<timestamp>.json, beside "
+        "this script)",
     )
     return p
 
 
-def _default_timing(device: str, quick: bool) -> tuple[_Timing, _Timing]:
+def _default_timing(device: str, quick: bool) -> tuple[Timing, Timing]:
     """(layer, model) warm-up and repeats: GPU steps take milliseconds, CPU steps up to ~1 s."""
     if quick:
-        return _Timing(1, 3), _Timing(0, 2)
+        return Timing(1, 3), Timing(0, 2)
     if device == "cuda":
         # The caching allocator keeps one implementation's memory pattern from reaching the next,
         # but a layer step that is short enough to be bound by the host's CPU runs up to 1.8x
@@ -1073,10 +662,10 @@ def _default_timing(device: str, quick: bool) -> tuple[_Timing, _Timing]:
         # paths gone cold in the CPU's caches: H200 host, plain BatchNorm (16384,512), 0.56 ms
         # against 0.31 ms back to back). A training loop repeats one step: layer steps run in
         # blocks of three, the first untimed. Model steps (tens of ms) are not affected.
-        return _Timing(10, 50, block=3), _Timing(5, 20)
+        return Timing(10, 50, block=3), Timing(5, 20)
     # CPU layer steps take milliseconds but vary a lot (page faults of fresh memory): many rounds,
-    # in blocks of steps (see _run_job).
-    return _Timing(3, 45, block=4), _Timing(1, 8, block=3)
+    # in blocks of steps (see run_job).
+    return Timing(3, 45, block=4), Timing(1, 8, block=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1102,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.no_compile:
         args.modes = ["eager"]
-    jobs = _jobs(
+    job_list = jobs(
         args.sections,
         args.modes,
         device,
@@ -1112,17 +701,17 @@ def main(argv: list[str] | None = None) -> int:
         model_timing,
         args.cases,
     )
-    if not jobs:
+    if not job_list:
         parser.error(f"no case matches --cases {' '.join(args.cases or [])} on {device}")
 
     torch_device = torch.device(device)
     load_before = _load_average()
     if device == "cpu" and load_before is not None and load_before > 0.5 * (os.cpu_count() or 1):
-        _progress(
+        progress(
             f"warning: load average {load_before:.1f} on {os.cpu_count()} cores: other processes "
             "compete for the CPU, times will be noisy (ratios within a case still compare)"
         )
-    cpu_mem = _CpuPeakMemory()
+    cpu_mem = CpuPeakMemory()
     results: list[Result] = []
     warm_compile_s: float | None = None
     t_start = time.perf_counter()
@@ -1133,20 +722,20 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda":
             # As a training script would: lets cuDNN pick its fastest convolution algorithms.
             torch.backends.cudnn.benchmark = True
-        for i, job in enumerate(jobs, 1):
-            _progress(f"[{i}/{len(jobs)}] {job.title}: {', '.join(args.impls)} ...")
+        for i, job in enumerate(job_list, 1):
+            progress(f"[{i}/{len(job_list)}] {job.title}: {', '.join(args.impls)} ...")
             t0 = time.perf_counter()
             # --quick skips the compiler warm-up: its compile times are not measurements anyway.
             if job.mode == "compiled" and warm_compile_s is None and not args.quick:
-                warm_compile_s = _warm_compiler(torch_device, not args.compile_cache)
-                _progress(f"      compiler warm-up {warm_compile_s:.1f} s (not charged)")
-            results += _run_job(job, args.impls, torch_device, not args.compile_cache, cpu_mem)
-            _progress(f"      done in {time.perf_counter() - t0:.1f} s")
+                warm_compile_s = warm_compiler(torch_device, not args.compile_cache)
+                progress(f"      compiler warm-up {warm_compile_s:.1f} s (not charged)")
+            results += run_job(job, args.impls, torch_device, not args.compile_cache, cpu_mem)
+            progress(f"      done in {time.perf_counter() - t0:.1f} s")
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if flushed:
             torch.set_flush_denormal(False)
-    _set_ratios(results)
+    set_ratios(results)
 
     title = {
         "layer": "One layer, forward + backward, training mode",
@@ -1167,13 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("benchmarks") / "results" / f"{_device_slug(device)}-{stamp}.json"
+        out = RESULTS_DIR / f"{_device_slug(device)}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    _progress(f"results written to {out} ({meta['total_s']} s in all)")
+    progress(f"results written to {out} ({meta['total_s']} s in all)")
     return 1 if any(r.error for r in results) else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
