@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from . import backends
 from ._plan import check_ghost_batch_size
 from ._report import GhostReport, attach
 from ._scope import Walk, rewrite_graph_module, rewrite_module
@@ -45,6 +46,7 @@ def transform(
     concrete_args: dict[str, Any] | None = None,
     tracer: fx.Tracer | None = None,
     strict: bool = False,
+    backend: str = "auto",
 ) -> nn.Module:
     """Trace ``model`` and rewrite its ``nn.BatchNorm1d/2d/3d`` layers into ghost BatchNorm.
 
@@ -75,6 +77,10 @@ def transform(
         concrete_args: arguments of ``forward`` to fix while tracing (see ``torch.fx``).
         tracer: a ``torch.fx.Tracer`` to use instead of fxghost's.
         strict: raise :class:`TracingError` rather than rewrite only the traceable parts.
+        backend: where each layer's calls run: ``"auto"`` (chosen per call, see
+            :mod:`fxghost.backends`), ``"torch"`` (plain torch ops, anywhere), ``"cpu"`` (the
+            compiled C kernels) or ``"triton"``. ``fxghost.report(result)`` shows, after a
+            call, which ran.
 
     >>> import torch, fxghost
     >>> model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
@@ -83,8 +89,9 @@ def transform(
     True
     """
     g = check_ghost_batch_size(ghost_batch_size)
+    backends.check(backend)
     if isinstance(model, fx.GraphModule):
-        return ghost_batchnorm_pass(model, g, only=only)
+        return ghost_batchnorm_pass(model, g, only=only, backend=backend)
     if tracer is not None and (leaf_modules or autowrap_functions):
         raise ValueError(
             "fxghost: pass leaf_modules/autowrap_functions or a tracer, not both; "
@@ -97,7 +104,7 @@ def transform(
     def make_tracer() -> fx.Tracer:
         return tracer if tracer is not None else GhostTracer(leaves, functions)
 
-    walk = Walk(g, LayerSelector(only), make_tracer, strict=strict)
+    walk = Walk(g, LayerSelector(only), make_tracer, strict=strict, backend=backend)
     result = rewrite_module(model, walk, concrete_args=concrete_args)
     return _finish(result, model, walk)
 
@@ -109,6 +116,7 @@ def ghost_batchnorm_pass(
     only: Iterable[str] | str | None = None,
     root: nn.Module | None = None,
     prefix: str = "",
+    backend: str = "auto",
 ) -> fx.GraphModule:
     """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
     with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
@@ -120,6 +128,7 @@ def ghost_batchnorm_pass(
     glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
     mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
     qualified name inside a larger model, for layer names in reports, errors and ``only``.
+    ``backend`` as for :func:`transform`.
 
     >>> import torch, fxghost
     >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
@@ -133,7 +142,7 @@ def ghost_batchnorm_pass(
             f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
             f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
         )
-    walk = Walk(g, LayerSelector(only), GhostTracer)
+    walk = Walk(g, LayerSelector(only), GhostTracer, backend=backends.check(backend))
     result = rewrite_graph_module(gm, walk, root, prefix)
     return _finish(result, root if root is not None else gm, walk, stacklevel=3)
 

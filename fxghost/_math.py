@@ -1,4 +1,6 @@
-"""The ghost BatchNorm math, written once.
+"""The ghost BatchNorm math, written once: statistics dtypes, the affine coefficients, the
+differentiable backward, and the running-statistics update in closed form. The backends
+(:mod:`fxghost.backends`) compute the normalization itself.
 
 Tensors here are ghost-grouped views ``(G, c, C, *spatial)``: ``G`` ghost batches of ``c`` samples.
 Statistics are per ``(group, channel)``, reduced over the samples and spatial positions, in float32
@@ -9,22 +11,22 @@ variance; running_var takes the unbiased one.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _cpu
-
 __all__ = [
     "affine_coefficients",
     "bessel",
+    "cast",
+    "channel_shape",
     "differentiable_backward",
     "ema_coefficients",
-    "ghost_norm_compiled",
-    "ghost_norm_decomposed",
+    "normalized",
     "reduce_dims",
+    "scale_shift",
     "stat_dtype",
     "update_running_stats",
 ]
@@ -52,10 +54,10 @@ def affine_coefficients(
     Returns ``(rstd, scale, shift)`` in the statistics dtype.
     """
     rstd = torch.rsqrt(var + eps)
-    return (rstd, *_scale_shift(mean, rstd, weight, bias))
+    return (rstd, *scale_shift(mean, rstd, weight, bias))
 
 
-def _scale_shift(
+def scale_shift(
     mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     if weight is None:
@@ -63,22 +65,6 @@ def _scale_shift(
     shape = channel_shape(mean.dim(), mean.shape[2])
     scale = rstd * weight.to(rstd.dtype).view(shape)
     return scale, bias.to(rstd.dtype).view(shape) - mean * scale  # type: ignore[union-attr]
-
-
-def ghost_norm_decomposed(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Ghost-normalize ``xg`` in plain differentiable ops.
-
-    This is the formulation inductor sees under ``torch.compile`` (it fuses it with neighbouring
-    ops), except for CPU inputs with spatial dims, and the fallback where no fused path applies.
-    Returns ``(y, mean, var)``: ``y`` in the input dtype and layout, sample-first
-    (``xg.flatten(0, 1)``'s shape), ``mean`` and biased ``var`` of shape ``(G, 1, C, 1...)``.
-    """
-    xs = xg.to(stat_dtype(xg.dtype))
-    var, mean = torch.var_mean(xs, dim=reduce_dims(xg.dim()), correction=0, keepdim=True)
-    _, scale, shift = affine_coefficients(mean, var, weight, bias, eps)
-    return _normalized(xs, scale, shift).to(xg.dtype), mean, var
 
 
 def differentiable_backward(
@@ -93,8 +79,8 @@ def differentiable_backward(
     through them too. ``needs_input_grad`` as a Function's ``ctx`` has it (x, weight, bias)."""
     dtype = stat_dtype(xg.dtype)
     dims = reduce_dims(xg.dim())
-    xs = _cast(xg, dtype)
-    g = _cast(dy.view(xg.shape), dtype)  # sample-first to grouped: a view
+    xs = cast(xg, dtype)
+    g = cast(dy.view(xg.shape), dtype)  # sample-first to grouped: a view
     var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     xhat = (xs - mean) * rstd
@@ -105,98 +91,22 @@ def differentiable_backward(
         count = xg.numel() // (xg.shape[0] * xg.shape[2])
         k = rstd
         if weight is not None:
-            k = rstd * _cast(weight, dtype).view(channel_shape(xg.dim(), xg.shape[2]))
-        grad_x = _cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
+            k = rstd * cast(weight, dtype).view(channel_shape(xg.dim(), xg.shape[2]))
+        grad_x = cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
     if weight is not None and needs_input_grad[1]:
-        grad_w = _cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
+        grad_w = cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
     if weight is not None and needs_input_grad[2]:
-        grad_b = _cast(sum_dy.sum(0).flatten(), weight.dtype)
+        grad_b = cast(sum_dy.sum(0).flatten(), weight.dtype)
     return grad_x, grad_w, grad_b
 
 
-class _CompiledGhostNorm(torch.autograd.Function):
-    """``y`` from ``xg`` and its per-group ``mean`` and ``rstd``, with BatchNorm's analytic
-    backward, for torch.compile (:func:`ghost_norm_compiled`).
-
-    Autograd through ``var_mean`` recomputes the mean in backward (one more reduction over the
-    input per layer), and its graph is three times plain BatchNorm's. This backward uses the
-    saved mean and ``rstd`` and two reductions, as inductor's own decomposition of
-    ``native_batch_norm_backward`` does, so inductor fuses it the same way; ``dx`` includes the
-    statistics' contribution, so ``mean`` and ``rstd`` come in detached. AOT autograd traces
-    both methods into the graph (dynamo sees one op: :mod:`fxghost._compile_ops`). Eager code
-    keeps :func:`ghost_norm_decomposed`.
-
-    The statistics are constants to autograd here, so under ``create_graph=True`` (reached when
-    dynamo runs without AOT autograd, as with ``backend="eager"``; AOT autograd refuses double
-    backward, for plain BatchNorm too) the backward is :func:`differentiable_backward` instead.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-        rstd: Tensor,
-    ) -> Tensor:
-        scale, shift = _scale_shift(mean, rstd, weight, bias)
-        ctx.save_for_backward(xg, weight, mean, rstd)
-        return _cast(_normalized(xg.to(mean.dtype), scale, shift), xg.dtype)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        xg, weight, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the result must be differentiable
-            # eps is not an input (see ghost_norm_compiled): recovered, up to rounding, from
-            # rstd = 1 / sqrt(var + eps).
-            var = torch.var(
-                _cast(xg.detach(), mean.dtype), dim=reduce_dims(xg.dim()), correction=0,
-                keepdim=True,
-            )
-            eps = rstd.pow(-2) - var
-            return (*differentiable_backward(dy, xg, weight, eps, ctx.needs_input_grad), None, None)
-        dims = reduce_dims(xg.dim())
-        g = dy.view(xg.shape).to(mean.dtype)  # sample-first to grouped: a view
-        xhat = (xg.to(mean.dtype) - mean) * rstd
-        sum_dy = g.sum(dims, keepdim=True)
-        sum_dy_xhat = (g * xhat).sum(dims, keepdim=True)
-        count = xg.numel() // (xg.shape[0] * xg.shape[2])
-        k = rstd
-        if weight is not None:
-            k = rstd * weight.to(rstd.dtype).view(channel_shape(xg.dim(), xg.shape[2]))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
-        grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = _cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = _cast(sum_dy.sum(0).flatten(), weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     # Not t.to(dtype) when t already has it: traced by dynamo (torch 2.11), a Function whose
     # output came from such a no-op .to() got a constant zero gradient, silently.
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def ghost_norm_compiled(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`ghost_norm_decomposed`'s results, with the analytic backward (torch.compile)."""
-    # Statistics of the detached input: the Function's backward accounts for them. eps stays
-    # out of the Function (dynamo can make it a SymFloat, which a second Function in the same
-    # graph then fails to capture).
-    var, mean = torch.var_mean(
-        xg.to(stat_dtype(xg.dtype)), dim=reduce_dims(xg.dim()), correction=0, keepdim=True
-    )
-    mean, var = mean.detach(), var.detach()
-    rstd = torch.rsqrt(var + eps)
-    y = _CompiledGhostNorm.apply(xg, weight, bias, mean, rstd)
-    return y, mean, var
-
-
-def _normalized(xs: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def normalized(xs: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``xs * scale + shift``, sample-first (``xs.flatten(0, 1)``'s shape)."""
     # Per-sample coefficients (small: N x C), so that y is computed sample-first and is not a view.
     groups, size = xs.shape[0], xs.shape[1]
@@ -233,6 +143,12 @@ def ema_coefficients(
     return build(a, count, dtype, device), (1.0 - a) ** count
 
 
+#: ``(mean, var, weights, start, beta, unbias, running_mean, running_var) -> handled``: in place,
+#: ``running = beta * running + sum_g weights[start + g] * stat[g]`` for the mean and for the
+#: variance scaled by ``unbias``, over a group's ``(G, C)`` statistics.
+Accumulate = Callable[[Tensor, Tensor, Tensor, int, float, float, Tensor, Tensor], bool]
+
+
 def bessel(n: int) -> float:
     """Bessel's correction: the factor from the biased variance of ``n`` values to the unbiased
     one that BatchNorm keeps in ``running_var``."""
@@ -248,6 +164,7 @@ def update_running_stats(
     requested: int,
     groups: Sequence[tuple[Tensor, Tensor, int]],
     compiling: bool | None = None,
+    accumulate: Accumulate | None = None,
 ) -> None:
     """Apply, in closed form and in place, the running-statistics updates that the ghost batches
     would make one after another through BatchNorm.
@@ -261,8 +178,10 @@ def update_running_stats(
     cumulative average, ``R_t = R_{t-1} + (s_t - R_{t-1}) / t``, which telescopes to
     ``(t0 R0 + sum_j s_j) / (t0 + M)``.
 
-    ``compiling`` (default: ``torch.compiler.is_compiling()``) keeps the eager path's C kernels
-    and weight cache out of a torch.compile trace.
+    ``compiling`` (default: ``torch.compiler.is_compiling()``) keeps the weight cache out of a
+    torch.compile trace. ``accumulate`` may do a group's weighted sums in one call (a backend's
+    kernel: in eager mode the small torch ops cost more than the kernels of a tabular layer);
+    it returns False where it does not apply.
     """
     channels = running_mean.shape[0]
     count = sum(m.numel() // channels for m, _, _ in groups)
@@ -293,11 +212,9 @@ def update_running_stats(
         start, beta = 0, decay
         for mean, var, n in groups:
             k = mean.numel() // channels
-            if not compiling and _cpu.applies_to_running(mean, var, weights, new_mean, new_var):
-                # The same sums in one C call: in eager these small ops cost more than the
-                # kernels of a tabular layer.
-                _cpu.running_update(mean, var, weights, start, beta, bessel(n), new_mean, new_var)
-            else:
+            if accumulate is None or not accumulate(
+                mean, var, weights, start, beta, bessel(n), new_mean, new_var
+            ):
                 w = weights[start : start + k]
                 # One matrix-vector product per statistic: the weighted sum over ghost batches.
                 new_mean.addmv_(mean.reshape(k, channels).t(), w, beta=beta)

@@ -80,6 +80,7 @@ def layer_record(
         ghost_batch_size=g,
         momentum=getattr(module, "momentum", None),
         warn=warn,
+        layer_id=id(module) if rewritten else None,
     )
 
 
@@ -128,6 +129,7 @@ def emit_ghost_subgraph(
     layer_target: str,
     hooks_target: str,
     submodule_prefix: str,
+    backend: str = "auto",
 ) -> fx.Node:
     """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module``,
     between its forward pre-hooks and forward hooks when it has any.
@@ -136,18 +138,21 @@ def emit_ghost_subgraph(
     names derive from ``base`` (the original node's name), and the last node takes ``base``
     itself, so downstream code reads the same. ``layer_target`` is what the ghost ops read the
     layer from, ``hooks_target`` the module whose hooks run (the user's layer), and
-    ``submodule_prefix`` the path of the layer's own submodules.
+    ``submodule_prefix`` the path of the layer's own submodules. A ``backend`` other than
+    ``"auto"`` is passed to the normalization node (``ghost_norm(..., backend="cpu")``).
     """
     info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
     after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
     post_hooks = _has_hooks(module, "_forward_hooks")
     steps: list[str] = ["unview", *after, *(["hooks"] if post_hooks else [])]
 
-    def make(op: str, tgt: Any, args: tuple[Any, ...], step: str) -> fx.Node:
+    def make(
+        op: str, tgt: Any, args: tuple[Any, ...], step: str, kwargs: dict[str, Any] | None = None
+    ) -> fx.Node:
         ghost_step = step in ("pre_hooks", "view", "normalize", "unview", "hooks")
         suffix = "" if step == steps[-1] else f"_ghost_{step}" if ghost_step else f"_{step}"
         suffix = suffix.replace("_ghost_normalize", "_ghost_norm")
-        new = graph.create_node(op, tgt, args, {}, name=f"{base}{suffix}")
+        new = graph.create_node(op, tgt, args, kwargs or {}, name=f"{base}{suffix}")
         new.meta = {**meta, "fxghost": {**info, "step": step}}
         return new
 
@@ -160,7 +165,8 @@ def emit_ghost_subgraph(
     if _has_hooks(module, "_forward_pre_hooks"):
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
     view = make("call_function", ops.ghost_view, (x, layer, g, name), "view")
-    norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize")
+    chosen = {} if backend == "auto" else {"backend": backend}
+    norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
         out = make("call_module", f"{submodule_prefix}{sub}", (out,), sub)
@@ -247,14 +253,17 @@ def rewrite(
     selector: LayerSelector,
     root: nn.Module | None,
     prefix: str,
+    backend: str = "auto",
 ) -> Rewrite:
     """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`)."""
     source = root if root is not None else gm
-    graph, records, candidates, opaque = _rewrite_graph(gm, gm.graph, g, selector, source, prefix)
+    graph, records, candidates, opaque = _rewrite_graph(
+        gm, gm.graph, g, selector, source, prefix, backend
+    )
     if isinstance(gm, DualGraphModule):
         other = gm.eval_graph if gm.graph is gm.train_graph else gm.train_graph
         other_graph, other_records, _, other_opaque = _rewrite_graph(
-            gm, other, g, selector, source, prefix
+            gm, other, g, selector, source, prefix, backend
         )
         for record in other_records.values():
             if record.name not in records:
@@ -293,6 +302,7 @@ def _rewrite_graph(
     selector: LayerSelector,
     source: nn.Module,
     prefix: str,
+    backend: str,
 ) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
     records = Records()
     candidates: list[str] = []
@@ -316,6 +326,7 @@ def _rewrite_graph(
                 env[node] = emit_ghost_subgraph(
                     graph, x, module, rule, g, name, base=node.name, meta=node.meta,
                     layer_target=target, hooks_target=target, submodule_prefix=f"{target}.",
+                    backend=backend,
                 )
                 records.add(layer_record(name, module, True, hook_note(module), g))
                 continue
@@ -348,6 +359,8 @@ def _rewrite_graph(
             new_g = g if selector.selects(name) else old_g
             env[node] = graph.node_copy(node, lambda n: env[n])
             env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
+            if node.target is ops.ghost_norm and selector.selects(name):
+                env[node].kwargs = {} if backend == "auto" else {"backend": backend}
             env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
             if node.target is ops.ghost_norm:
                 layer = _attr(gm, str(layer_node.target))  # type: ignore[union-attr]

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from . import backends
+
 __all__ = ["GhostReport", "LayerRecord", "report"]
 
 _META_KEY = "fxghost_report"
@@ -28,6 +30,14 @@ class LayerRecord:
     #: Whether ``transform``'s warning names this layer: not ghosted although it runs with batch
     #: statistics, or ghosted with something of it not kept.
     warn: bool = False
+    #: ``id`` of the module the rewritten graph passes to the ghost ops (the layer itself, or
+    #: its LayerGraphModule): the key of the backend column.
+    layer_id: int | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def backend(self) -> str:
+        """Which implementation ran this layer's last call (``""`` before any)."""
+        return backends.last_run(self.layer_id)
 
     @property
     def status(self) -> str:
@@ -62,6 +72,7 @@ class GhostReport:
         return [r.name for r in self.rewritten]
 
     def rows(self) -> list[dict[str, object]]:
+        ran = any(r.backend for r in self.layers)
         return [
             {
                 "layer": r.name,
@@ -71,6 +82,7 @@ class GhostReport:
                 "momentum": "None (cumulative)" if r.rewritten and r.momentum is None
                 else ("" if r.momentum is None else r.momentum),
                 "status": r.status,
+                **({"backend (last call)": r.backend} if ran else {}),
                 "why": r.reason,
             }
             for r in self.layers

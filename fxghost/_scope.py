@@ -11,6 +11,7 @@ runs is ghosted, and the model's own Python (its checkpointing, its data-depende
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ class Walk:
     selector: LayerSelector
     make_tracer: Callable[[], fx.Tracer]
     strict: bool = False
+    backend: str = "auto"
     records: Records = field(default_factory=Records)
     candidates: list[str] = field(default_factory=list)
     untraced: list[UntracedPart] = field(default_factory=list)
@@ -115,7 +117,7 @@ def rewrite_graph_module(
 ) -> fx.GraphModule:
     """The pass on ``gm`` (traced from ``root``, whose state the result mirrors), then each
     black-box submodule of its graph that holds BatchNorms, rewritten on its own."""
-    result = rewrite(gm, walk.g, walk.selector, root, prefix)
+    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend)
     walk.records.update(result.records)
     walk.candidates += result.candidates
     source = root if root is not None else gm
@@ -168,15 +170,18 @@ def _rewrite_layer(
     out = emit_ghost_subgraph(
         graph, x, module, rule, walk.g, name, base=base, meta={},
         layer_target="_fxghost_self", hooks_target="_fxghost_source", submodule_prefix="",
+        backend=walk.backend,
     )
     graph.output(out)
     note = hook_note(module)
     if old_g is not None and old_g != walk.g:
         note = f"ghost_batch_size changed from {old_g}"
-    walk.records.replace(layer_record(name, module, True, note, walk.g, warn=bool(hook_note(module))))
-    return layer_graph_module(
+    gm = layer_graph_module(
         module, graph, f"Ghost{type(module).__name__}", state=module if before is None else before
     )
+    record = layer_record(name, module, True, note, walk.g, warn=bool(hook_note(module)))
+    walk.records.replace(dataclasses.replace(record, layer_id=id(gm)))  # the ops' layer
+    return gm
 
 
 def _ghost_size(gm: fx.GraphModule) -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from . import _compile_ops, _fast, _math
+from . import backends
 from ._plan import plan_ghost_batches, uses_batch_stats
 
 __all__ = [
@@ -125,10 +125,15 @@ def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) ->
 
 @_fx_leaf("ghost_norm")
 def ghost_norm(
-    groups: GhostGroups, layer: nn.Module, ghost_batch_size: int, name: str
+    groups: GhostGroups,
+    layer: nn.Module,
+    ghost_batch_size: int,
+    name: str,
+    backend: str = "auto",
 ) -> GhostGroups:
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
-    as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval."""
+    as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval.
+    ``backend`` names where it runs (:mod:`fxghost.backends`; ``"auto"`` chooses per call)."""
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
@@ -141,27 +146,21 @@ def ghost_norm(
         return main.flatten(0, 1) * 1, None
     requested = (n + ghost_batch_size - 1) // ghost_batch_size
     per_sample = math.prod(main.shape[3:])
-    # Under torch.compile training_norm declines: not traced, so that dynamo does not trace
-    # select() twice per layer.
-    if tail is None and layer.training and main.numel() and not torch.compiler.is_compiling():
-        y = _fast.training_norm(main, layer, requested, main.shape[1] * per_sample)
+    impl = backends.select(main, backend, name)
+    backends.record(layer, impl)
+    if tail is None and layer.training and main.numel():
+        y = impl.training_norm(main, layer, requested, main.shape[1] * per_sample)
         if y is not None:
             return y, None
     weight, bias, eps = layer.weight, layer.bias, layer.eps
-    norm = _fast.select(main)
-    y_main, mean_m, var_m = norm(main, weight, bias, eps)
+    y_main, mean_m, var_m = impl.norm(main, weight, bias, eps)
     stats = [(mean_m, var_m, main.shape[1] * per_sample)]
     y_tail = None
     if tail is not None:
-        y_tail, mean_t, var_t = norm(tail, weight, bias, eps)
+        y_tail, mean_t, var_t = impl.norm(tail, weight, bias, eps)
         stats.append((mean_t, var_t, tail.shape[1] * per_sample))
     if layer.training and layer.track_running_stats and layer.running_mean is not None:
-        update = (
-            _compile_ops.update_running_stats
-            if torch.compiler.is_compiling() and _compile_ops.wanted()
-            else _math.update_running_stats
-        )
-        update(
+        impl.update_running_stats(
             layer.running_mean,
             layer.running_var,
             layer.num_batches_tracked,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -16,13 +17,27 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 #: Where run_side_by_side runs: FXGHOST_TEST_DEVICE=cuda checks the CUDA paths on a GPU machine.
 DEVICE = torch.device(os.environ.get("FXGHOST_TEST_DEVICE", "cpu"))
 
-# Per-dtype tolerances (rtol, atol): float64 checks the algebra, float32 the numerics.
+# Per-dtype tolerances (rtol, atol) against a computation in the same dtype: float64 checks the
+# algebra, float32 the numerics.
 TOL = {
     torch.float64: (1e-9, 1e-10),
     torch.float32: (2e-4, 2e-5),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (5e-2, 5e-2),
 }
+
+# 16-bit results are held to the float64 computation of the same thing rounded to their dtype:
+# (units in the last place of the rounded value, absolute floor). Statistics in float32 then one
+# rounding put a correct result within one ulp; a tolerance in relative terms as loose as the
+# dtype's own precision would let through normalizing with the unbiased variance or accumulating
+# statistics in 16 bits. The floor covers float32 cancellation in values near zero (input
+# gradients), far below either of those errors.
+ULP_TOL = {
+    torch.float16: (2, 1e-5),
+    torch.bfloat16: (2, 1e-5),
+}
+
+# Float32 tensors (running statistics, parameter gradients) of a step on 16-bit inputs, against
+# float64 from the same 16-bit values: float32 accumulation, not the 16-bit input's precision.
+STATS32_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 BN_SHAPES = {
     "1d_NC": (nn.BatchNorm1d, (5,)),
@@ -87,10 +102,60 @@ def assert_close(
         assert actual is None, what
         return
     assert actual is not None, what
+    if tol is None and expected.dtype in ULP_TOL:
+        assert_ulp_close(actual, expected, what)
+        return
     rtol, atol = TOL.get(expected.dtype, TOL[torch.float32])
     if tol is not None:
         rtol, atol = tol["rtol"], tol["atol"]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at each of ``values`` (float64), subnormals included."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(values.double())
+    spacing = torch.ldexp(torch.full_like(values, info.eps / 2, dtype=torch.float64), exponent)
+    return spacing.clamp_min(info.eps * info.smallest_normal)
+
+
+def ulp_error(
+    actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, floor: float | None = None
+) -> torch.Tensor:
+    """Elementwise error of ``actual`` against ``exact`` rounded to ``dtype``, in ulps of that
+    rounded value, after subtracting an absolute ``floor`` (default: ``ULP_TOL``'s). Non-finite
+    values must match exactly (error 0 or inf)."""
+    if floor is None:
+        floor = ULP_TOL[dtype][1]
+    rounded = exact.detach().to(dtype).double()
+    got = actual.detach().double()
+    same = (got == rounded) | (got.isnan() & rounded.isnan())
+    err = ((got - rounded).abs() - floor).clamp_min(0) / ulp(rounded, dtype)
+    return torch.where(same, torch.zeros_like(err), err.nan_to_num(nan=math.inf))
+
+
+def assert_ulp_close(
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    what: str,
+    dtype: torch.dtype | None = None,
+    floor: float | None = None,
+) -> None:
+    """``actual`` (a 16-bit result) is within ``ULP_TOL[dtype]`` of ``exact`` (the same thing
+    computed in float64, or any dtype at least as precise) rounded to ``dtype`` (default:
+    ``actual``'s); ``floor`` replaces ULP_TOL's absolute floor."""
+    dtype = dtype or actual.dtype
+    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    if not exact.numel():
+        return
+    err = ulp_error(actual, exact, dtype, floor).flatten()
+    worst = int(err.argmax())
+    allowed = ULP_TOL[dtype][0]
+    got, want = actual.detach().flatten()[worst], exact.detach().flatten()[worst]
+    assert float(err[worst]) <= allowed, (
+        f"{what}: {float(err[worst]):.3g} ulps of {dtype} beyond the floor (allowed {allowed}): "
+        f"got {float(got)!r}, the float64 value {float(want)!r} rounds to {float(want.to(dtype))!r}"
+    )
 
 
 def assert_same_state(
@@ -154,42 +219,103 @@ def run_side_by_side(
     seed: int = 0,
     transformed: torch.nn.Module | None = None,
     device: torch.device = DEVICE,
+    backend: str = "auto",
 ) -> nn.Module:
     """Train steps then eval steps through fxghost and the reference; compare every step.
+
+    float64 and float32 inputs are compared with the chunked reference in the same dtype
+    (``TOL``). For float16/bfloat16 inputs the reference runs in float64 on the same values
+    upcast, from the state fxghost's model holds before each step: outputs, input gradients
+    and 16-bit state are held to that result rounded to their dtype (``ULP_TOL``), float32
+    running statistics and gradients to float32 accuracy (``STATS32_TOL``).
 
     Returns the GraphModule so callers can make further checks.
     """
     model.to(device)
-    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), ghost_batch_size)
-    gm = transformed if transformed is not None else fxghost.transform(model, ghost_batch_size)
+    exact = dtype in ULP_TOL
+    reference_dtype = torch.float64 if exact else dtype
+    compare = _ulp_or_stats32 if exact else assert_close
+    reference = apply_chunked_ghost_batchnorm(
+        copy.deepcopy(model).to(torch.float64) if exact else copy.deepcopy(model), ghost_batch_size
+    )
+    if transformed is None:
+        transformed = fxghost.transform(model, ghost_batch_size, backend=backend)
+    gm = transformed
     gen = torch.Generator().manual_seed(seed)
     steps = [(s, True) for s in train_shapes] + [(s, False) for s in eval_shapes]
     for i, (shape, training) in enumerate(steps):
         gm.train(training)
         reference.train(training)
+        if exact:
+            _copy_state(_unwrap(model), _unwrap(reference))
         x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
         if channels_last:
             fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
             x = x.contiguous(memory_format=fmt)
         x = x.to(device=device, dtype=dtype)
-        x_ref = x.detach().clone().requires_grad_(training)
+        x_ref = x.detach().to(reference_dtype).clone().requires_grad_(training)
         x_gm = x.detach().clone().requires_grad_(training)
         y_ref = reference(x_ref)
         y_gm = gm(x_gm)
         what = f"step {i} ({'train' if training else 'eval'}, shape {shape})"
-        assert y_gm.dtype == y_ref.dtype, what
-        assert_close(y_gm, y_ref, f"{what}: output")
+        assert y_gm.dtype == dtype and y_ref.dtype == reference_dtype, what
+        compare(y_gm, y_ref, f"{what}: output")
         if channels_last:
             assert y_gm.is_contiguous(memory_format=fmt), f"{what}: output lost channels_last"
         if training:
             dy = torch.randn(y_ref.shape, generator=gen, dtype=torch.float64).to(device, dtype)
-            y_ref.backward(dy)
+            y_ref.backward(dy.to(reference_dtype))
             y_gm.backward(dy)
-            assert_close(x_gm.grad, x_ref.grad, f"{what}: input grad")
-        assert_same_state(_unwrap(model), _unwrap(reference), what)
+            compare(x_gm.grad, x_ref.grad, f"{what}: input grad")
+        if exact:
+            _assert_state_exact(_unwrap(model), _unwrap(reference), what)
+        else:
+            assert_same_state(_unwrap(model), _unwrap(reference), what)
         for m in (model, reference):
             m.zero_grad(set_to_none=True)
     return gm
+
+
+def _ulp_or_stats32(
+    actual: torch.Tensor | None, exact: torch.Tensor | None, what: str, summed: bool = False
+) -> None:
+    """A tensor of a step on 16-bit inputs against its float64 computation: ULP_TOL for 16-bit
+    tensors, STATS32_TOL for float32 ones. ``summed``: a 16-bit gradient that autograd
+    accumulated in its dtype over several uses (a BatchNorm's weight, used once per group of
+    ghost batches); each use's share was rounded, so the floor is one ulp at the tensor's
+    largest value."""
+    if exact is None or actual is None:
+        assert actual is None and exact is None, what
+    elif actual.dtype in ULP_TOL:
+        floor = None
+        if summed and exact.numel():
+            floor = float(ulp(exact.detach().abs().max().reshape(1), actual.dtype)[0])
+        assert_ulp_close(actual, exact, what, floor=floor)
+    else:
+        assert actual.dtype == torch.float32, f"{what}: {actual.dtype}"
+        torch.testing.assert_close(actual.detach().double(), exact.detach().double(),
+                                   **STATS32_TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_state_exact(model: nn.Module, exact: nn.Module, what: str) -> None:
+    """Parameters, gradients and buffers of ``model`` against the float64 ``exact``."""
+    for (name, pa), (_, pb) in zip(model.named_parameters(), exact.named_parameters(), strict=True):
+        _ulp_or_stats32(pa, pb, f"{what}: parameter {name}")
+        _ulp_or_stats32(pa.grad, pb.grad, f"{what}: grad of {name}", summed=True)
+    for (name, ba), (_, bb) in zip(model.named_buffers(), exact.named_buffers(), strict=True):
+        if ba.dtype == torch.long:
+            assert torch.equal(ba, bb), f"{what}: buffer {name}: {ba} != {bb}"
+        else:
+            _ulp_or_stats32(ba, bb, f"{what}: buffer {name}")
+
+
+def _copy_state(source: nn.Module, target: nn.Module) -> None:
+    """Copy parameters and buffers (upcasting) between modules of the same structure."""
+    with torch.no_grad():
+        for a, b in zip(source.parameters(), target.parameters(), strict=True):
+            b.copy_(a)
+        for a, b in zip(source.buffers(), target.buffers(), strict=True):
+            b.copy_(a)
 
 
 def _unwrap(m: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fxghost
-from fxghost import _cpu
+from fxghost.backends import cpu, torch_ops
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 
@@ -57,19 +57,20 @@ def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool
 
 
 @pytest.mark.skipif(
-    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+    not cpu.available(), reason="no C compiler: the CPU kernels are not built here"
 )
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
-    """On CPU, torch.compile gets the C kernels as custom ops (forward and backward) for the
-    BatchNorm2d and the decomposition for the BatchNorm1d on (N, C); the result still matches the
+    """With backend="cpu", torch.compile gets the C kernels as custom ops (forward and backward)
+    for every layer, where "auto" gives inductor the decomposition; the result still matches the
     reference, running statistics included."""
     torch._dynamo.reset()
     model = _small_net()
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     backend = AotEagerAndRecordGraphs()
-    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    gm = fxghost.transform(model, 4, backend="cpu")
+    compiled = torch.compile(gm, fullgraph=True, backend=backend)
     x = torch.randn(10, 3, 5, 3, dtype=torch.float64)  # uneven: a tail ghost batch of 2
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -82,26 +83,24 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
     assert_same_state(model, reference, "after one step")
     forward = "\n".join(g.code for g in backend.fw_graphs)
     backward = "\n".join(g.code for g in backend.bw_graphs)
-    # The BatchNorm2d's main and tail groups; the BatchNorm1d is decomposed (var_mean).
-    assert forward.count("fxghost.cpu_ghost_norm.default") == 2
-    assert backward.count("fxghost.cpu_ghost_norm_backward.default") == 2
-    assert "var_mean" in forward
+    # The BatchNorm2d's main and tail groups, and the BatchNorm1d's.
+    assert forward.count("fxghost.cpu_ghost_norm.default") == 4
+    assert backward.count("fxghost.cpu_ghost_norm_backward.default") == 4
+    assert "var_mean" not in forward
+    assert {r.backend for r in fxghost.report(gm).rewritten} == {"cpu (custom op, compiled)"}
 
 
 @pytest.mark.parametrize(
     ("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)]
 )
 def test_dynamo_records_each_layer_as_composite_ops(
-    momentum: float | None, affine: bool, monkeypatch: pytest.MonkeyPatch
+    momentum: float | None, affine: bool
 ) -> None:
     """Dynamo's graph holds one normalization node and one running-statistics node per group of
     ghost batches, not their traced-through ops (dynamo's time per layer); AOT autograd then
     expands them, and the step still matches the reference: output, input grad, running
     statistics with an EMA or a cumulative average, with and without affine parameters, over a
     tail ghost batch."""
-    from fxghost import _fast
-
-    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)  # CUDA's formulation
     torch._dynamo.reset()
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), make_bn("2d", momentum=momentum, affine=affine)
@@ -187,34 +186,28 @@ def test_compiled_backward_uses_the_saved_statistics() -> None:
 def test_compiled_formulation_gradients() -> None:
     """The analytic backward of the compiled formulation, checked numerically (float64), with
     and without affine parameters."""
-    from fxghost import _math
-
     xg = torch.randn(3, 4, 5, 2, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: _math.ghost_norm_compiled(x, w, b, 1e-5)[0], (xg, w, b)
+        lambda x, w, b: torch_ops.ghost_norm_compiled(x, w, b, 1e-5)[0], (xg, w, b)
     )
     assert torch.autograd.gradcheck(
-        lambda x: _math.ghost_norm_compiled(x, None, None, 1e-5)[0], (xg,)
+        lambda x: torch_ops.ghost_norm_compiled(x, None, None, 1e-5)[0], (xg,)
     )
-    y, mean, var = _math.ghost_norm_compiled(xg, w, b, 1e-5)
-    y_ref, mean_ref, var_ref = _math.ghost_norm_decomposed(xg, w, b, 1e-5)
+    y, mean, var = torch_ops.ghost_norm_compiled(xg, w, b, 1e-5)
+    y_ref, mean_ref, var_ref = torch_ops.ghost_norm_decomposed(xg, w, b, 1e-5)
     for got, want in ((y, y_ref), (mean, mean_ref), (var, var_ref)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("kind", "channels_last"), [("2d", False), ("2d", True), ("3d", True)])
 def test_compiled_decomposition_on_conv_inputs(
-    kind: str, channels_last: bool, monkeypatch: pytest.MonkeyPatch
+    kind: str, channels_last: bool
 ) -> None:
-    """The formulation inductor gets on CUDA for BatchNorm2d/3d (here on CPU, where such inputs
-    otherwise take the C kernels): float32, contiguous and channels-last, a tail ghost batch, an
-    in-place ReLU after the layer, against the reference. With torch 2.11 a no-op dtype cast on
+    """The formulation inductor gets for BatchNorm2d/3d: float32, contiguous and channels-last, a
+    tail ghost batch, an in-place ReLU after the layer, against the reference. With torch 2.11 a no-op dtype cast on
     its output made dynamo give it a zero gradient."""
-    from fxghost import _fast
-
-    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)
     torch._dynamo.reset()
     conv = nn.Conv2d(3, 4, 3, padding=1) if kind == "2d" else nn.Conv3d(3, 3, 3, padding=1)
     model = nn.Sequential(conv, make_bn(kind, dtype=torch.float32), nn.ReLU(inplace=True))
@@ -250,15 +243,12 @@ def test_export_traces_through_to_aten_ops(strict: bool) -> None:
             assert_close(got, want, name)
 
 
-def test_dynamic_batch_sizes_compile_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dynamic_batch_sizes_compile_once() -> None:
     """With ``dynamic=True`` the batch size stays symbolic through the composite ops (their
     integer arguments are SymInts): batch sizes that are multiples of the ghost size share one
     compiled graph."""
     from torch._dynamo.testing import CompileCounter
 
-    from fxghost import _fast
-
-    monkeypatch.setattr(_fast, "_cpu_op_applies", lambda xg: False)  # CUDA's formulation
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make_bn("2d"), nn.ReLU()).double()
     counter = CompileCounter()

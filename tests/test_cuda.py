@@ -16,7 +16,7 @@ from conftest import assert_close, input_shape, make_bn, run_side_by_side
 from torch import nn
 
 import fxghost
-from fxghost import _fast
+from fxghost import backends
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,16 +37,14 @@ def _fresh_dynamo() -> None:
         ("1d_NC", torch.float32, False, [64, 50]),
     ],
 )
-@pytest.mark.parametrize("compiled_norm", ["decomposition", "kernels"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_compiled_matches_reference(
-    kind: str, dtype: torch.dtype, channels_last: bool, ns: list[int], compiled_norm: str,
-    monkeypatch: pytest.MonkeyPatch,
+    kind: str, dtype: torch.dtype, channels_last: bool, ns: list[int], backend: str
 ) -> None:
-    """Inductor's CUDA code for the decomposition, or the Triton kernels as custom ops
-    (FXGHOST_COMPILED_NORM=kernels): outputs, gradients and running statistics."""
-    monkeypatch.setenv("FXGHOST_COMPILED_NORM", compiled_norm)
+    """Inductor's CUDA code for the decomposition ("auto"), or the Triton kernels as custom ops
+    ("triton"): outputs, gradients and running statistics."""
     model = nn.Sequential(make_bn(kind, dtype=torch.float32), nn.ReLU()).to(CUDA)
-    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True)
+    compiled = torch.compile(fxghost.transform(model, 4, backend=backend), fullgraph=True)
     run_side_by_side(
         model, 4, [input_shape(kind, n) for n in ns], [input_shape(kind, 3)],
         dtype=dtype, channels_last=channels_last, transformed=compiled, device=CUDA,
@@ -55,7 +53,7 @@ def test_compiled_matches_reference(
 
 def test_eager_cuda_takes_the_triton_kernels() -> None:
     x = torch.randn(8, 4, 3, 3, device=CUDA).view(2, 4, 4, 3, 3)
-    assert _fast.select(x) is _fast._triton_norm
+    assert backends.select(x) is backends.triton.EAGER
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,9 +1,10 @@
 """Second derivatives (gradient penalties, Hessian-vector products) through every implementation
 that a transformed BatchNorm can run, against numerical derivatives and the chunked reference.
 
-Each eager implementation is reached as the other test modules reach it, by patching private
-names: the C++ autograd ops by default, the ctypes Function with the op unavailable, the
-torch-ops Function with the C kernels declined, the decomposition by ``select``. The Triton
+Each eager implementation is reached through ``transform(backend=...)``: the C++ autograd ops
+with ``"cpu"``, the torch-ops Function with ``"torch"``; two paths no argument picks on a float64
+input are reached by patching the backend: the ctypes Function (the C++ op unavailable) and the
+decomposition (what 16-bit inputs take). The Triton
 Function runs in float32 only (it does not take float64) under the Triton interpreter, in a
 subprocess (see test_triton.py), against the float64 reference with a float32 tolerance.
 """
@@ -23,7 +24,7 @@ from conftest import init_bn
 from torch import Tensor, nn
 
 import fxghost
-from fxghost import _cpu, _cpu_autograd, _fast, _math
+from fxghost.backends import cpu, torch_ops, triton
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GHOST = 4
 
 needs_kernels = pytest.mark.skipif(
-    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+    not cpu.available(), reason="no C compiler: the CPU kernels are not built here"
 )
 needs_op = pytest.mark.skipif(
-    not _cpu_autograd.available(),
+    not cpu.op_available(),
     reason="no C++ compiler or torch headers: the CPU autograd op is not built here",
 )
 
@@ -71,17 +72,16 @@ def _model(name: str) -> nn.Module:
 
 
 @pytest.fixture
-def use(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
-    """Route the transformed layers' eager training calls to one implementation."""
+def use(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
+    """The backend that runs one implementation for the transformed layers' eager training
+    calls (patching it where no argument reaches the implementation)."""
 
-    def route(impl: str) -> None:
+    def route(impl: str) -> str:
         if impl == "cpu_function":
-            monkeypatch.setattr(_cpu_autograd, "op", lambda: None)
-            monkeypatch.setattr(_cpu_autograd, "update_op", lambda: None)
-        elif impl == "torch_ops":
-            monkeypatch.setattr(_fast, "_cpu_kernels_apply", lambda xg: False)
+            monkeypatch.setattr(cpu, "_ops", lambda: None)
         elif impl == "decomposition":
-            monkeypatch.setattr(_fast, "select", lambda xg: _math.ghost_norm_decomposed)
+            monkeypatch.setattr(torch_ops.EAGER, "norm", torch_ops.ghost_norm_decomposed)
+        return "cpu" if impl.startswith("cpu") else "torch"
 
     return route
 
@@ -107,12 +107,12 @@ def _input(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype) -> T
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("batch", list(BATCHES))
-def test_gradgradcheck(use: Callable[[str], None], impl: str, model_name: str, batch: str) -> None:
+def test_gradgradcheck(use: Callable[[str], str], impl: str, model_name: str, batch: str) -> None:
     """First and second derivatives of a transformed model in training mode with respect to the
     input, weight and bias (and the incoming gradient) match numerical ones."""
-    use(impl)
+    backend = use(impl)
     _, sample, channels_last = MODELS[model_name]
-    model = fxghost.transform(_model(model_name), ghost_batch_size=GHOST).train()
+    model = fxghost.transform(_model(model_name), GHOST, backend=backend).train()
     x = _input((BATCHES[batch], *sample), channels_last, torch.float64).requires_grad_()
     names = [name for name, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
@@ -152,7 +152,7 @@ def _penalty_model(name: str) -> Penalty:
 
 
 def _compare_penalty(
-    penalty: Penalty, batch: int, dtype: torch.dtype, rtol: float, node: str
+    penalty: Penalty, batch: int, dtype: torch.dtype, rtol: float, node: str, backend: str
 ) -> None:
     """The penalty's gradients through the transformed model in ``dtype``, whose layer runs the
     backward ``node``, against the chunked reference's in float64, each relative to its largest
@@ -160,7 +160,8 @@ def _compare_penalty(
     model, sample, out_sample, channels_last = penalty
     x = _input((batch, *sample), channels_last, torch.float64)
     r = torch.randn((batch, *out_sample), dtype=torch.float64)
-    transformed = fxghost.transform(copy.deepcopy(model).to(dtype), GHOST).train()
+    transformed = fxghost.transform(copy.deepcopy(model).to(dtype), GHOST, backend=backend)
+    transformed.train()
     assert any(node in n for n in _nodes(transformed(x.to(dtype)))), f"{node} did not run"
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model).double(), GHOST).train()
     got = _penalty_grads(transformed, x.to(dtype), r.to(dtype))
@@ -177,12 +178,12 @@ def _compare_penalty(
 @pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_gradient_penalty_matches_reference(
-    use: Callable[[str], None], impl: str, model_name: str, batch: str
+    use: Callable[[str], str], impl: str, model_name: str, batch: str
 ) -> None:
-    use(impl)
+    backend = use(impl)
     # float64 with a few values per channel is ill-conditioned: 1e-10 of the scale is rounding
     penalty = _penalty_model(model_name)
-    _compare_penalty(penalty, BATCHES[batch], torch.float64, 1e-10, IMPLS[impl])
+    _compare_penalty(penalty, BATCHES[batch], torch.float64, 1e-10, IMPLS[impl], backend)
 
 
 def test_triton_interpreted() -> None:
@@ -201,10 +202,12 @@ def test_triton_interpreted() -> None:
 def check_triton_gradient_penalty(model_name: str, batch: str) -> None:
     """The Triton Function (it takes float32 and 16-bit inputs, not float64) in float32, against
     the float64 reference."""
-    if not _fast._triton.interpreting():
+    if not triton.interpreting():
         pytest.fail("run with TRITON_INTERPRET=1 (test_triton_interpreted does)")
     penalty = _penalty_model(model_name)
-    _compare_penalty(penalty, BATCHES[batch], torch.float32, 5e-5, "_TritonGhostNormBackward")
+    _compare_penalty(
+        penalty, BATCHES[batch], torch.float32, 5e-5, "_TritonGhostNormBackward", "triton"
+    )
 
 
 def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor] | str:
@@ -222,17 +225,19 @@ def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor]
 
 @pytest.mark.parametrize("backend", ["aot_eager", "eager"])
 @pytest.mark.parametrize("model_name", ["1d", "2d"])
-def test_compiled_double_backward_behaves_as_plain(backend: str, model_name: str) -> None:
+@pytest.mark.parametrize("ours", ["auto", pytest.param("cpu", marks=needs_kernels)])
+def test_compiled_double_backward_behaves_as_plain(backend: str, model_name: str, ours: str) -> None:
     """Under torch.compile a transformed model does what plain BatchNorm does: AOT autograd
     refuses double backward for both (the same error); dynamo alone runs the ops eagerly, and
-    the second derivatives are the reference's. On CPU the 1d layer takes the composite op with
-    the decomposition, the 2d layer the C kernels' custom op."""
+    the second derivatives are the reference's. With "auto" the layers take the composite op
+    with the decomposition, with "cpu" the C kernels' custom op."""
     model, sample = _model(model_name), MODELS[model_name][1]
     x = _input((BATCHES["tail"], *sample), False, torch.float64)
     torch.manual_seed(1)
     plain = _compiled_penalty(copy.deepcopy(model), x, backend)
     torch.manual_seed(1)
-    got = _compiled_penalty(fxghost.transform(copy.deepcopy(model), GHOST), x, backend)
+    gm = fxghost.transform(copy.deepcopy(model), GHOST, backend=ours)
+    got = _compiled_penalty(gm, x, backend)
     if isinstance(plain, str):
         assert "double backward" in plain
         assert got == plain

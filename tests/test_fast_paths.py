@@ -12,13 +12,17 @@ import pytest
 import torch
 from conftest import run_side_by_side
 
-from fxghost import _cpu, _cpu_autograd, _fast, _math
+import fxghost
+from fxghost import _math, backends
+from fxghost.backends import cpu, torch_ops
+from fxghost.backends._common import NormFn
+from fxghost.backends._layout import dims
 
 needs_kernels = pytest.mark.skipif(
-    not _cpu.available(), reason="no C compiler: the CPU kernels are not built here"
+    not cpu.available(), reason="no C compiler: the CPU kernels are not built here"
 )
 needs_op = pytest.mark.skipif(
-    not _cpu_autograd.available(),
+    not cpu.op_available(),
     reason="no C++ compiler or torch headers: the CPU autograd op is not built here",
 )
 
@@ -26,17 +30,27 @@ needs_op = pytest.mark.skipif(
 def _autograd_op_norm(
     xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    op = _cpu_autograd.op()
-    assert op is not None
-    return op(xg, w, b, eps)  # type: ignore[no-any-return]
+    return cpu._ops().eager_cpu_ghost_norm.default(xg, w, b, eps, dims(xg))  # type: ignore[no-any-return]
+
+
+def _cpu_function_norm(
+    xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cpu._CpuKernelGhostNorm.apply(xg, w, b, eps)  # type: ignore[no-any-return]
+
+
+def _torch_ops_norm(
+    xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch_ops._TorchOpsGhostNorm.apply(xg, w, b, eps)  # type: ignore[no-any-return]
 
 
 # The eager CPU paths: the C kernels through the C++ autograd op and through the Python Function
 # (where the op cannot be built), and the torch-ops fallback used without a compiler.
 CPU_IMPLS = [
     pytest.param(_autograd_op_norm, id="cpu_autograd_op", marks=needs_op),
-    pytest.param(_fast._cpu_function_norm, id="cpu_function", marks=needs_kernels),
-    pytest.param(_fast._torch_ops_norm, id="torch_ops"),
+    pytest.param(_cpu_function_norm, id="cpu_function", marks=needs_kernels),
+    pytest.param(_torch_ops_norm, id="torch_ops"),
 ]
 
 GROUPED = {
@@ -64,7 +78,7 @@ CASES = [(n, False) for n in GROUPED] + [("nchw", True), ("ncdhw", True)]
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_cpu_function_gradcheck(
-    impl: _fast.NormFn, name: str, channels_last: bool, affine: bool
+    impl: NormFn, name: str, channels_last: bool, affine: bool
 ) -> None:
     xg = _grouped(name, channels_last, torch.float64).requires_grad_()
     channels = xg.shape[2]
@@ -82,7 +96,7 @@ def test_cpu_function_gradcheck(
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_function_matches_decomposition(
-    impl: _fast.NormFn, name: str, channels_last: bool, dtype: torch.dtype
+    impl: NormFn, name: str, channels_last: bool, dtype: torch.dtype
 ) -> None:
     xg = _grouped(name, channels_last, dtype)
     channels = xg.shape[2]
@@ -90,7 +104,7 @@ def test_cpu_function_matches_decomposition(
     b = torch.randn(channels).to(dtype).requires_grad_()
     dy = torch.randn(xg.flatten(0, 1).shape, dtype=dtype)  # outputs are sample-first
     results = []
-    for fn in (impl, _math.ghost_norm_decomposed):
+    for fn in (impl, torch_ops.ghost_norm_decomposed):
         x = xg.detach().clone().requires_grad_()
         y, mean, var = fn(x, w, b, 1e-5)
         (y * dy).sum().backward()
@@ -122,10 +136,10 @@ def test_cpu_kernels_split_between_threads(
     dy = torch.randn(xg.flatten(0, 1).shape, dtype=torch.float64)
 
     def run(threads: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
+        monkeypatch.setattr(cpu, "_threads", lambda numel: threads)
         x = xg.detach().clone().requires_grad_()
         wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
-        y, mean, var = _fast._cpu_function_norm(x, wi, bi, 1e-5)
+        y, mean, var = _cpu_function_norm(x, wi, bi, 1e-5)
         y.backward(dy)
         return [y, mean, var, x.grad, wi.grad, bi.grad]
 
@@ -152,7 +166,7 @@ STREAMED = [(4, 1100, 250), (2, 8, 67, 1001)]
 def test_cpu_kernels_blocked_shapes_match_decomposition(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], dtype: torch.dtype, threads: int
 ) -> None:
-    monkeypatch.setattr(_cpu, "_threads", lambda numel: threads)
+    monkeypatch.setattr(cpu, "_threads", lambda numel: threads)
     if shape in STREAMED and dtype == torch.float32:
         shape = (shape[0], 2 * shape[1], *shape[2:])
     torch.manual_seed(0)
@@ -162,7 +176,7 @@ def test_cpu_kernels_blocked_shapes_match_decomposition(
     dy = torch.randn(xg.flatten(0, 1).shape).to(dtype)
     results = []
     # The Function, whose thread count is patched; the op runs the same kernels (checked below).
-    for fn in (_fast._cpu_function_norm, _math.ghost_norm_decomposed):
+    for fn in (_cpu_function_norm, torch_ops.ghost_norm_decomposed):
         x, wi, bi = (t.clone().requires_grad_() for t in (xg, w, b))
         y, mean, var = fn(x, wi, bi, 1e-5)
         y.backward(dy)
@@ -174,7 +188,7 @@ def test_cpu_kernels_blocked_shapes_match_decomposition(
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS[:2])
-def test_cpu_kernels_take_any_gradient_layout(impl: _fast.NormFn) -> None:
+def test_cpu_kernels_take_any_gradient_layout(impl: NormFn) -> None:
     """The incoming gradient may be laid out unlike x (here: transposed storage)."""
     xg = _grouped("nchw", False, torch.float64)
     w = torch.rand(xg.shape[2], dtype=torch.float64) + 0.5
@@ -182,7 +196,7 @@ def test_cpu_kernels_take_any_gradient_layout(impl: _fast.NormFn) -> None:
     flat = xg.flatten(0, 1).shape
     dy = torch.randn(tuple(reversed(flat)), dtype=torch.float64).permute(3, 2, 1, 0)
     grads = []
-    for fn in (impl, _math.ghost_norm_decomposed):
+    for fn in (impl, torch_ops.ghost_norm_decomposed):
         x = xg.detach().clone().requires_grad_()
         fn(x, w, b, 1e-5)[0].backward(dy)
         grads.append(x.grad)
@@ -225,7 +239,7 @@ def test_autograd_op_is_the_function_bit_for_bit(
     b = torch.randn(shape[2]).to(pdtype)
     dy = torch.randn(xg.flatten(0, 1).shape).to(dtype)
     results = []
-    for fn in (_autograd_op_norm, _fast._cpu_function_norm):
+    for fn in (_autograd_op_norm, _cpu_function_norm):
         xi = xg.clone().requires_grad_(params != "frozen")
         wi, bi = (t.clone().requires_grad_(params != "frozen") for t in (w, b))
         if params == "frozen":
@@ -259,7 +273,7 @@ class _KeepGradView(torch.autograd.Function):
         return ctx.kept[0][: len(g)], None
 
 
-def _op_backward(impl: _fast.NormFn, shape: tuple[int, ...], dtype: torch.dtype, how: str) -> dict:
+def _op_backward(impl: NormFn, shape: tuple[int, ...], dtype: torch.dtype, how: str) -> dict:
     """One step of ``impl`` on x of ``shape`` in two ghost batches, with the gradient reaching it
     made as ``how`` says. Returns the gradients, what the caller kept, and how many bytes the
     op's backward node left allocated (the profiler's memory accounting)."""
@@ -308,7 +322,7 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
     size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     spent = _op_backward(_autograd_op_norm, shape, dtype, "unique")
     assert spent["allocated"] is not None and spent["allocated"] < size // 2
-    fresh = _op_backward(_fast._cpu_function_norm, shape, dtype, "unique")
+    fresh = _op_backward(_cpu_function_norm, shape, dtype, "unique")
     for got, want in zip(spent["grads"], fresh["grads"], strict=True):
         assert torch.equal(got, want)
     for how in ("caller", "retained", "slice", "kept_view"):
@@ -317,7 +331,7 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
             assert kept["allocated"] >= size, how
         if how == "slice":  # x.grad does not keep cat's whole gradient alive
             assert kept["grads"][0].untyped_storage().nbytes() == size
-        fresh = _op_backward(_fast._cpu_function_norm, shape, dtype, how)
+        fresh = _op_backward(_cpu_function_norm, shape, dtype, how)
         for got, want in zip(kept["grads"], fresh["grads"], strict=True):
             assert torch.equal(got, want), how
         if how == "caller":
@@ -334,11 +348,11 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
     x = xg.detach().clone().requires_grad_()
     n = x.numel() // (x.shape[0] * x.shape[2])  # values per channel in each ghost batch
     if fused:
-        y = _fast.training_norm(x, bn, x.shape[0], n)
+        y = cpu.EAGER.training_norm(x, bn, x.shape[0], n)
         assert y is not None
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
-        _math.update_running_stats(
+        cpu.EAGER.update_running_stats(
             bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, x.shape[0],
             [(mean, var, n)],
         )
@@ -382,10 +396,10 @@ def test_fused_running_update_declares_its_mutations() -> None:
     bn = torch.nn.BatchNorm1d(5).double()
     xg = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     weights, decay = _math.ema_coefficients(0.1, 3, 3, xg.dtype, xg.device)
-    args = (xg, bn.weight, bn.bias, 1e-5, *bn.buffers(), weights, decay, 4 / 3)
-    op = _cpu_autograd.update_op()
-    assert op is not None
-    torch.library.opcheck(op, args, test_utils=("test_schema",))
+    args = (xg, bn.weight, bn.bias, 1e-5, *bn.buffers(), weights, decay, 4 / 3, dims(xg))
+    torch.library.opcheck(
+        cpu._ops().eager_cpu_ghost_norm_update.default, args, test_utils=("test_schema",)
+    )
 
 
 @needs_op
@@ -398,7 +412,9 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     untouched by the fused path."""
     calls = []
     update = _math.update_running_stats
-    monkeypatch.setattr(_math, "update_running_stats", lambda *a: calls.append(1) or update(*a))
+    monkeypatch.setattr(
+        _math, "update_running_stats", lambda *a, **k: calls.append(1) or update(*a, **k)
+    )
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8)).double()
     run_side_by_side(model, 4, [(12, 6), (8, 6)], [])
     assert calls == []
@@ -410,9 +426,9 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     xg = torch.randn(3, 4, 5, dtype=torch.float64)
     bn = _bn_for(xg)
     bn.running_mean = bn.running_mean.float()
-    assert _fast.training_norm(xg, bn, 3, 4) is None
+    assert cpu.EAGER.training_norm(xg, bn, 3, 4) is None
     assert int(bn.num_batches_tracked) == 0
-    assert _fast.training_norm(xg, _bn_for(xg), 3, 4) is not None
+    assert cpu.EAGER.training_norm(xg, _bn_for(xg), 3, 4) is not None
 
 
 @needs_op
@@ -426,79 +442,100 @@ def test_eager_layers_run_the_autograd_op() -> None:
     assert "fxghost::GhostNorm" in y.grad_fn.name()
 
 
-def test_autograd_op_can_be_switched_off() -> None:
-    """FXGHOST_CPU_AUTOGRAD=0 keeps the C kernels, through the Python Function."""
-    code = (
-        "import torch; from fxghost import _cpu, _cpu_autograd, _fast; "
-        "assert _cpu_autograd.op() is None; "
-        "x = torch.randn(2, 3, 4, requires_grad=True); "
-        "y = _fast._cpu_kernel_norm(x, None, None, 1e-5)[0]; "
-        "assert (type(y.grad_fn).__name__ == '_CpuKernelGhostNormBackward') == _cpu.available()"
-    )
-    env = {**os.environ, "FXGHOST_CPU_AUTOGRAD": "0"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+def test_without_the_autograd_op_the_kernels_run_through_ctypes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the C++ op cannot be built, the cpu backend runs the same kernels through the
+    Python Function, and says so in its label."""
+    if not cpu.available():
+        pytest.skip("no C compiler here")
+    monkeypatch.setattr(cpu, "_ops", lambda: None)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    y = cpu.EAGER.norm(x, None, None, 1e-5)[0]
+    assert type(y.grad_fn).__name__ == "_CpuKernelGhostNormBackward"
+    assert cpu.EAGER.label == "cpu (ctypes)"
+    assert cpu.EAGER.training_norm(x, torch.nn.BatchNorm1d(4), 2, 3) is None
 
 
 def test_failed_build_is_remembered(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A source that does not compile gives None and a .failed file with the compiler's message;
-    the next attempt does not compile again."""
-    if _cpu.library_path() is None:
+    """A source that does not compile gives None, a .failed file with the compiler's message,
+    and one line on stderr saying what runs instead; the next attempt does not compile again."""
+    if cpu._library_path() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("FXGHOST_CACHE_DIR", str(tmp_path))
     source = tmp_path / "broken.c"
     source.write_text("int f(void) { return undefined_name; }\n")
     compiler = ("CC", ("cc", "gcc", "clang"))
-    assert _cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]]) is None
+    how = {"what": "a broken thing", "fallback": "nothing"}
+    assert cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]], **how) is None
     (failed,) = tmp_path.glob("broken_*.failed")
     message = failed.read_text()
     assert "undefined_name" in message and "-O0" in message and "-O1" in message
     assert not list(tmp_path.glob("*.so"))
+    err = capsys.readouterr().err
+    assert "compiling a broken thing" in err and "could not compile a broken thing" in err
+    assert "using nothing" in err
 
     def no_compile(*args: object) -> None:
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(_cpu, "_compile", no_compile)
-    assert _cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]]) is None
+    monkeypatch.setattr(cpu, "_compile", no_compile)
+    assert cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]], **how) is None
 
 
 def test_select_routes_by_device_dtype_layout_and_compile() -> None:
-    cpu_fn = _fast._cpu_kernel_norm if _cpu.available() else _fast._torch_ops_norm
-    assert _fast.select(torch.zeros(1, 2, 3)) is cpu_fn
+    cpu_impl = cpu.EAGER if cpu.available() else torch_ops.EAGER
+    assert backends.select(torch.zeros(1, 2, 3)) is cpu_impl
     channels_last = torch.zeros(8, 3, 4, 5).to(memory_format=torch.channels_last)
-    assert _fast.select(channels_last.unflatten(0, (2, 4))) is cpu_fn
+    assert backends.select(channels_last.unflatten(0, (2, 4))) is cpu_impl
     # Not a dense view (every other sample): the kernels need one, torch ops do not.
-    assert _fast.select(torch.zeros(2, 8, 3)[:, ::2]) is _fast._torch_ops_norm
-    assert _fast.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is _math.ghost_norm_decomposed
+    assert backends.select(torch.zeros(2, 8, 3)[:, ::2]) is torch_ops.EAGER
+    assert backends.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is torch_ops.EAGER
+    # A chosen backend wins, and says which layer cannot take an input.
+    assert backends.select(torch.zeros(1, 2, 3), "torch") is torch_ops.EAGER
+    with pytest.raises(ValueError, match="layer 'bn' runs with backend='cpu'"):
+        backends.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16), "cpu", "bn")
 
 
-def test_cpu_kernels_can_be_switched_off() -> None:
-    """FXGHOST_CPU_KERNELS=0 falls back to torch ops (and compiles nothing)."""
+def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> None:
+    """backend="torch" runs plain torch ops, and builds no kernel (an empty cache stays empty)."""
     code = (
-        "import torch; from fxghost import _cpu, _fast; "
-        "assert not _cpu.available(); "
-        "assert _fast.select(torch.zeros(1, 2, 3)) is _fast._torch_ops_norm"
+        "import torch, fxghost; "
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)); "
+        "gm = fxghost.transform(m, 2, backend='torch'); gm(torch.randn(4, 3, 5, 5)).sum(); "
+        "print(fxghost.report(gm).layers[0].backend)"
     )
-    env = {**os.environ, "FXGHOST_CPU_KERNELS": "0"}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "torch"
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_kernels
 def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory) -> None:
     """A fresh cache directory gets one compiled object; a second process reuses it."""
-    code = "from fxghost import _cpu; print(_cpu.library_path())"
+    code = "from fxghost.backends import cpu; print(cpu._library_path())"
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
-    paths = [
+    runs = [
         subprocess.run(
             [sys.executable, "-c", code], env=env, check=True, timeout=300,
             capture_output=True, text=True,
-        ).stdout.strip()
+        )
         for _ in range(2)
     ]
-    assert paths[0] == paths[1]
+    paths = [run.stdout.strip() for run in runs]
+    first_err = runs[0].stderr
+    assert paths[0] == paths[1] and runs[1].stderr == ""
     assert os.path.dirname(paths[0]) == str(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(paths[0])]
+    assert "compiling the CPU kernels" in first_err
 
 
 @needs_kernels
@@ -520,7 +557,7 @@ def test_cpu_custom_ops_pass_opcheck(name: str, channels_last: bool, dtype: torc
     args = (dy, xg.detach(), w.detach(), mean, rstd)
     torch.library.opcheck(torch.ops.fxghost.cpu_ghost_norm_backward.default, args)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: _fast._cpu_op_norm(x, w, b, 1e-5)[0],
+        lambda x, w, b: cpu._custom_op_norm(x, w, b, 1e-5)[0],
         tuple(t.detach().double().requires_grad_() for t in (xg, w, b)),
     )
 
@@ -535,7 +572,7 @@ def test_cpu_custom_op_takes_layouts_the_trace_did_not_see() -> None:
     w = torch.rand(xg.shape[2], dtype=torch.float64) + 0.5
     b = torch.randn(xg.shape[2], dtype=torch.float64)
     got = torch.ops.fxghost.cpu_ghost_norm(strided, w, b, 1e-5)
-    want = _fast._cpu_norm_op(xg, w, b, 1e-5)
+    want = torch.ops.fxghost.cpu_ghost_norm(xg, w, b, 1e-5)
     assert got[0].stride() == torch.empty_like(strided.flatten(0, 1)).stride()
     for g, e in zip(got, want, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

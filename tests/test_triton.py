@@ -70,7 +70,7 @@ def test_interpreted_checks() -> None:
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="needs a plain CPU process")
 def test_cpu_tensors_need_the_interpreter() -> None:
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     assert not _triton.supported(torch.randn(2, 3, 5))
 
@@ -112,7 +112,7 @@ def test_direct_launch_reuses_what_the_dispatch_compiled(monkeypatch: pytest.Mon
     goes back to the dispatch."""
     from types import SimpleNamespace
 
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     monkeypatch.setattr(_triton, "_DIRECT", True)
     kernel, lp = _FakeKernel(), SimpleNamespace(runners={})
@@ -174,7 +174,7 @@ def _close(actual: Tensor, expected: Tensor, tol: tuple[float, float], what: str
 
 def _check_all(xg: Tensor, weight: Tensor | None) -> None:
     """Every kernel on ``xg`` against float64 formulas on the same (rounded) values."""
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     assert _triton.supported(xg)
     G, C = xg.shape[0], xg.shape[2]
@@ -261,7 +261,7 @@ def _on_test_device() -> Iterator[None]:
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny tiles and many programs per group: multi-tile loops, partial tiles, split groups,
     and partial merges over more than one chunk (more than 32 programs per group)."""
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     config = dataclasses.replace(
         _triton._CONFIG,
@@ -296,7 +296,7 @@ def check_tail_group(layout: str) -> None:
 
 def check_large_mean_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Centred accumulation: a mean of 1000 costs no precision (sum/sum-of-squares would)."""
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     # 32 tiles of 32 rows per group, split over several programs.
     config = dataclasses.replace(_triton._CONFIG, reduce_tile=64, min_tiles_per_program=1)
@@ -312,7 +312,7 @@ def check_large_mean_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def check_matches_autograd(layout: str) -> None:
     """stats + backward_reduce + backward_apply give autograd's input gradient of ghost BN."""
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     xg = _grouped(layout, 2, 3, torch.float32)
     C = xg.shape[2]
@@ -337,7 +337,7 @@ def check_matches_autograd(layout: str) -> None:
 
 
 def check_supported() -> None:
-    from fxghost import _triton
+    from fxghost.backends import triton as _triton
 
     x = torch.randn(8, 5, 4, 3)
     assert _triton.supported(x.view(2, 4, 5, 4, 3))

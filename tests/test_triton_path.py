@@ -39,11 +39,11 @@ def test_pass_through_interpreted_triton() -> None:
 def _require_triton_path() -> None:
     from conftest import DEVICE
 
-    from fxghost import _fast
+    from fxghost import backends
 
     x = torch.zeros(1, 2, 3, device=DEVICE)
-    if _fast.select(x) is not _fast._triton_norm:
-        pytest.fail(f"the Triton path is not selected for a float32 tensor on {DEVICE}")
+    if backends.select(x, "triton") is not backends.triton.EAGER:
+        pytest.fail(f"the Triton backend cannot take a float32 tensor on {DEVICE}")
 
 
 CASES = [
@@ -66,32 +66,31 @@ def check_matches_reference(
         model = nn.Sequential(bn, nn.ReLU(inplace=True))
         run_side_by_side(
             model, 4, [input_shape(kind, n) for n in ns], [input_shape(kind, 3)],
-            dtype=dtype, channels_last=channels_last,
+            dtype=dtype, channels_last=channels_last, backend="triton",
         )
 
 
 def check_affine_false() -> None:
     _require_triton_path()
     model = nn.Sequential(make_bn("2d", dtype=torch.float32, affine=False))
-    run_side_by_side(model, 3, [input_shape("2d", 9)], dtype=torch.float32)
+    run_side_by_side(model, 3, [input_shape("2d", 9)], dtype=torch.float32, backend="triton")
 
 
 @pytest.mark.parametrize(("kind", "channels_last", "dtype"), [("2d", True, torch.bfloat16),
                                                              ("1d_NC", False, torch.float32)])
 def check_compiled_kernels_match_reference(
-    kind: str, channels_last: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    kind: str, channels_last: bool, dtype: torch.dtype
 ) -> None:
-    """FXGHOST_COMPILED_NORM=kernels: torch.compile gets the Triton kernels as custom ops
-    (forward and backward), and the result still matches the reference, tails included."""
+    """backend="triton": torch.compile gets the Triton kernels as custom ops (forward and
+    backward), and the result still matches the reference, tails included."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 
     _require_triton_path()
-    monkeypatch.setenv("FXGHOST_COMPILED_NORM", "kernels")
     torch._dynamo.reset()
     model = nn.Sequential(make_bn(kind, dtype=torch.float32), nn.ReLU())
     backend = AotEagerAndRecordGraphs()
-    compiled = torch.compile(fxghost.transform(model.to(DEVICE), 4), fullgraph=True,
-                             backend=backend)
+    gm = fxghost.transform(model.to(DEVICE), 4, backend="triton")
+    compiled = torch.compile(gm, fullgraph=True, backend=backend)
     run_side_by_side(model, 4, [input_shape(kind, 12), input_shape(kind, 9)],
                      dtype=dtype, channels_last=channels_last, transformed=compiled)
     forward = "\n".join(g.code for g in backend.fw_graphs)

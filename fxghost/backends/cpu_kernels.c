@@ -1,4 +1,4 @@
-/* Fused ghost-normalization kernels for the CPU, compiled on first use by fxghost/_cpu.py.
+/* Fused ghost-normalization kernels for the CPU, compiled on first use by fxghost/backends/cpu.py.
  *
  * A grouped tensor is dense, element (g, a, c, s) at ((g * A + a) * C + c) * S + s: S == 1 for
  * tabular (G, rows, C) and channels-last inputs (A = samples x positions), S = spatial positions
@@ -90,7 +90,7 @@ static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
 #define VMUL _mm256_mul_ps
 #define VSTREAM _mm256_stream_ps
 #endif
-#include "_cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
+#include "cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
 
 #define T double
 #define SFX f64
@@ -103,7 +103,7 @@ static int64_t row_block(int64_t len, int64_t elem, int64_t streams) {
 #define VMUL _mm256_mul_pd
 #define VSTREAM _mm256_stream_pd
 #endif
-#include "_cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
+#include "cpu_kernels.c" /* itself, once per type; it ends by undefining T and the V* macros */
 
 #else
 

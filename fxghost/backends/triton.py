@@ -1,4 +1,4 @@
-"""Fused Triton kernels for ghost BatchNorm on a grouped view ``(G, c, C, *spatial)``.
+"""The Triton backend: fused kernels for ghost BatchNorm on a grouped view ``(G, c, C, *spatial)``.
 
 Every kernel sees the grouped view as a dense ``(G, A, C, B)`` block: it reduces (or broadcasts)
 over ``A`` and ``B`` for each ``(group, channel)``. Two memory layouts map onto that shape without a
@@ -41,6 +41,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import _math
+from . import torch_ops
+from ._common import Backend, FusedGhostNorm, dense, forward_outputs, register_norm_ops
+from ._layout import dims_of
+
 try:
     import triton
     import triton.language as tl
@@ -49,6 +54,8 @@ except ImportError:  # a CPU-only install: keep the module importable, supported
     tl = None
 
 __all__ = [
+    "COMPILED",
+    "EAGER",
     "RunningUpdate",
     "backward_apply",
     "backward_reduce",
@@ -477,22 +484,12 @@ def _sm_count(device_index: int) -> int:
 
 def _geometry(xg: Tensor) -> tuple[int, int] | None:
     """``(A, B)`` of the dense ``(G, A, C, B)`` block ``xg`` is, or None for other layouts."""
-    return _geometry_of(xg.shape, xg.stride()) if xg.dim() >= 3 else None
+    return _geometry_of(tuple(xg.shape), xg.stride())
 
 
-# Cached by shape and strides: asked on every call, where the tensor checks cost microseconds.
-@functools.lru_cache(maxsize=1024)
 def _geometry_of(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, int] | None:
-    t = torch.empty_strided(shape, stride, device="meta")
-    c = shape[1]
-    inner = math.prod(shape[3:])
-    # Checked first: with a single spatial position (or channel) both layouts hold, and rows of
-    # channels give the wider contiguous tiles.
-    if t.movedim(2, -1).is_contiguous():
-        return c * inner, 1
-    if t.is_contiguous():
-        return c, inner
-    return None
+    d = dims_of(shape, stride) if 3 <= len(shape) <= 6 else None
+    return None if d is None else (d[1], d[3])
 
 
 def supported(xg: Tensor) -> bool:
@@ -601,7 +598,7 @@ def _launch_for(
         or geometry is None
     ):
         raise ValueError(
-            f"fxghost._triton: unsupported grouped view: shape {tuple(shape)}, strides {stride}, "
+            f"fxghost triton backend: unsupported grouped view: shape {tuple(shape)}, strides {stride}, "
             f"dtype {dtype}, {'CPU' if device_index < 0 else 'CUDA'} device"
         )
     A, B = geometry
@@ -640,10 +637,8 @@ def _launch_for(
 def _direct_launch_supported() -> bool:
     """Whether :func:`_run` may launch compiled kernels itself: on CUDA (not the interpreter),
     with a Triton whose compiled kernels take every parameter, constexprs included, in signature
-    order (checked in 3.6 and 3.8), unless ``FXGHOST_TRITON_LAUNCH=jit``."""
+    order (checked in 3.6 and 3.8)."""
     if triton is None or interpreting():
-        return False
-    if os.environ.get("FXGHOST_TRITON_LAUNCH", "direct").lower() == "jit":
         return False
     try:
         version = tuple(int(p) for p in triton.__version__.split(".")[:2])
@@ -748,7 +743,7 @@ def _like(xg: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _matching(dy: Tensor, xg: Tensor) -> Tensor:
     """``dy`` laid out like ``xg`` (the kernels address both with the same offsets)."""
     if dy.shape != xg.shape:
-        raise ValueError(f"fxghost._triton: dy shape {tuple(dy.shape)} != {tuple(xg.shape)}")
+        raise ValueError(f"fxghost triton backend: dy shape {tuple(dy.shape)} != {tuple(xg.shape)}")
     if dy.stride() == xg.stride() and dy.device == xg.device:
         return dy
     if dy.device == xg.device and _geometry(dy) == _geometry(xg):
@@ -795,7 +790,7 @@ def forward_stats(
     b = _f32(bias) if bias is not None else (torch.zeros_like(w) if affine else mean)
     if update is not None:
         if update.weights.numel() != G:
-            raise ValueError(f"fxghost._triton: {update.weights.numel()} EMA weights, {G} groups")
+            raise ValueError(f"fxghost triton backend: {update.weights.numel()} EMA weights, {G} groups")
         ema, rmean, rvar = update.weights, update.running_mean, update.running_var
         nbt, decay, bessel = update.num_batches_tracked, update.decay, update.bessel
     else:
@@ -912,3 +907,145 @@ def backward_apply(
             _CONFIG.apply_warps,
         )
     return dx
+
+
+class _TritonGhostNorm(FusedGhostNorm):
+    """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
+    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once.
+    Three launches each way (statistics, their finish, the elementwise pass), the running
+    statistics' update included when ``update`` is given: in eager mode on a GPU each launch and
+    each small torch op costs CPU time that a layer's kernels do not hide."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningUpdate | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, update)
+        count = xg.numel() // (xg.shape[0] * xg.shape[2])
+        mean_s, var_s = forward_outputs(
+            ctx, xg, weight, eps, (mean, rstd, var), _triton_backward, count
+        )
+        return y, mean_s, var_s
+
+
+def _triton_forward(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` from the kernels: ``y`` sample-first, laid out as ``xg``."""
+    mean, var, rstd, scale, shift = forward_stats(xg, weight, bias, eps, update)
+    y = torch.empty_like(xg.flatten(0, 1))
+    normalize(xg, scale, shift, out=y.view(xg.shape))
+    return y, mean, var, rstd
+
+
+def _triton_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    input_grad: bool, count: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    sum_dy, sum_dy_xhat, dbias, dweight = backward_sums(dy, xg, mean, rstd)
+    grad_x = (
+        backward_apply(dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
+        if input_grad
+        else None
+    )
+    return grad_x, dweight, dbias
+
+
+# The kernels as custom ops, for torch.compile with backend="triton" (by default inductor gets
+# the torch backend's decomposition, which it fuses with neighbouring ops). On the CPU they run
+# only under the Triton interpreter.
+def _triton_dense(xg: Tensor) -> Tensor:
+    # Compiled code may hand over a layout its trace did not see: the kernels take dense ones.
+    return xg if supported(xg) else xg.contiguous()
+
+
+def _triton_op_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    y, mean, var, rstd = _triton_forward(x, weight, bias, eps)
+    if x is not xg:  # back to the layout the fake implementation promised
+        y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
+    return y, mean, var, rstd
+
+
+def _triton_op_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    count = xg.numel() // (xg.shape[0] * xg.shape[2])
+    grad_x, dweight, dbias = _triton_backward(dy, x, weight, mean, rstd, True, count)
+    if x is not xg:  # back to the layout the fake implementation promised
+        grad_x = torch.empty_like(xg).copy_(grad_x)  # type: ignore[arg-type]
+    return grad_x, dweight, dbias  # type: ignore[return-value]
+
+
+_custom_op_norm = register_norm_ops(
+    "triton_ghost_norm", ("cuda", "cpu"), _triton_op_forward, _triton_op_backward
+)
+
+
+
+
+class _Eager(Backend):
+    name = "triton"
+    label = "triton"
+
+    def norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _TritonGhostNorm.apply(dense(xg), weight, bias, eps)  # type: ignore[no-any-return]
+
+    def training_norm(
+        self, xg: Tensor, layer: torch.nn.Module, requested: int, per_channel: int
+    ) -> Tensor | None:
+        # The update in the launch that finishes the statistics: on a GPU in eager mode the
+        # small torch ops of the update cost more CPU time than the kernels' GPU time.
+        momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
+        nbt = layer.num_batches_tracked
+        if (
+            momentum is None
+            or running_mean is None
+            or not layer.track_running_stats
+            or nbt is None
+            or running_mean.dtype != torch.float32
+            or running_var.dtype != torch.float32
+            or running_mean.device != xg.device
+            or not (running_mean.is_contiguous() and running_var.is_contiguous())
+            or _geometry(xg) is None
+        ):
+            return None
+        weights, decay = _math.ema_coefficients(
+            momentum, requested, xg.shape[0], torch.float32, xg.device
+        )
+        update = RunningUpdate(
+            running_mean, running_var, nbt, weights, decay, _math.bessel(per_channel)
+        )
+        y, _, _ = _TritonGhostNorm.apply(xg, layer.weight, layer.bias, layer.eps, update)
+        return y  # type: ignore[no-any-return]
+
+
+class _Compiled(Backend):
+    name = "triton"
+    label = "triton (custom op, compiled)"
+
+    def norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _custom_op_norm(xg, weight, bias, eps)
+
+    def update_running_stats(self, *args: Any) -> None:
+        torch_ops.COMPILED.update_running_stats(*args)
+
+
+EAGER: Backend = _Eager()
+COMPILED: Backend = _Compiled()

@@ -1,8 +1,8 @@
 /* The eager CPU ghost normalization as one C++ autograd op, fxghost::eager_cpu_ghost_norm,
- * compiled on first use by fxghost/_cpu_autograd.py.
+ * compiled on first use by fxghost/backends/cpu.py.
  *
- * It runs the same C kernels as the ctypes path (_cpu_kernels.c, included below), with the same
- * arguments, so its results are bit for bit those of fxghost._fast._CpuKernelGhostNorm. What it
+ * It runs the same C kernels as the ctypes path (cpu_kernels.c, included below), with the same
+ * arguments, so its results are bit for bit those of fxghost.backends.cpu._CpuKernelGhostNorm. What it
  * removes is the Python around them: the autograd.Function's forward and backward, the ctypes
  * argument conversion and a dozen small tensor calls. On a tabular (N, C) layer these cost about
  * as much as the kernels themselves; here they are a dispatcher call and a C++ autograd node.
@@ -11,7 +11,7 @@
  */
 #define restrict __restrict__
 extern "C" {
-#include "_cpu_kernels.c"
+#include "cpu_kernels.c"
 }
 #undef restrict
 
@@ -33,42 +33,15 @@ namespace fxghost {
 
 using Dims = std::array<int64_t, 4>;
 
-/* (G, A, C, S) when the grouped tensor's elements lie in memory as a contiguous tensor of that
-   shape: channels innermost ("rows", S == 1) or a contiguous tensor ("planes"). The same test as
-   fxghost._fast._kernel_dims, which select() has already passed. */
-std::optional<Dims> kernel_dims(const Tensor &xg) {
-    auto shape = xg.sizes();
-    auto stride = xg.strides();
-    const int64_t n = static_cast<int64_t>(shape.size());
-    const int64_t groups = shape[0], channels = shape[2];
-    std::vector<int64_t> order(n);
-    for (int channels_last = 1; channels_last >= 0; channels_last--) {
-        for (int64_t i = 0; i < n; i++) order[i] = i;
-        if (channels_last) { /* (0, 1, 3, ..., n - 1, 2) */
-            order.erase(order.begin() + 2);
-            order.push_back(2);
-        }
-        int64_t expected = 1;
-        bool dense = true;
-        for (int64_t i = n - 1; i >= 0 && dense; i--) {
-            const int64_t d = order[i];
-            if (shape[d] != 1 && stride[d] != expected) dense = false;
-            expected *= shape[d];
-        }
-        if (!dense) continue;
-        const int64_t per_group = groups * channels;
-        if (channels_last) return Dims{groups, per_group ? xg.numel() / per_group : 0, channels, 1};
-        int64_t spatial = 1;
-        for (int64_t d = 3; d < n; d++) spatial *= shape[d];
-        return Dims{groups, shape[1], channels, spatial};
-    }
-    return std::nullopt;
-}
-
-Dims dense_dims(const Tensor &xg) {
-    auto dims = kernel_dims(xg);
-    TORCH_CHECK(dims, "fxghost: the CPU kernels need a dense input, got strides ", xg.strides());
-    return *dims;
+/* (G, A, C, S): how the grouped tensor's elements lie in memory, as fxghost.backends._layout
+   found it (the caller passes only dense inputs); checked against the element count, so that a
+   wrong call fails instead of reading out of bounds. */
+Dims to_dims(c10::IntArrayRef dims, const Tensor &xg) {
+    TORCH_CHECK(dims.size() == 4 && dims[0] * dims[1] * dims[2] * dims[3] == xg.numel() &&
+                    dims[0] == xg.size(0) && dims[2] == xg.size(2),
+                "fxghost: layout ", dims, " does not describe a grouped tensor of shape ",
+                xg.sizes());
+    return Dims{dims[0], dims[1], dims[2], dims[3]};
 }
 
 int64_t threads(int64_t numel) {
@@ -139,8 +112,9 @@ void check(int failed) {
 struct GhostNorm : public torch::autograd::Function<GhostNorm> {
     static variable_list forward(AutogradContext *ctx, const Tensor &xg,
                                  const std::optional<Tensor> &weight,
-                                 const std::optional<Tensor> &bias, double eps) {
-        const Dims d = dense_dims(xg);
+                                 const std::optional<Tensor> &bias, double eps,
+                                 c10::IntArrayRef dims) {
+        const Dims d = to_dims(dims, xg);
         /* A dense input's strides: y is laid out as xg, sample-first, and not a view. */
         Tensor y = at::empty_like(xg.flatten(0, 1));
         auto opts = xg.options();
@@ -157,6 +131,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
         });
         ctx->save_for_backward({xg, weight ? *weight : Tensor(), mean, rstd});
         ctx->saved_data["eps"] = eps;
+        ctx->saved_data["dims"] = dims;
         /* mean and var are not differentiable: no zero gradients need to be made up for them. */
         ctx->set_materialize_grads(false);
         Tensor mean_s = standard(mean, xg.dim()), var_s = standard(var, xg.dim());
@@ -167,14 +142,14 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
     /* grads by reference: the engine's own list, so that the incoming gradient's use count
        says whether anything else holds it (a copy of the list would hold it too). */
     static variable_list backward(AutogradContext *ctx, variable_list &grads) {
-        if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+        if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
         /* create_graph=True: the gradients must be differentiable, which the kernels' are not */
         if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grads[0]);
         variable_list out;
         {
             auto saved = ctx->get_saved_variables();
             const Tensor &xg = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-            const Dims d = dense_dims(xg);
+            const Dims d = to_dims(ctx->saved_data["dims"].toIntVector(), xg);
             bool own_dy = spent(grads[0], xg);
             Tensor dy = grads[0].view(xg.sizes()); /* splitting dim 0 into (G, c): a view */
             grads.clear(); /* dy is the only reference to the incoming gradient now */
@@ -202,7 +177,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
                 return total.scalar_type() == weight.scalar_type() ? total
                                                                   : total.to(weight.scalar_type());
             };
-            out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor()};
+            out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor(), Tensor()};
         }
         return out;
     }
@@ -235,7 +210,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             gw = sum_dy_xhat.sum(0).flatten().to(weight.scalar_type());
         if (weight.defined() && ctx->needs_input_grad(2))
             gb = sum_dy.sum(0).flatten().to(weight.scalar_type());
-        return {dx, gw, gb, Tensor()};
+        return {dx, gw, gb, Tensor(), Tensor()};
     }
 
     /* Whether the incoming gradient can be overwritten: nothing else holds the tensor or its
@@ -255,8 +230,8 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
 std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm(const Tensor &xg,
                                                         const std::optional<Tensor> &weight,
                                                         const std::optional<Tensor> &bias,
-                                                        double eps) {
-    auto out = GhostNorm::apply(xg, weight, bias, eps);
+                                                        double eps, c10::IntArrayRef dims) {
+    auto out = GhostNorm::apply(xg, weight, bias, eps, dims);
     return {out[0], out[1], out[2]};
 }
 
@@ -269,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
     const Tensor &xg, const std::optional<Tensor> &weight, const std::optional<Tensor> &bias,
     double eps, const Tensor &running_mean, const Tensor &running_var,
     const std::optional<Tensor> &num_batches_tracked, const Tensor &ema_weights, double beta,
-    double unbias) {
+    double unbias, c10::IntArrayRef dims) {
     const int64_t groups = xg.size(0), channels = xg.size(2);
     for (const Tensor *t : {&running_mean, &running_var, &ema_weights}) {
         TORCH_CHECK(t->scalar_type() == xg.scalar_type() && t->is_cpu() && t->is_contiguous() &&
@@ -283,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
                 running_var.numel(), " values for ", channels, " channels");
     TORCH_CHECK(ema_weights.numel() >= groups, "fxghost: ", ema_weights.numel(),
                 " update weights for ", groups, " ghost batches");
-    auto out = GhostNorm::apply(xg, weight, bias, eps);
+    auto out = GhostNorm::apply(xg, weight, bias, eps, dims);
     at::NoGradGuard no_grad;
     by_dtype(xg, [&](auto zero) {
         using T = decltype(zero);
@@ -298,13 +273,13 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
 
 } // namespace fxghost
 
-/* A fragment: fxghost::cpu_ghost_norm and its backward are defined from Python (torch.library). */
+/* A fragment: the namespace's other ops are defined from Python (torch.library). */
 TORCH_LIBRARY_FRAGMENT(fxghost, m) {
-    m.def("eager_cpu_ghost_norm(Tensor xg, Tensor? weight, Tensor? bias, float eps)"
+    m.def("eager_cpu_ghost_norm(Tensor xg, Tensor? weight, Tensor? bias, float eps, int[] dims)"
           " -> (Tensor, Tensor, Tensor)");
     m.def("eager_cpu_ghost_norm_update(Tensor xg, Tensor? weight, Tensor? bias, float eps,"
           " Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
-          " Tensor ema_weights, float beta, float unbias) -> (Tensor, Tensor, Tensor)");
+          " Tensor ema_weights, float beta, float unbias, int[] dims) -> (Tensor, Tensor, Tensor)");
 }
 
 /* CompositeImplicitAutograd: the op is its own autograd formula (the Function above), so the

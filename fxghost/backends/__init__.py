@@ -1,0 +1,199 @@
+"""Where a rewritten BatchNorm call runs: the backends, and the one choice between them.
+
+Each family lives in its own module, with its kernels, host code, autograd Function and op
+registration:
+
+- :mod:`~fxghost.backends.torch_ops` (``"torch"``): plain torch ops, any device and dtype. Under
+  ``torch.compile`` the decomposition with BatchNorm's analytic backward, which inductor fuses with
+  neighbouring ops.
+- :mod:`~fxghost.backends.cpu` (``"cpu"``): fused C kernels, compiled on first use (CPU, float32
+  and float64).
+- :mod:`~fxghost.backends.triton` (``"triton"``): fused Triton kernels (CUDA, float32, float16,
+  bfloat16; on the CPU only under ``TRITON_INTERPRET=1``).
+
+:func:`select` makes the whole decision, for every call, from the table below; the rest of the
+code asks a backend to run, never which one it is.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import cpu, torch_ops, triton
+from ._common import Backend
+from ._layout import dims_of
+
+__all__ = ["NAMES", "Backend", "check", "record", "last_run", "select"]
+
+#: What ``fxghost.transform(..., backend=...)`` takes.
+NAMES = ("auto", "torch", "cpu", "triton")
+
+_F32_64 = frozenset({torch.float32, torch.float64})
+_TRITON_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+class Case(NamedTuple):
+    """What the choice depends on: how the call runs (``"eager"``, ``"compiled"`` under
+    ``torch.compile``, ``"exporting"`` under ``torch.export``), the device type, the dtype,
+    whether the grouped view is dense (laid out as the kernels read) and whether it has spatial
+    dims (conv layers) or not (tabular ``(N, C)``)."""
+
+    mode: str
+    device: str
+    dtype: torch.dtype
+    dense: bool | None  # None: not asked (under torch.compile)
+    spatial: bool
+
+
+# The "auto" choice: the first row that matches. ``None`` matches anything.
+# mode         device  dtypes          dense  spatial  backend
+_TABLE: tuple[tuple[str | None, str | None, frozenset[torch.dtype] | None, bool | None,
+                    bool | None, str], ...] = (
+    # torch.export: plain aten ops only, so that exported programs load without fxghost.
+    ("exporting", None, None, None, None, "torch"),
+    # Under torch.compile inductor fuses the decomposition with the convolution's output and the
+    # ReLU and residual add around it: whole networks ran faster with it than with opaque
+    # kernels, although a lone layer did not (see benchmarks/RESULTS.md).
+    ("compiled", None, None, None, None, "torch"),
+    ("eager", "cuda", _TRITON_DTYPES, True, None, "triton"),
+    ("eager", "cpu", _F32_64, True, None, "cpu"),
+    ("eager", None, None, None, None, "torch"),
+)
+
+_FAMILIES = {"torch": torch_ops, "cpu": cpu, "triton": triton}
+
+
+def _mode() -> str:
+    if not torch.compiler.is_compiling():
+        return "eager"
+    # The flag itself, not torch.compiler.is_exporting(): dynamo in torch 2.11 folds that call to
+    # True under torch.compile too. (No flag in older torch: export then takes the compiled ops.)
+    return "exporting" if getattr(torch.compiler, "_is_exporting_flag", False) else "compiled"
+
+
+def _case(xg: Tensor) -> Case:
+    return Case(
+        _mode(),
+        xg.device.type,
+        xg.dtype,
+        dims_of(tuple(xg.shape), xg.stride()) is not None,
+        xg.dim() > 3,
+    )
+
+
+@functools.cache
+def _auto(case: Case) -> str:
+    for mode, device, dtypes, dense, spatial, name in _TABLE:
+        if (
+            mode in (None, case.mode)
+            and device in (None, case.device)
+            and (dtypes is None or case.dtype in dtypes)
+            and dense in (None, case.dense)
+            and spatial in (None, case.spatial)
+            and _usable(name, case.device)
+        ):
+            return name
+    return "torch"
+
+
+@functools.cache
+def _usable(name: str, device: str) -> bool:
+    """Whether family ``name`` can run on ``device`` in this process (building what it needs)."""
+    if name == "cpu":
+        return device == "cpu" and cpu.available()
+    if name == "triton":
+        return triton.triton is not None and (
+            device == "cuda" or (device == "cpu" and triton.interpreting())
+        )
+    return True
+
+
+def _implementation(name: str, mode: str) -> Backend:
+    family = _FAMILIES[name]
+    if mode == "eager":
+        return family.EAGER  # type: ignore[no-any-return]
+    if name == "torch" and mode == "exporting":
+        return torch_ops.EXPORTING
+    return family.COMPILED  # type: ignore[no-any-return]
+
+
+def select(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
+    """The implementation that runs a call on the grouped view ``xg``: ``backend``'s, or with
+    ``"auto"`` the first matching row of the table above. Under ``torch.compile`` the choice is
+    made while tracing, from ``xg``'s dtype and layout (which may be symbolic)."""
+    if torch.compiler.is_compiling():
+        # The compiled rows do not ask for the layout: not tested (under tracing each test adds
+        # guards on the strides), and the custom ops make any layout dense themselves.
+        case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3)
+    else:
+        case = _case(xg)
+    name = _auto(case) if backend == "auto" else backend
+    if name != "torch" and backend != "auto":
+        _check_case(name, case, layer)
+    return _implementation(name, case.mode)
+
+
+def _check_case(name: str, case: Case, layer: str) -> None:
+    """A chosen backend that cannot take this input: say which layer, and what can."""
+    ok = (
+        case.dtype in _F32_64 and case.device == "cpu"
+        if name == "cpu"
+        else case.dtype in _TRITON_DTYPES and _usable("triton", case.device)
+    )
+    if not ok:
+        raise ValueError(
+            f"fxghost: layer '{layer}' runs with backend='{name}', which cannot take a "
+            f"{case.device} {case.dtype} input; use backend='auto' (or 'torch', which runs "
+            "anywhere)"
+        )
+
+
+def check(backend: object) -> str:
+    """``backend`` as a name this process can run, at transform time: a ``ValueError``
+    (unknown name) or ``RuntimeError`` (cannot run here) that says why and what to use."""
+    if not isinstance(backend, str) or backend not in NAMES:
+        raise ValueError(f"fxghost: backend={backend!r}; choose one of {', '.join(NAMES)}")
+    if backend == "cpu" and not cpu.available():
+        raise RuntimeError(
+            "fxghost: backend='cpu' needs the CPU kernels, which could not be compiled here "
+            "(install a C compiler such as gcc; `python -m fxghost build` shows the error); "
+            "use backend='auto' or 'torch'"
+        )
+    if backend == "triton" and not (
+        triton.triton is not None and (torch.cuda.is_available() or triton.interpreting())
+    ):
+        raise RuntimeError(
+            "fxghost: backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
+            "set before importing triton, to run its interpreter on the CPU); use "
+            "backend='auto' or 'torch'"
+        )
+    return backend
+
+
+# Which implementation ran each layer's last call, by id(layer): what the report's backend
+# column shows.
+_LAST_RUN: dict[int, str] = {}
+
+
+def record(layer: torch.nn.Module, implementation: Backend) -> None:
+    if torch.compiler.is_compiling():
+        _record_while_tracing(id(layer), implementation.label)
+    else:
+        _LAST_RUN[id(layer)] = implementation.label
+
+
+@torch.compiler.assume_constant_result
+def _record_while_tracing(layer_id: int, label: str) -> bool:
+    # Run by dynamo once, while it traces, and not part of the compiled code: a store into a
+    # global dict there would guard on the dict, and its change recompile the model.
+    _LAST_RUN[layer_id] = label
+    return True
+
+
+def last_run(layer_id: int | None) -> str:
+    """The label of the implementation that ran the last call of the layer with this id."""
+    return "" if layer_id is None else _LAST_RUN.get(layer_id, "")

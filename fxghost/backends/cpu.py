@@ -1,0 +1,538 @@
+"""The CPU backend: fused C kernels for ghost normalization, compiled on first use.
+
+PyTorch has no CPU kernel for per-(group, channel) statistics, and composing one from torch ops
+streams the tensor through memory a dozen times per step (a 2-core machine is memory-bound long
+before it is compute-bound). The kernels (``cpu_kernels.c``) read x from memory once and write y
+once in the forward, read x and dy once and write dx once in the backward (large outputs with
+non-temporal stores), and keep each block hot in cache between passes. The backward returns the
+weight and bias gradients themselves, and :func:`_accumulate` applies the running-statistics
+update: in eager mode the small torch ops they replace cost more than the kernels on tabular
+layers. Work is split between ``torch.get_num_threads()`` threads of torch's own OpenMP runtime;
+ctypes releases the GIL for the calls.
+
+In eager mode the kernels run from a C++ autograd op (``cpu_autograd.cpp``, the same kernels
+with the same arguments, so bit for bit the same results): the Python around them (an
+``autograd.Function``'s forward and backward, the ctypes calls, a dozen small tensor calls)
+doubled a layer call's cost over plain BatchNorm's. Where the C++ op cannot be built (no C++20
+compiler, a torch without headers), the ``autograd.Function`` over ctypes runs instead. Under
+``torch.compile`` the kernels are custom ops (:func:`fxghost.backends._common.register_norm_ops`).
+
+Both are compiled with the system's compilers (C in about a second, C++ in about half a minute),
+once per source, compiler and CPU, and cached under ``$FXGHOST_CACHE_DIR`` (default
+``~/.cache/fxghost``). A build says so on stderr when it starts and ends; ``python -m fxghost
+build`` builds ahead of time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _math
+from . import torch_ops
+from ._common import Backend, FusedGhostNorm, dense, forward_outputs, register_norm_ops
+from ._layout import Dims, dims_of
+
+__all__ = ["COMPILED", "EAGER", "available", "build_all", "op_available"]
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# The C++ op's source first; it includes the kernels' source.
+_OP_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_autograd.cpp", "cpu_kernels.c")]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# Below this many elements a second thread costs more than it saves.
+_PARALLEL_MIN_NUMEL = 1 << 16
+
+
+def _say(message: str) -> None:
+    # stderr, not logging: a first training step that compiles for half a minute must not look
+    # like a hang, whatever the logging configuration.
+    print(f"fxghost: {message}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    _say(message)
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("FXGHOST_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fxghost"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on another CPU (a shared home directory on a cluster).
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(cmd: list[str], out: Path) -> str | None:
+    """Run ``cmd`` (a compile command ending in ``-o``) into ``out``; ``None`` on success, else
+    the compiler's message."""
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        done = subprocess.run(
+            [*cmd, str(tmp)], capture_output=True, text=True, timeout=600, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    if done.returncode == 0:
+        os.replace(tmp, out)  # atomic: concurrent processes may build the same object
+        return None
+    tmp.unlink(missing_ok=True)
+    return done.stderr or done.stdout
+
+
+def build(
+    stem: str,
+    sources: Sequence[Path],
+    compiler: tuple[str, tuple[str, ...]],
+    flag_sets: Sequence[Sequence[str]],
+    link: Sequence[str] = (),
+    key: Sequence[str] = (),
+    *,
+    what: str,
+    fallback: str,
+) -> Path | None:
+    """A shared object compiled from ``sources[0]`` (which includes the others), cached under
+    :func:`_cache_dir`; ``None`` when it cannot be built.
+
+    ``compiler`` is ``(environment variable, names to look for)``; each of ``flag_sets`` is tried
+    in turn. The cache key covers the sources, the compiler, the flags, the machine and ``key``.
+    A failed build leaves a ``.failed`` file with the compiler's messages, so that later processes
+    do not try again (delete it to retry). A build says on stderr when it starts and ends; a
+    failure says once (per cache) what runs instead (``fallback``).
+    """
+    env, names = compiler
+    cc = os.environ.get(env) or next((c for c in names if shutil.which(c)), None)
+    if cc is None:
+        _say_once(f"no compiler for {what} ({' or '.join(names)}); using {fallback}")
+        return None
+    try:
+        version = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    texts = [cc, version, platform.machine(), _cpu_signature(), *link, *key]
+    texts += [" ".join(flags) for flags in flag_sets]
+    parts = [p.read_bytes() for p in sources] + [t.encode() for t in texts]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "fxghost"):
+        path = directory / f"{stem}_{digest}.so"
+        failed = path.with_suffix(".failed")
+        if path.exists():
+            return path
+        if failed.exists():
+            return None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        _say(f"compiling {what} (once per machine and version) into {directory} ...")
+        started = time.perf_counter()
+        message = ""
+        for flags in flag_sets:
+            error = _compile([cc, *flags, "-fPIC", "-shared", str(sources[0]), *link, "-o"], path)
+            if error is None:
+                _say(f"compiled {what} in {time.perf_counter() - started:.0f} s")
+                return path
+            message += f"$ {cc} {' '.join(flags)}\n{error}\n"
+        try:
+            failed.write_text(message)
+        except OSError:
+            pass
+        _say(f"could not compile {what} (the compiler's messages: {failed}); using {fallback}")
+        return None
+    return None
+
+
+@functools.cache
+def _library_path() -> Path | None:
+    """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
+    if not _SOURCE.exists():
+        return None
+    # -fno-math-errno lets sqrt vectorize; it changes no result (only errno is left unset).
+    std = ["-O3", "-std=c99", "-fno-math-errno"]
+    flag_sets = [[*std, "-march=native", "-fopenmp"], [*std, "-fopenmp"], std]
+    return build(
+        "cpu_kernels", [_SOURCE], ("CC", ("cc", "gcc", "clang")), flag_sets, ["-lm"],
+        what="the CPU kernels", fallback="torch ops (slower); install a C compiler (cc) for them",
+    )
+
+
+class _Kernels:
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        ptr, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+        self.forward = {}
+        self.backward = {}
+        self.running = {}
+        for dtype, sfx in _SUFFIX.items():
+            fwd = getattr(lib, f"fxg_forward_{sfx}")
+            fwd.argtypes = [ptr] * 7 + [i64] * 4 + [f64, i64]
+            fwd.restype = ctypes.c_int
+            bwd = getattr(lib, f"fxg_backward_{sfx}")
+            bwd.argtypes = [ptr] * 8 + [i64] * 5
+            bwd.restype = ctypes.c_int
+            run = getattr(lib, f"fxg_running_{sfx}")
+            run.argtypes = [ptr] * 3 + [i64] * 2 + [f64] * 2 + [ptr] * 2
+            run.restype = ctypes.c_int
+            self.forward[dtype], self.backward[dtype], self.running[dtype] = fwd, bwd, run
+
+
+@functools.cache
+def _kernels() -> _Kernels | None:
+    path = _library_path()
+    if path is None:
+        return None
+    try:
+        return _Kernels(path)
+    except (OSError, AttributeError):
+        return None
+
+
+def _threads(numel: int) -> int:
+    # Below this size a parallel region costs more than it saves.
+    return torch.get_num_threads() if numel >= _PARALLEL_MIN_NUMEL else 1
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+Dims = tuple[int, int, int, int]
+
+
+def _run(
+    fn: Any, tensors: tuple[Tensor | None, ...], dims: Dims, extra: tuple[float, ...], numel: int
+) -> None:
+    _check(fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel)))
+
+
+def _check(failed: int) -> None:
+    if failed:
+        raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
+
+
+def _kernel_forward(
+    x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dims: Dims
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize ``x`` into ``y`` (both dense, elements laid out as the contiguous
+    ``dims = (G, A, C, S)``); returns ``(mean, biased var, rstd)``, each ``(G, C)`` in ``x``'s
+    dtype. ``weight`` and ``bias`` are contiguous in ``x``'s dtype, or ``None``."""
+    kernels = _loaded()
+    # Separate small tensors: cheaper per call than unbinding one (a few µs each call).
+    mean, var, rstd = (torch.empty(dims[0], dims[2], dtype=x.dtype) for _ in range(3))
+    tensors = (x, y, weight, bias, mean, var, rstd)
+    _run(kernels.forward[x.dtype], tensors, dims, (float(eps),), x.numel())
+    return mean, var, rstd
+
+
+def _kernel_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dx: Tensor | None,
+    dims: Dims,
+) -> tuple[Tensor, Tensor]:
+    """The weight and bias gradients before any dtype cast, ``sum(dy * xhat)`` and ``sum(dy)``
+    over all groups (each ``(C,)`` in ``x``'s dtype), and the input gradient written into ``dx``
+    unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`."""
+    kernels = _loaded()
+    grad_w, grad_b = (torch.empty(dims[2], dtype=x.dtype) for _ in range(2))
+    tensors = (dy, x, weight, mean, rstd, dx, grad_w, grad_b)
+    _run(kernels.backward[x.dtype], tensors, dims, (), x.numel())
+    return grad_w, grad_b
+
+
+def _loaded() -> _Kernels:
+    kernels = _kernels()
+    if kernels is None:
+        raise RuntimeError("fxghost: the CPU kernels are not available")
+    return kernels
+
+@functools.cache
+def _op_library_path() -> Path | None:
+    """The C++ op's shared object, built if needed; ``None`` when unavailable."""
+    if _library_path() is None:
+        return None
+    torch_dir = Path(torch.__file__).parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    if not (include / "torch" / "library.h").exists() or not all(p.exists() for p in _OP_SOURCES):
+        return None
+    common = [
+        "-O3",
+        # C++ contracts a * b + c into FMAs by default, ISO C does not: the kernels must round
+        # as in the C build for the results to be the same bit for bit.
+        "-ffp-contract=off",
+        "-fno-math-errno",  # as in the C build
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+    ]
+    # Recent torch headers need C++20; older ones build as C++17 with older compilers.
+    flag_sets = [
+        [*common, "-std=c++20", "-march=native", "-fopenmp"],
+        [*common, "-std=c++17", "-fopenmp"],
+    ]
+    link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu"]
+    return build(
+        "cpu_autograd", _OP_SOURCES, ("CXX", ("c++", "g++", "clang++")), flag_sets, link,
+        key=[torch.__version__, str(torch_dir)],
+        what="the CPU kernels' C++ autograd op",
+        fallback="the same kernels through ctypes (a few microseconds more per layer call)",
+    )
+
+
+@functools.cache
+def _ops() -> Any:
+    """``torch.ops.fxghost`` with the C++ op library loaded (built if needed), or ``None``."""
+    path = _op_library_path()
+    if path is None:
+        return None
+    try:
+        torch.ops.load_library(str(path))
+        ops = torch.ops.fxghost
+        # Looked up here, so that a library without both ops falls back as a failed load does.
+        ops.eager_cpu_ghost_norm.default, ops.eager_cpu_ghost_norm_update.default  # noqa: B018
+        return ops
+    except (OSError, RuntimeError, AttributeError) as e:
+        _say(f"could not load the CPU kernels' C++ op ({e}); using them through ctypes")
+        return None
+
+
+def available() -> bool:
+    """Whether the C kernels can be used in this process (compiling them if needed)."""
+    return _kernels() is not None
+
+
+def op_available() -> bool:
+    """Whether the C++ autograd op can be used (compiling it if needed)."""
+    return _ops() is not None
+
+
+def build_all() -> dict[str, Path | None]:
+    """Build (or find in the cache) everything this backend compiles; the shared objects'
+    paths, ``None`` for what could not be built."""
+    return {"CPU kernels": _library_path(), "C++ autograd op": _op_library_path()}
+
+
+class _CpuKernelGhostNorm(FusedGhostNorm):
+    """Ghost normalization in the fused C kernels of the C kernels (CPU, float32/float64,
+    dense inputs): forward reads x twice and writes y once; backward reads x and dy twice and
+    writes dx once, in cache-sized blocks so that each second read comes from cache."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dims = _dense_dims(xg)
+        out, mean, var, rstd = _cpu_forward(xg, weight, bias, eps, dims)
+        mean_s, var_s = forward_outputs(
+            ctx, xg, weight, eps, (mean, rstd, var), _cpu_backward, dims
+        )
+        return out, mean_s, var_s
+
+
+def _cpu_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    dims: tuple[int, int, int, int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` from the C kernels: ``y`` sample-first, the statistics
+    ``(G, C)``."""
+    out = torch.empty_like(xg.flatten(0, 1))  # a dense input's strides: laid out as xg
+    mean, var, rstd = _kernel_forward(xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims)
+    return out, mean, var, rstd
+
+
+def _cpu_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+    input_grad: bool, dims: tuple[int, int, int, int],
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
+        dy = torch.empty_like(xg).copy_(dy)
+    grad_x = torch.empty_like(xg) if input_grad else None
+    dweight, dbias = _kernel_backward(dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims)
+    return grad_x, dweight, dbias
+
+
+def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
+    """A weight or bias as a contiguous vector in the input's dtype, as the C kernels read it."""
+    if p is None or (p.dtype == like.dtype and p.is_contiguous()):
+        return p  # only its data is read
+    return p.detach().to(like.dtype).contiguous()
+
+
+def _dense_dims(xg: Tensor) -> Dims:
+    d = dims_of(tuple(xg.shape), xg.stride())
+    if d is None:  # the backend makes inputs dense before they get here
+        raise ValueError(f"fxghost: the CPU kernels need a dense input, got strides {xg.stride()}")
+    return d
+
+
+def _on_dense(
+    xg: Tensor,
+    like: Callable[[Tensor], Tensor],
+    run: Callable[[Tensor, Dims], tuple[Any, ...]],
+) -> tuple[Any, ...]:
+    """``run(xg, dims)`` when the kernels can read ``xg`` as it is. Otherwise (compiled code may
+    pass a layout its trace did not see) ``run`` on a contiguous copy, with the full-size first
+    result copied into ``like(xg)``: the layout the custom op's fake implementation promised."""
+    d = dims_of(tuple(xg.shape), xg.stride())
+    if d is not None:
+        return run(xg, d)
+    contiguous = xg.contiguous()
+    first, *rest = run(contiguous, _dense_dims(contiguous))
+    return (like(xg).copy_(first), *rest)
+
+
+def _op_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` as :func:`_cpu_forward` returns them."""
+    return _on_dense(  # type: ignore[return-value]
+        xg,
+        lambda t: torch.empty_like(t.flatten(0, 1)),
+        lambda t, d: _cpu_forward(t, weight, bias, eps, d),
+    )
+
+
+def _op_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _on_dense(  # type: ignore[return-value]
+        xg, torch.empty_like, lambda t, d: _cpu_backward(dy, t, weight, mean, rstd, True, d)
+    )
+
+
+_custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op_backward)
+
+
+def _accumulate(
+    mean: Tensor, var: Tensor, weights: Tensor, start: int, beta: float, unbias: float,
+    running_mean: Tensor, running_var: Tensor,
+) -> bool:
+    """:data:`fxghost._math.Accumulate` in one C call, where every tensor is a dense CPU tensor
+    of one float dtype (``mean`` and ``var`` hold contiguous ``(G, C)`` values)."""
+    dtype = mean.dtype
+    tensors = (mean, var, weights, running_mean, running_var)
+    kernels = _kernels()
+    if (
+        kernels is None
+        or dtype not in _SUFFIX
+        or not all(t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in tensors)
+    ):
+        return False
+    channels = running_mean.numel()
+    _check(
+        kernels.running[dtype](
+            mean.data_ptr(), var.data_ptr(), weights.data_ptr() + start * weights.element_size(),
+            mean.numel() // channels, channels, beta, unbias, running_mean.data_ptr(),
+            running_var.data_ptr(),
+        )
+    )
+    return True
+
+
+class _Eager(Backend):
+    name = "cpu"
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "cpu (C++ op)" if _ops() is not None else "cpu (ctypes)"
+
+    def norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xg = dense(xg)
+        ops = _ops()
+        if ops is not None:
+            d = _dense_dims(xg)
+            return ops.eager_cpu_ghost_norm.default(xg, weight, bias, eps, d)  # type: ignore[no-any-return]
+        return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+
+    def training_norm(
+        self, xg: Tensor, layer: torch.nn.Module, requested: int, per_channel: int
+    ) -> Tensor | None:
+        # The update fused into the C++ op's call: made from Python, the update cost as much as
+        # the normalization on a tabular layer. Every check here runs once per layer call.
+        momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
+        ops = _ops()
+        if (
+            ops is None
+            or momentum is None
+            or running_mean is None
+            or not layer.track_running_stats
+            or running_mean.dtype != xg.dtype
+            or running_var.dtype != xg.dtype
+            or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        ):
+            return None
+        d = dims_of(tuple(xg.shape), xg.stride())
+        if d is None:
+            return None
+        weights, decay = _math.ema_coefficients(
+            momentum, requested, xg.shape[0], xg.dtype, xg.device
+        )
+        out = ops.eager_cpu_ghost_norm_update.default(
+            xg, layer.weight, layer.bias, layer.eps, running_mean, running_var,
+            layer.num_batches_tracked, weights, decay, _math.bessel(per_channel), d,
+        )
+        return out[0]  # type: ignore[no-any-return]
+
+    def update_running_stats(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        num_batches_tracked: Tensor | None,
+        momentum: float | None,
+        requested: int,
+        groups: Sequence[tuple[Tensor, Tensor, int]],
+    ) -> None:
+        _math.update_running_stats(
+            running_mean, running_var, num_batches_tracked, momentum, requested, groups,
+            compiling=False, accumulate=_accumulate,
+        )
+
+
+class _Compiled(Backend):
+    name = "cpu"
+    label = "cpu (custom op, compiled)"
+
+    def norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _custom_op_norm(xg, weight, bias, eps)
+
+    def update_running_stats(self, *args: Any) -> None:
+        torch_ops.COMPILED.update_running_stats(*args)
+
+
+EAGER: Backend = _Eager()
+COMPILED: Backend = _Compiled()
