@@ -12,6 +12,7 @@ torch.Size([10, 8, 6, 6])
 from __future__ import annotations
 
 from ._api import PartialRewriteWarning, ghost_batchnorm_pass, transform
+from ._inplace import apply_ghost_batchnorm, revert_ghost_batchnorm
 from ._plan import InputDtypeError
 from ._report import GhostReport, LayerRecord, report
 from ._scope import UntracedPart
@@ -28,9 +29,11 @@ __all__ = [
     "TracingError",
     "UntracedPart",
     "__version__",
+    "apply_ghost_batchnorm",
     "ghost_batchnorm_pass",
     "register_batchnorm",
     "report",
+    "revert_ghost_batchnorm",
     "transform",
 ]
 
