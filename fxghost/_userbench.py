@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
         def autocast() -> contextlib.AbstractContextManager[Any]:
             return torch.autocast(torch.device(device).type, dtype=dtype)
 
-    def make_step(net: nn.Module, owner: nn.Module) -> Callable[[], None]:
+    def make_step(net: Callable[..., Any], owner: nn.Module) -> Callable[[], None]:
         # A small learning rate: the loss is arbitrary, and the weights must stay finite.
         opt = torch.optim.SGD(owner.parameters(), lr=1e-4)
 
