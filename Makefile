@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test,notebooks,timm]'
+	$(PY) -m pip install -e '.[test,notebooks,timm,lightning]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,99 @@
+"""Ghost BatchNorm for PyTorch Lightning: one callback.
+
+``Trainer(callbacks=[fxghost.lightning.GhostBatchNorm(ghost_batch_size=32)])`` ghosts every
+BatchNorm of the ``LightningModule`` for fitting. It needs the ``lightning`` package
+(``pip install 'fxghost[lightning]'``) or the standalone ``pytorch_lightning``; the Trainers of
+both call it (Lightning calls a callback's hooks by name).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ._inplace import _STATE, apply_ghost_batchnorm, revert_ghost_batchnorm
+from ._pass import holds_candidates
+from ._plan import check_ghost_batch_size
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover - the standalone package, or none
+    try:
+        from pytorch_lightning import Callback  # type: ignore[assignment]
+    except ImportError:
+        Callback = object  # type: ignore[assignment,misc]
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(Callback):  # type: ignore[misc]
+    """A Lightning ``Callback`` that trains the ``LightningModule`` with ghost BatchNorm.
+
+    At ``setup`` for fitting (before Lightning converts the module's precision, moves it to the
+    device, wraps it in DDP and builds the optimizers), :func:`fxghost.apply_ghost_batchnorm`
+    rewrites the BatchNorm-holding submodules of the module in place: the ``LightningModule``
+    stays the same object, with the same Parameters, buffers and ``state_dict`` keys. So training
+    steps use ghost BatchNorm, validation, test and predict use plain BatchNorm eval (at any batch
+    size), checkpoints written by ``ModelCheckpoint`` load into the plain module with
+    ``strict=True``, and ``torch.compile`` and the ``ddp`` strategy work as without it (under DDP
+    each process forms ghost batches from its own shard). Layers that ``configure_model`` creates
+    are ghosted at ``on_fit_start``.
+
+    When fitting ends (or fails), the original submodules are put back, holding the trained
+    weights and statistics, so the module is plain again for ``validate``, ``test`` or export.
+    ``fxghost.report(pl_module)`` during fitting lists the layers ghosted.
+
+    Args:
+        ghost_batch_size: samples per ghost batch, a positive int; it must not exceed the
+            per-process training batch.
+        only: qualified layer names or glob patterns to rewrite (default: all), as for
+            :func:`fxghost.transform`.
+    """
+
+    def __init__(self, ghost_batch_size: int = 32, *, only: Any = None) -> None:
+        if Callback is object:
+            raise ImportError(
+                "fxghost.lightning.GhostBatchNorm needs PyTorch Lightning: "
+                "pip install 'fxghost[lightning]'"
+            )
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+        self.only = only
+        # The modules this callback rewrote (and so reverts): not one the user had applied
+        # fxghost to before fitting.
+        self._applied: list[nn.Module] = []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ghost_batch_size={self.ghost_batch_size})"
+
+    def _apply(self, pl_module: nn.Module) -> None:
+        if _STATE in pl_module.__dict__:
+            # Applied already (by the user, or at setup): apply_ghost_batchnorm checks that the
+            # settings agree and does nothing more.
+            apply_ghost_batchnorm(pl_module, self.ghost_batch_size, only=self.only)
+            return
+        if not any(holds_candidates(child) for child in pl_module.children()):
+            return  # nothing yet: configure_model may build the layers
+        apply_ghost_batchnorm(pl_module, self.ghost_batch_size, only=self.only)
+        self._applied.append(pl_module)
+
+    def _revert(self) -> None:
+        while self._applied:
+            module = self._applied.pop()
+            if _STATE in module.__dict__:
+                revert_ghost_batchnorm(module)
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage == "fit":
+            self._apply(pl_module)
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if _STATE not in pl_module.__dict__:
+            self._apply(pl_module)
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if stage == "fit":
+            self._revert()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        self._revert()
