@@ -16,7 +16,8 @@
 #             dispatch and with direct launches, and a cProfile of its layer steps
 #   compiled-model  the suite under torch.compile: ResNet-50 with plain BatchNorm and fxghost
 #             (compiling it with the chunked reference takes minutes, so it is left out)
-#   compiled-kernels  fxghost's ResNet-50 again with FXGHOST_COMPILED_NORM=kernels (own JSON)
+#   compiled-kernels  fxghost's ResNet-50 again with --backend triton: the Triton kernels as
+#             custom ops under torch.compile (own JSON)
 #   compiled-layer  the suite under torch.compile for the main layer cases (plain and fxghost)
 #   compiled  compiled-model, compiled-kernels, then compiled-layer
 # Logs go to OUTDIR/gpu_check.log, the suite's raw numbers to OUTDIR/*.json; a summary (test
@@ -110,8 +111,8 @@ torchvision.__version__, torch.cuda.get_device_name())'"
                 --sections model --impls plain,fxghost --out "$out/compiled-model.json"
         fi
         if [ "$stage" != compiled-model ]; then
-            FXGHOST_COMPILED_NORM=kernels run bench-compiled-model-kernels 600 "$py" \
-                benchmarks/run.py --device cuda --modes compiled --sections model --impls fxghost \
+            run bench-compiled-model-kernels 600 "$py" benchmarks/run.py --device cuda \
+                --modes compiled --sections model --impls fxghost --backend triton \
                 --out "$out/compiled-model-kernels.json"
         fi
         [ "$stage" = compiled ] && compiled_layer

@@ -23,7 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fxghost  # noqa: E402
-from fxghost import _fast, _triton  # noqa: E402
+from fxghost import backends  # noqa: E402
+from fxghost.backends import triton as _triton  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -97,7 +98,7 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
         lambda: torch.empty((shape[0] // g, shape[1]), device=DEV))))
     rows.append(("torch.empty_like(x)", *per_step(lambda: torch.empty_like(x))))
     rows.append(("x.view(grouped)", *per_step(lambda: x.view(shape[0] // g, g, *shape[1:]))))
-    rows.append(("select(xg)", *per_step(lambda: _fast.select(xg))))
+    rows.append(("select(xg)", *per_step(lambda: backends.select(xg))))
     rows.append(("_launch(xg)", *per_step(lambda: _triton._launch(xg))))
     for name, q, w in rows:
         print(f"{name:32s} queue {q:8.1f} us   wall {w:8.1f} us", flush=True)

@@ -52,6 +52,7 @@ from harness import (
 from torch import Tensor, nn
 
 import fxghost
+from fxghost import backends
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 __all__ = ["IMPLS", "LayerCase", "ModelCase", "build_parser", "jobs", "main", "source_digest"]
@@ -160,14 +161,14 @@ def model_cases(device: str, quick: bool) -> list[ModelCase]:
 # Building the implementations
 
 
-def _apply_impl(impl: str, module: nn.Module, g: int) -> nn.Module:
+def _apply_impl(impl: str, module: nn.Module, g: int, backend: str = "auto") -> nn.Module:
     """``module`` (already a private copy) with its BatchNorm layers as ``impl`` computes them."""
     if impl == "plain":
         return module
     if impl == "chunked":
         return apply_chunked_ghost_batchnorm(module, g)
     if impl == "fxghost":
-        return fxghost.transform(module, ghost_batch_size=g)
+        return fxghost.transform(module, ghost_batch_size=g, backend=backend)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -198,7 +199,9 @@ def _make_bn(case: LayerCase, device: torch.device) -> nn.Module:
     return bn.to(device)
 
 
-def layer_steps(case: LayerCase, g: int, device: torch.device) -> tuple[Builder, dict[str, Any]]:
+def layer_steps(
+    case: LayerCase, g: int, device: torch.device, backend: str = "auto"
+) -> tuple[Builder, dict[str, Any]]:
     """The step builder of one layer case, and the parameters to record."""
     # Drawn on the device: hundreds of MB on the GPU cases, slow to draw on the host.
     gen = torch.Generator(device=device).manual_seed(1)
@@ -214,7 +217,7 @@ def layer_steps(case: LayerCase, g: int, device: torch.device) -> tuple[Builder,
 
     def build(impl: str, compiled: bool) -> Step:
         # Wrapped in a Sequential so that all three run the same container code.
-        module = _apply_impl(impl, nn.Sequential(copy.deepcopy(base)), g)
+        module = _apply_impl(impl, nn.Sequential(copy.deepcopy(base)), g, backend)
         module.train()
         params = list(module.parameters())
         run = _compile(module) if compiled else module
@@ -246,7 +249,9 @@ def _build_model(case: ModelCase) -> nn.Module:
     return factory(weights=None)  # never downloads: random init
 
 
-def model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[Builder, dict[str, Any]]:
+def model_steps(
+    case: ModelCase, g: int, device: torch.device, backend: str = "auto"
+) -> tuple[Builder, dict[str, Any]]:
     """The step builder of one model case, and the parameters to record."""
     torch.manual_seed(0)
     base = _build_model(case).to(device)
@@ -275,7 +280,7 @@ def model_steps(case: ModelCase, g: int, device: torch.device) -> tuple[Builder,
         model = copy.deepcopy(base)
         model.train()
         # fxghost's GraphModule shares the parameters of `model`; the chunked wrapper keeps them.
-        net = _apply_impl(impl, model, g)
+        net = _apply_impl(impl, model, g, backend)
         # A small learning rate: random labels must not drive the weights to inf/NaN.
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-5)
         run = _compile(net) if compiled else net
@@ -309,10 +314,12 @@ def jobs(
     layer_timing: Timing,
     model_timing: Timing,
     cases: Sequence[str] | None = None,
+    backend: str = "auto",
 ) -> list[Job]:
     """All jobs in run order: by section, then mode, then case. With ``ghost_sizes`` given, cases
     that differ only in their own ghost sizes (one shape listed once per size) run once per size.
-    With ``cases`` given, only cases whose label contains one of those strings run."""
+    With ``cases`` given, only cases whose label contains one of those strings run. ``backend``
+    is fxghost's, as ``fxghost.transform`` takes it."""
     torch_device = torch.device(device)
     found: list[Job] = []
     seen: set[tuple[str, str, str, int]] = set()
@@ -339,7 +346,7 @@ def jobs(
                                 mode,
                                 label,
                                 g,
-                                _bind(layer_steps, lc, g, torch_device),
+                                _bind(layer_steps, lc, g, torch_device, backend),
                                 layer_timing,
                             )
                         )
@@ -354,7 +361,7 @@ def jobs(
                                 mode,
                                 f"{mc.label} batch {mc.batch}",
                                 g,
-                                _bind(model_steps, mc, g, torch_device),
+                                _bind(model_steps, mc, g, torch_device, backend),
                                 model_timing,
                                 batch=mc.batch,
                             )
@@ -495,6 +502,7 @@ def _meta(args: argparse.Namespace, device: str, argv: Sequence[str]) -> dict[st
         "compile": "compiled" in args.modes,
         "modes": args.modes,
         "cases": args.cases,
+        "backend": args.backend,
         "cold_compile": not args.compile_cache,
         # Allocator settings change CPU results a lot (page faults of fresh memory): record them.
         "allocator_env": {
@@ -600,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-compile", action="store_true", help="eager mode only (--modes eager)")
     p.add_argument(
+        "--backend",
+        choices=backends.NAMES,
+        default="auto",
+        help="fxghost's backend, as fxghost.transform(..., backend=) takes it (default: auto)",
+    )
+    p.add_argument(
         "--cases",
         type=_nonempty,
         nargs="+",
@@ -700,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         layer_timing,
         model_timing,
         args.cases,
+        args.backend,
     )
     if not job_list:
         parser.error(f"no case matches --cases {' '.join(args.cases or [])} on {device}")

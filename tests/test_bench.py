@@ -109,8 +109,9 @@ def test_options_parse_and_reject() -> None:
     assert args.block == 2
     args = parser.parse_args("--modes compiled,eager --cases (16384,512) resnet50".split())
     assert args.modes == ["eager", "compiled"] and args.cases == ["(16384,512)", "resnet50"]
+    assert args.backend == "auto" and parser.parse_args(["--backend", "torch"]).backend == "torch"
     bad_args = ("--sections layers", "--ghost-sizes 0", "--ghost-sizes a", "--repeats 0")
-    for bad in (*bad_args, "--block 0", "--modes fast", "--cases"):
+    for bad in (*bad_args, "--block 0", "--modes fast", "--cases", "--backend fast"):
         with pytest.raises(SystemExit):
             parser.parse_args(bad.split())
 
@@ -248,6 +249,7 @@ def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
     ]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "benchmarks/run.py --device cuda --modes compiled" in log
+    assert "--impls fxghost --backend triton" in log
     assert "--impls plain,fxghost --out" in log and "--sections layer" in log
     assert stages("probe", "no-such-stage").returncode == 2
 
