@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -80,7 +81,7 @@ def main() -> int:
                 if compiled:
                     run = torch.compile(run)
                 opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-                variants[label] = lambda run=run, opt=opt: _step(run, opt, x, y)
+                variants[label] = functools.partial(_step, run, opt, x, y)
             for fn in variants.values():  # warm-up (and compile)
                 fn()
                 fn()

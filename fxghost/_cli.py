@@ -28,6 +28,7 @@ commands:
   demo      trace torchvision resnet18, rewrite it, and check it against the chunked reference
   inspect   show which layers of a model are rewritten and which are skipped, and why
   bench     time training steps of a model with plain BatchNorm and with fxghost
+  build     compile the CPU kernels now (otherwise the first CPU training step does)
 """
 
 
@@ -56,6 +57,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fxghost {_version.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+
+    sub.add_parser(
+        "build",
+        help="compile the CPU kernels ahead of time",
+        description="Compile (or find in the cache) the C kernels and the C++ autograd op that "
+        "the CPU backend runs, and say where they are. Without this, the first eager CPU "
+        "training step compiles them (about half a minute, once per machine and version).",
+    )
 
     demo = sub.add_parser("demo", help="rewrite resnet18 and check it against the reference")
     demo.add_argument("--ghost-batch-size", "-g", type=_positive_int, default=32, metavar="G")
@@ -248,11 +257,23 @@ def inspect_model(spec: str, ghost_batch_size: int, only: Sequence[str] | None, 
     return 0
 
 
+def build() -> int:
+    """``fxghost build``: 0 when every CPU kernel is ready, 1 when one could not be built."""
+    from .backends import cpu
+
+    built = cpu.build_all()
+    for what, path in built.items():
+        print(f"{what}: {path if path is not None else 'not available (see the message above)'}")
+    return 0 if all(p is not None for p in built.values()) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
     args = parser.parse_args(args_list)
     try:
+        if args.command == "build":
+            return build()
         if args.command == "demo":
             return demo(args.ghost_batch_size, args.batch_size)
         if args.command == "inspect":

@@ -134,3 +134,16 @@ def test_without_timm_the_error_says_so(
     code, _, err = _main(capsys, "inspect", "timm:resnet18d")
     assert code == 2
     assert "timm is not installed: pip install timm" in err
+
+
+def test_build_reports_what_is_ready(capsys: pytest.CaptureFixture[str]) -> None:
+    """``fxghost build`` prints where the compiled objects are and exits 0 when both are ready
+    (the messages of a fresh build are checked in test_fast_paths: the cache tests)."""
+    from fxghost.backends import cpu
+
+    if not cpu.op_available():
+        pytest.skip("no C/C++ compiler here")
+    assert main(["build"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["CPU kernels", "C++ autograd op"]
+    assert all(line.endswith(".so") for line in out)
