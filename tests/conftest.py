@@ -145,7 +145,7 @@ def assert_ulp_close(
     computed in float64, or any dtype at least as precise) rounded to ``dtype`` (default:
     ``actual``'s); ``floor`` replaces ULP_TOL's absolute floor."""
     dtype = dtype or actual.dtype
-    assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert actual.shape == exact.shape, f"{what}: {tuple(actual.shape)} != {tuple(exact.shape)}"
     if not exact.numel():
         return
     err = ulp_error(actual, exact, dtype, floor).flatten()

@@ -29,6 +29,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     the input) and the torch ops that machines without a C compiler use."""
     return str(request.param)
 
+
 # (N values for the training steps, g): divisible, uneven, fewer chunks than requested, g=1.
 BATCHES = [
     ((12, 12), 4),
@@ -58,8 +59,8 @@ def _expected_error(kind: str, ns: tuple[int, ...], g: int) -> bool:
 @pytest.mark.parametrize(("ns", "g"), BATCHES)
 @pytest.mark.parametrize("momentum", [0.1, None, 0.7])
 def test_matches_reference_float64(
-    kind: str, ns: tuple[int, ...], g: int, momentum: float | None
-, backend: str) -> None:
+    kind: str, ns: tuple[int, ...], g: int, momentum: float | None, backend: str
+) -> None:
     bn = make_bn(kind, momentum=momentum)
     model = nn.Sequential(bn)
     train = [input_shape(kind, n) for n in ns]
@@ -77,8 +78,8 @@ def test_matches_reference_float64(
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_flags_and_layouts(
-    kind: str, affine: bool, track: bool, channels_last: bool, dtype: torch.dtype
-, backend: str) -> None:
+    kind: str, affine: bool, track: bool, channels_last: bool, dtype: torch.dtype, backend: str
+) -> None:
     if channels_last and kind not in ("2d", "3d"):
         pytest.skip("channels_last applies to 4D and 5D inputs")
     bn = make_bn(kind, dtype=dtype, affine=affine, track_running_stats=track, eps=1e-3)
@@ -92,18 +93,22 @@ def test_flags_and_layouts(
         [input_shape(kind, 3), input_shape(kind, 9)],
         dtype=dtype,
         channels_last=channels_last,
-     backend=backend)
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["1d_NC", "2d"])
-def test_16bit_inputs_keep_dtype_and_fp32_stats(dtype: torch.dtype, kind: str, backend: str) -> None:
+def test_16bit_inputs_keep_dtype_and_fp32_stats(
+    dtype: torch.dtype, kind: str, backend: str
+) -> None:
     # 16-bit activations with float32 parameters and buffers, as under autocast. Against float64:
     # the output and input gradient to within ULP_TOL of their rounding, the float32 running
     # statistics and parameter gradients to float32 accuracy (16-bit accumulation fails it).
     bn = make_bn(kind, dtype=torch.float32)
     model = nn.Sequential(bn)
-    run_side_by_side(model, 4, [input_shape(kind, 16), input_shape(kind, 10)], dtype=dtype, backend=backend)
+    run_side_by_side(model, 4, [input_shape(kind, 16), input_shape(kind, 10)], dtype=dtype,
+                     backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -145,7 +150,8 @@ def test_inplace_op_after_the_layer(dtype: torch.dtype, channels_last: bool, bac
     model = nn.Sequential(make_bn("2d", dtype=torch.float32 if dtype != torch.float64 else dtype),
                           nn.ReLU(inplace=True))
     run_side_by_side(model, 4, [input_shape("2d", 12), input_shape("2d", 10)],
-                     [input_shape("2d", 3)], dtype=dtype, channels_last=channels_last, backend=backend)
+                     [input_shape("2d", 3)], dtype=dtype, channels_last=channels_last,
+                     backend=backend)
 
 
 def test_non_dense_input(backend: str) -> None:
