@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-composer bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Composer pins an older torch (its last release: torch<2.7.1), so its tests get their own venv
+# with the newest torch and torchvision it accepts; inside .venv/ so that git ignores it.
+COMPOSER_VENV := .venv/composer
+COMPOSER_PY := $(COMPOSER_VENV)/bin/python
+COMPOSER_STAMP := $(COMPOSER_VENV)/.installed
+
+$(COMPOSER_STAMP): pyproject.toml
+	test -x $(COMPOSER_PY) || $(PYTHON) -m venv $(COMPOSER_VENV)
+	$(COMPOSER_PY) -m pip install --upgrade pip
+	$(COMPOSER_PY) -m pip install 'torch==2.7.0' 'torchvision==0.22.0' -e '.[composer]' 'pytest>=7'
+	touch $(COMPOSER_STAMP)
+
+test-composer: $(COMPOSER_STAMP)
+	$(COMPOSER_PY) -m pytest tests/composer
 
 bench: $(STAMP)
 	$(PY) -m fxghost bench
