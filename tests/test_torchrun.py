@@ -28,6 +28,9 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_ddp.py"
 WORLD = 2
+#: The README's command line (tests/test_readme_trainers.py checks that it is this one); the test
+#: adds small sizes and float64.
+README_COMMAND = "torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --device cpu"
 # float64 through ResNet-18's twenty BatchNorms with ghost batches of 5 samples on 1x1
 # maps: rounding is about 1e-12 of each tensor's scale.
 REL = 1e-8
@@ -92,12 +95,13 @@ def torchrun() -> list[str]:
 @pytest.mark.slow
 def test_torchrun_matches_per_shard_reference(tmp_path: Path) -> None:
     args = [
-        "--device", "cpu", "--steps", "2", "--batch-size", "10", "--ghost-batch-size", "5",
-        "--image-size", "16", "--dtype", "float64", "--out", str(tmp_path),
+        "--steps", "2", "--batch-size", "10", "--ghost-batch-size", "5", "--image-size", "16",
+        "--dtype", "float64", "--out", str(tmp_path),
     ]
+    _, *readme_args = README_COMMAND.split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*torchrun(), "--standalone", f"--nproc_per_node={WORLD}", str(SCRIPT), *args],
+        [*torchrun(), *readme_args, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,7 +109,7 @@ def test_torchrun_matches_per_shard_reference(tmp_path: Path) -> None:
     assert "step 1: loss" in proc.stdout
 
     script = _script()
-    ns = script.parse_args(args)
+    ns = script.parse_args(["--device", "cpu", *args])
     model = script.make_model(ns.seed).double()
     steps = [
         [(x.double(), y) for x, y in per_rank] for per_rank in script.shards(ns, WORLD)

@@ -183,3 +183,14 @@ def test_functional_api_is_one_import_away() -> None:
     params = opt.param_groups[0]["params"]
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
 
+
+def test_readme_block() -> None:
+    """The README's Composer snippet, as written, with a small stand-in model and loader."""
+    from test_readme_trainers import G as README_G
+    from test_readme_trainers import loader, net, run_block
+
+    model = ComposerClassifier(net(), num_classes=10)
+    run_block("composer", {"composer_model": model, "train_loader": loader()})
+    assert fxghost.report(model).ghost_batch_size == README_G
+    bn = model.get_submodule("module.1")
+    assert int(bn.num_batches_tracked) == 4  # two steps of two ghost batches
