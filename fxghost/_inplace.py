@@ -101,7 +101,7 @@ def apply_ghost_batchnorm(
     Applying again with the same ``ghost_batch_size`` (and ``only``) does nothing; with another, it
     raises ``ValueError``: call :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)``
     lists every layer, and one :class:`fxghost.PartialRewriteWarning` counts those not ghosted.
-    A ``torch.compile``\\ d module is rewritten under the module it compiles.
+    Given the wrapper that ``torch.compile`` returns, it rewrites under the module it compiles.
 
     Args:
         model: the module whose submodules to rewrite (not a DistributedDataParallel: apply

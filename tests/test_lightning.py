@@ -135,6 +135,17 @@ def test_fit_validate_and_checkpoint(tmp_path: Path, one_thread: None) -> None:
     for key, value in lit.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
+    # Resuming from it (weights, optimizer momentum, loop state) for a fourth step, the first
+    # batch of the next epoch, continues as the reference does.
+    resumed, spy = LitNet(), Spy()
+    trainer(max_steps=4, callbacks=[GhostBatchNorm(G), spy]).fit(
+        resumed, DataLoader(train_set, batch_size=BATCH), ckpt_path=tmp_path / "last.ckpt"
+    )
+    batches = list(DataLoader(train_set, batch_size=BATCH))
+    reference = reference_loop(start, [*batches, batches[0]])
+    spy.restore_grads(resumed)
+    assert_state_scaled(resumed.net, reference, "Lightning, resumed for a 4th step", REL)
+
 
 def test_compiled_module(one_thread: None) -> None:
     lit = LitNet()
