@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import fx, nn
 
-from . import backends
+from . import _distributed, backends
 from ._plan import check_ghost_batch_size
 from ._report import GhostReport, attach
 from ._scope import Walk, rewrite_graph_module, rewrite_module
 from ._select import LayerSelector
 from ._trace import GhostTracer
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["PartialRewriteWarning", "ghost_batchnorm_pass", "transform"]
 
@@ -47,6 +50,7 @@ def transform(
     tracer: fx.Tracer | None = None,
     strict: bool = False,
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
 ) -> nn.Module:
     """Trace ``model`` and rewrite its ``nn.BatchNorm1d/2d/3d`` layers into ghost BatchNorm.
 
@@ -81,6 +85,10 @@ def transform(
             :mod:`fxghost.backends`), ``"torch"`` (plain torch ops, anywhere), ``"cpu"`` (the
             compiled C kernels) or ``"triton"``. ``fxghost.report(result)`` shows, after a
             call, which ran.
+        process_group: a ``torch.distributed`` process group this process belongs to: each
+            layer then forms its ghost batches from the group's batches concatenated in rank
+            order, communicating per-channel statistics only (see the README's "Ghost batches
+            across processes"). ``None``: each process's own batch.
 
     >>> import torch, fxghost
     >>> model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
@@ -91,7 +99,9 @@ def transform(
     g = check_ghost_batch_size(ghost_batch_size)
     backends.check(backend)
     if isinstance(model, fx.GraphModule):
-        return ghost_batchnorm_pass(model, g, only=only, backend=backend)
+        return ghost_batchnorm_pass(
+            model, g, only=only, backend=backend, process_group=process_group
+        )
     if tracer is not None and (leaf_modules or autowrap_functions):
         raise ValueError(
             "fxghost: pass leaf_modules/autowrap_functions or a tracer, not both; "
@@ -104,7 +114,10 @@ def transform(
     def make_tracer() -> fx.Tracer:
         return tracer if tracer is not None else GhostTracer(leaves, functions)
 
-    walk = Walk(g, LayerSelector(only), make_tracer, strict=strict, backend=backend)
+    walk = Walk(
+        g, LayerSelector(only), make_tracer, strict=strict, backend=backend,
+        process_group=group_of(process_group, backend),
+    )
     result = rewrite_module(model, walk, concrete_args=concrete_args)
     return _finish(result, model, walk)
 
@@ -117,6 +130,7 @@ def ghost_batchnorm_pass(
     root: nn.Module | None = None,
     prefix: str = "",
     backend: str = "auto",
+    process_group: ProcessGroup | None = None,
 ) -> fx.GraphModule:
     """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
     with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
@@ -128,7 +142,7 @@ def ghost_batchnorm_pass(
     glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
     mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
     qualified name inside a larger model, for layer names in reports, errors and ``only``.
-    ``backend`` as for :func:`transform`.
+    ``backend`` and ``process_group`` as for :func:`transform`.
 
     >>> import torch, fxghost
     >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
@@ -142,9 +156,25 @@ def ghost_batchnorm_pass(
             f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
             f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
         )
-    walk = Walk(g, LayerSelector(only), GhostTracer, backend=backends.check(backend))
+    walk = Walk(
+        g, LayerSelector(only), GhostTracer, backend=backends.check(backend),
+        process_group=group_of(process_group, backend),
+    )
     result = rewrite_graph_module(gm, walk, root, prefix)
     return _finish(result, root if root is not None else gm, walk, stacklevel=3)
+
+
+def group_of(process_group: object, backend: str) -> tuple[int | None, int | None]:
+    """``(key, size)`` of a ``process_group`` argument (:func:`fxghost._distributed.register`),
+    checked against ``backend``: calls across processes run in torch ops and collectives."""
+    key, size = _distributed.register(process_group)
+    if key is not None and backend != "auto":
+        raise ValueError(
+            f"fxghost: backend={backend!r} normalizes one process's batch; ghost batches across "
+            f"the {size} processes of process_group run in torch ops with collectives. Pass "
+            "backend='auto' with process_group, or no process_group."
+        )
+    return key, size
 
 
 def _finish(result: Any, model: nn.Module, walk: Walk, stacklevel: int = 3) -> Any:

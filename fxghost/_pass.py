@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
+from . import _distributed, ops
 from ._graph_module import DualGraphModule, GhostGraphModule, LayerGraphModule
 from ._report import LayerRecord
 from ._select import LayerRule, LayerSelector, rule_for
@@ -66,9 +66,11 @@ def layer_record(
     g: int | None,
     *,
     warn: bool | None = None,
+    group_size: int | None = None,
 ) -> LayerRecord:
     """The report entry of ``module``. ``warn``: whether ``transform``'s warning names it (by
-    default: a layer with a ``reason``, except a frozen one, which has nothing to ghost)."""
+    default: a layer with a ``reason``, except a frozen one, which has nothing to ghost).
+    ``group_size``: the processes its ghost batches span (``process_group=``)."""
     if warn is None:
         warn = bool(reason) and "Frozen" not in type(module).__name__
     return LayerRecord(
@@ -81,6 +83,7 @@ def layer_record(
         momentum=getattr(module, "momentum", None),
         warn=warn,
         layer_id=id(module) if rewritten else None,
+        group_size=group_size if rewritten else None,
     )
 
 
@@ -130,6 +133,7 @@ def emit_ghost_subgraph(
     hooks_target: str,
     submodule_prefix: str,
     backend: str = "auto",
+    process_group: int | None = None,
 ) -> fx.Node:
     """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module``,
     between its forward pre-hooks and forward hooks when it has any.
@@ -139,7 +143,8 @@ def emit_ghost_subgraph(
     itself, so downstream code reads the same. ``layer_target`` is what the ghost ops read the
     layer from, ``hooks_target`` the module whose hooks run (the user's layer), and
     ``submodule_prefix`` the path of the layer's own submodules. A ``backend`` other than
-    ``"auto"`` is passed to the normalization node (``ghost_norm(..., backend="cpu")``).
+    ``"auto"`` is passed to the normalization node (``ghost_norm(..., backend="cpu")``), and a
+    ``process_group`` key to the view and normalization nodes.
     """
     info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
     after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
@@ -164,8 +169,10 @@ def emit_ghost_subgraph(
         hooks_owner = make("get_attr", hooks_target, (), "hooks_owner")
     if _has_hooks(module, "_forward_pre_hooks"):
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
-    view = make("call_function", ops.ghost_view, (x, layer, g, name), "view")
-    chosen = {} if backend == "auto" else {"backend": backend}
+    view = make(
+        "call_function", ops.ghost_view, (x, layer, g, name), "view", _group_kwarg(process_group)
+    )
+    chosen = _norm_kwargs(backend, process_group)
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
@@ -173,6 +180,14 @@ def emit_ghost_subgraph(
     if post_hooks:
         out = make("call_function", ops.ghost_hooks, (out, x, hooks_owner, name), "hooks")
     return out
+
+
+def _group_kwarg(process_group: int | None) -> dict[str, Any]:
+    return {} if process_group is None else {"process_group": process_group}
+
+
+def _norm_kwargs(backend: str, process_group: int | None) -> dict[str, Any]:
+    return {**({} if backend == "auto" else {"backend": backend}), **_group_kwarg(process_group)}
 
 
 def _mirror_state(source: nn.Module, target: nn.Module) -> None:
@@ -254,16 +269,18 @@ def rewrite(
     root: nn.Module | None,
     prefix: str,
     backend: str = "auto",
+    process_group: tuple[int | None, int | None] = (None, None),
 ) -> Rewrite:
-    """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`)."""
+    """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`).
+    ``process_group``: the group's ``(key, size)`` from :func:`fxghost._distributed.register`."""
     source = root if root is not None else gm
     graph, records, candidates, opaque = _rewrite_graph(
-        gm, gm.graph, g, selector, source, prefix, backend
+        gm, gm.graph, g, selector, source, prefix, backend, process_group
     )
     if isinstance(gm, DualGraphModule):
         other = gm.eval_graph if gm.graph is gm.train_graph else gm.train_graph
         other_graph, other_records, _, other_opaque = _rewrite_graph(
-            gm, other, g, selector, source, prefix, backend
+            gm, other, g, selector, source, prefix, backend, process_group
         )
         for record in other_records.values():
             if record.name not in records:
@@ -303,7 +320,9 @@ def _rewrite_graph(
     source: nn.Module,
     prefix: str,
     backend: str,
+    process_group: tuple[int | None, int | None],
 ) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
+    key, group_size = process_group
     records = Records()
     candidates: list[str] = []
     opaque: dict[str, str] = {}
@@ -326,9 +345,11 @@ def _rewrite_graph(
                 env[node] = emit_ghost_subgraph(
                     graph, x, module, rule, g, name, base=node.name, meta=node.meta,
                     layer_target=target, hooks_target=target, submodule_prefix=f"{target}.",
-                    backend=backend,
+                    backend=backend, process_group=key,
                 )
-                records.add(layer_record(name, module, True, hook_note(module), g))
+                records.add(
+                    layer_record(name, module, True, hook_note(module), g, group_size=group_size)
+                )
                 continue
             reason = f"not selected by {selector.describe()}"
             records.add(layer_record(name, module, False, reason, None, warn=False))
@@ -359,15 +380,23 @@ def _rewrite_graph(
             new_g = g if selector.selects(name) else old_g
             env[node] = graph.node_copy(node, lambda n: env[n])
             env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
-            if node.target is ops.ghost_norm and selector.selects(name):
-                env[node].kwargs = {} if backend == "auto" else {"backend": backend}
+            if selector.selects(name):
+                env[node].kwargs = (
+                    _norm_kwargs(backend, key) if node.target is ops.ghost_norm
+                    else _group_kwarg(key)
+                )
             env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
             if node.target is ops.ghost_norm:
                 layer = _attr(gm, str(layer_node.target))  # type: ignore[union-attr]
                 candidates.append(name)
                 called.add(str(layer_node.target))  # type: ignore[union-attr]
                 note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
-                records.add(layer_record(name, layer, True, note, new_g, warn=False))
+                size = group_size if selector.selects(name) else _distributed.size_of(
+                    node.kwargs.get("process_group")  # type: ignore[arg-type]
+                )
+                records.add(
+                    layer_record(name, layer, True, note, new_g, warn=False, group_size=size)
+                )
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
 

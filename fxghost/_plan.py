@@ -17,6 +17,7 @@ __all__ = [
     "GhostPlan",
     "InputDtypeError",
     "check_ghost_batch_size",
+    "chunk_split",
     "plan_ghost_batches",
     "uses_batch_stats",
 ]
@@ -167,6 +168,14 @@ def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
     _check_dtypes(layer, name, x)
 
 
+def chunk_split(n: int, g: int) -> GhostPlan:
+    """The ghost batches of ``n > 0`` samples (a plain int), as ``chunk(ceil(n / g))`` cuts them."""
+    requested = (n + g - 1) // g
+    size = (n + requested - 1) // requested
+    full = n // size
+    return GhostPlan(requested=requested, size=size, full=full, tail=n - full * size)
+
+
 def plan_ghost_batches(
     layer: nn.Module, name: str, x: torch.Tensor, ghost_batch_size: int
 ) -> GhostPlan:
@@ -205,10 +214,7 @@ def plan_ghost_batches(
         if isinstance(n, torch.SymInt):
             # Uneven batches (an epoch's last) are rare: specialize on N instead.
             n = guard_int(n)
-        requested = (n + g - 1) // g
-        size = (n + requested - 1) // requested
-        full = n // size
-        tail = n - full * size
+        requested, size, full, tail = chunk_split(n, g)
     per_sample = x.numel() // (n * x.shape[1])
     smallest = tail if tail else size
     if smallest * per_sample == 1:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from . import backends
+from . import _distributed, backends
 
 __all__ = ["GhostReport", "LayerRecord", "report"]
 
@@ -33,11 +33,19 @@ class LayerRecord:
     #: ``id`` of the module the rewritten graph passes to the ghost ops (the layer itself, or
     #: its LayerGraphModule): the key of the backend column.
     layer_id: int | None = field(default=None, compare=False, repr=False)
+    #: How many processes its ghost batches span (``transform(process_group=...)``), or None.
+    group_size: int | None = None
 
     @property
     def backend(self) -> str:
         """Which implementation ran this layer's last call (``""`` before any)."""
         return backends.last_run(self.layer_id)
+
+    @property
+    def group_layout(self) -> str:
+        """With a process group: the group's last training batch, its per-process sizes and
+        where its ghost batches lay (``""`` before any)."""
+        return _distributed.last_layout(self.layer_id)
 
     @property
     def status(self) -> str:
@@ -73,6 +81,7 @@ class GhostReport:
 
     def rows(self) -> list[dict[str, object]]:
         ran = any(r.backend for r in self.layers)
+        grouped = any(r.group_size for r in self.layers)
         return [
             {
                 "layer": r.name,
@@ -83,6 +92,8 @@ class GhostReport:
                 else ("" if r.momentum is None else r.momentum),
                 "status": r.status,
                 **({"backend (last call)": r.backend} if ran else {}),
+                **({"group": r.group_size or "", "ghost batches (last batch)": r.group_layout}
+                   if grouped else {}),
                 "why": r.reason,
             }
             for r in self.layers

@@ -59,6 +59,9 @@ class Walk:
     make_tracer: Callable[[], fx.Tracer]
     strict: bool = False
     backend: str = "auto"
+    #: ``(key, size)`` of the process group ghost batches span, from
+    #: :func:`fxghost._distributed.register`.
+    process_group: tuple[int | None, int | None] = (None, None)
     records: Records = field(default_factory=Records)
     candidates: list[str] = field(default_factory=list)
     untraced: list[UntracedPart] = field(default_factory=list)
@@ -117,7 +120,7 @@ def rewrite_graph_module(
 ) -> fx.GraphModule:
     """The pass on ``gm`` (traced from ``root``, whose state the result mirrors), then each
     black-box submodule of its graph that holds BatchNorms, rewritten on its own."""
-    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend)
+    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend, walk.process_group)
     walk.records.update(result.records)
     walk.candidates += result.candidates
     source = root if root is not None else gm
@@ -170,7 +173,7 @@ def _rewrite_layer(
     out = emit_ghost_subgraph(
         graph, x, module, rule, walk.g, name, base=base, meta={},
         layer_target="_fxghost_self", hooks_target="_fxghost_source", submodule_prefix="",
-        backend=walk.backend,
+        backend=walk.backend, process_group=walk.process_group[0],
     )
     graph.output(out)
     note = hook_note(module)
@@ -179,7 +182,10 @@ def _rewrite_layer(
     gm = layer_graph_module(
         module, graph, f"Ghost{type(module).__name__}", state=module if before is None else before
     )
-    record = layer_record(name, module, True, note, walk.g, warn=bool(hook_note(module)))
+    record = layer_record(
+        name, module, True, note, walk.g, warn=bool(hook_note(module)),
+        group_size=walk.process_group[1],
+    )
     walk.records.replace(dataclasses.replace(record, layer_id=id(gm)))  # the ops' layer
     return gm
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from . import backends
+from . import _distributed, backends
 from ._plan import plan_ghost_batches, uses_batch_stats
 
 __all__ = [
@@ -104,13 +104,22 @@ def _fx_leaf(step: str) -> Callable[[Callable[..., Any]], Any]:
 
 
 @_fx_leaf("ghost_view")
-def ghost_view(x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str) -> GhostGroups:
+def ghost_view(
+    x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str,
+    process_group: int | None = None,
+) -> GhostGroups:
     """View ``x`` of shape ``(N, C, *spatial)`` as ghost batches, without copying.
 
     When ``layer`` normalizes with running statistics (eval mode), the whole batch is one group and
-    nothing is checked beyond BatchNorm's own input checks: any ``N`` works.
+    nothing is checked beyond BatchNorm's own input checks: any ``N`` works. With a
+    ``process_group`` (a key of :mod:`fxghost._distributed`) the ghost batches span the group's
+    processes: ``x`` is one group here, checked only locally (the group's ``N`` counts, and is
+    known in :func:`ghost_norm`).
     """
     if not uses_batch_stats(layer):
+        return x.unsqueeze(0), None
+    if process_group is not None:
+        _distributed.check_input(layer, name, x, process_group)
         return x.unsqueeze(0), None
     plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
     if plan.requested == 0:  # empty eval batch without running statistics
@@ -130,16 +139,22 @@ def ghost_norm(
     ghost_batch_size: int,
     name: str,
     backend: str = "auto",
+    process_group: int | None = None,
 ) -> GhostGroups:
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval.
-    ``backend`` names where it runs (:mod:`fxghost.backends`; ``"auto"`` chooses per call)."""
+    ``backend`` names where it runs (:mod:`fxghost.backends`; ``"auto"`` chooses per call).
+    With a ``process_group``, the ghost batches of the group's concatenated batch
+    (:mod:`fxghost._distributed`); eval with running statistics does not communicate."""
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
             main.squeeze(0), layer.running_mean, layer.running_var, layer.weight, layer.bias,
             False, 0.0, layer.eps,
         )
+        return y, None
+    if process_group is not None:
+        y = _distributed.ghost_norm(main.squeeze(0), layer, ghost_batch_size, name, process_group)
         return y, None
     n = main.shape[0] * main.shape[1] + (tail.shape[1] if tail is not None else 0)
     if n == 0:

@@ -1,0 +1,539 @@
+"""Ghost batches across processes: ``fxghost.transform(model, g, process_group=pg)``.
+
+With a group of ``k`` processes, each rewritten layer forms its ghost batches from the group's
+batches concatenated in rank order (rank within the group), split as the chunked reference splits
+one batch (``chunk(ceil(N / g))`` of the ``N`` samples of the group), so a ghost batch may lie in
+one process or span several. A *piece* is the part of one ghost batch that lies in one process's
+slice: a slice holds consecutive pieces, at most a short one, pieces of the ghost size, and
+another short one.
+
+Only per-channel statistics travel, never activations:
+
+- forward: the batch sizes (three ints per process, all-gathered), then each piece's mean and sum
+  of squared deviations from it (all-gathered), combined into each ghost batch's mean and variance
+  with Chan's parallel formula: exact and stable like a two-pass variance, in one round trip
+  instead of two. Every process combines the same gathered values in the same order, so every
+  process of the group updates its running statistics identically.
+- backward: one all-reduce of the per-ghost-batch sums of ``dy`` and ``dy * xhat``.
+
+Weight and bias gradients are each process's own partial sums, which DDP's averaging (or a
+summing all-reduce) combines as for any other parameter.
+
+The layout of ghost batches depends on every process's batch size, known only when the layer
+runs, so the cross-process work is three custom ops (``fxghost::group_ghost_stats``,
+``group_ghost_norm`` and its backward) that ``torch.compile`` records as single nodes from their
+fake implementations, whose shapes depend only on the local input: no graph break, and inductor
+calls them as they are. (Functional collectives would need the number of ghost batches, a
+function of the other processes' sizes, as a shape at trace time.)
+
+A ``ProcessGroup`` cannot be written into generated code, so the graph names a group by a small
+int key registered here (``ghost_norm(..., process_group=1)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _math, backends
+from ._plan import GhostPlan, _check_input, chunk_split
+
+__all__ = ["check_input", "ghost_norm", "last_layout", "register", "size_of"]
+
+# Key -> group. Strong references: ProcessGroup objects do not take weak ones, and a group lives
+# as long as the process uses torch.distributed anyway.
+_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+# The layout of each layer's last batch, by id(layer): what the report shows.
+_LAST_LAYOUT: dict[int, str] = {}
+
+
+def register(process_group: object) -> tuple[int | None, int | None]:
+    """``(key, size)`` of a ``transform(process_group=...)`` argument: ``(None, None)`` for
+    ``None``; ``(None, 1)`` for a group of one process, which needs no communication (its
+    layers behave as without a group); else the key the graph names the group by."""
+    if process_group is None:
+        return None, None
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "fxghost: process_group must be a torch.distributed.ProcessGroup that this process "
+            f"belongs to, got {process_group!r}; with torch.distributed.new_subgroups(k) each "
+            "process passes the group it returns (new_group returns a placeholder to processes "
+            "outside the group)"
+        )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError(
+            "fxghost: this process is not a member of process_group; pass each process the "
+            "group it belongs to (torch.distributed.new_subgroups returns it)"
+        )
+    size = dist.get_world_size(process_group)
+    if size == 1:
+        return None, 1
+    for key, known in _GROUPS.items():
+        if known is process_group:
+            return key, size
+    key = len(_GROUPS) + 1
+    _GROUPS[key] = process_group
+    return key, size
+
+
+def size_of(key: int | None) -> int | None:
+    """The size of the group a graph names by ``key`` (for the report)."""
+    return None if key is None or key not in _GROUPS else _GROUPS[key].size()
+
+
+def _group(key: int, label: str) -> dist.ProcessGroup:
+    try:
+        return _GROUPS[key]
+    except KeyError:
+        raise ValueError(
+            f"fxghost: layer {label} was rewritten with a process group (key {key}) that this "
+            "process does not know (a model pickled in another process?); transform the model "
+            "again with process_group="
+        ) from None
+
+
+def last_layout(layer_id: int | None) -> str:
+    """How the last batch of the layer with this id was laid out in ghost batches."""
+    return "" if layer_id is None else _LAST_LAYOUT.get(layer_id, "")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The ghost batches of a group's concatenated batch, and where each process's slice lies."""
+
+    sizes: tuple[int, ...]
+    plan: GhostPlan
+
+    @property
+    def ghosts(self) -> int:
+        return self.plan.full + (1 if self.plan.tail else 0)
+
+    def samples(self, ghost: int) -> int:
+        return self.plan.size if ghost < self.plan.full else self.plan.tail
+
+    @functools.cached_property
+    def pieces(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Per rank: the first ghost batch its slice touches and the lengths of its pieces."""
+        out = []
+        start, size = 0, self.plan.size
+        for n in self.sizes:
+            end = start + n
+            first, lengths = start // size, []
+            for j in range(first, (end + size - 1) // size if n else first):
+                lengths.append(min((j + 1) * size, end) - max(j * size, start))
+            out.append((first, tuple(lengths)))
+            start = end
+        return tuple(out)
+
+    def describe(self) -> str:
+        """E.g. ``N=8 (3+5): 4 on ranks 0-1, 4 on rank 1``."""
+        ranks: list[list[int]] = [[] for _ in range(self.ghosts)]
+        for r, (first, lengths) in enumerate(self.pieces):
+            for j in range(first, first + len(lengths)):
+                ranks[j].append(r)
+        parts = [
+            f"{self.samples(j)} on rank {rs[0]}" if len(rs) == 1
+            else f"{self.samples(j)} on ranks {rs[0]}-{rs[-1]}"
+            for j, rs in enumerate(ranks[:6])
+        ]
+        more = f", ... ({self.ghosts} ghost batches)" if self.ghosts > 6 else ""
+        return f"N={sum(self.sizes)} ({'+'.join(map(str, self.sizes))}): {', '.join(parts)}{more}"
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(sizes: tuple[int, ...], g: int) -> _Layout:
+    return _Layout(sizes, chunk_split(sum(sizes), g))
+
+
+@functools.lru_cache(maxsize=256)
+def _combine_index(
+    sizes: tuple[int, ...], g: int, rows: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ghost, rank, row of the gathered pieces, samples) of every piece of the group: where
+    each gathered piece goes in a dense (ghost batch, rank) table. A piece is the only one of
+    its rank in its ghost batch, so the table is filled without accumulating (deterministic,
+    and the same on every process)."""
+    ghost, rank, row, count = [], [], [], []
+    for r, (first, lengths) in enumerate(_layout(sizes, g).pieces):
+        for s, length in enumerate(lengths):
+            ghost.append(first + s)
+            rank.append(r)
+            row.append(r * rows + s)
+            count.append(length)
+    return tuple(torch.tensor(t, device=device) for t in (ghost, rank, row, count))  # type: ignore[return-value]
+
+
+def _capacity(n: int, g: int) -> int:
+    """How many pieces a slice of ``n`` samples can hold, from ``n`` and ``g`` alone (a shape the
+    fake implementations can give): ghost batches hold more than ``g / 2`` samples when the
+    group's ``N >= g``, and there is one ghost batch when ``N < g``."""
+    half = g // 2 + 1
+    return (n + half - 1) // half + 1
+
+
+def _runs(lengths: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Consecutive equal lengths as ``(length, count)``: at most three runs for a slice."""
+    runs: list[tuple[int, int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs
+
+
+def _piece_sums(t: Tensor, lengths: tuple[int, ...]) -> Tensor:
+    """Sums of ``t`` ``(n, ...)`` over its consecutive pieces: ``(len(lengths), ...)``."""
+    out, start = [], 0
+    for length, count in _runs(lengths):
+        part = t[start : start + length * count]
+        out.append(part.reshape(count, length, *t.shape[1:]).sum(1))
+        start += length * count
+    return torch.cat(out) if out else t.new_zeros((0, *t.shape[1:]))
+
+
+def _per_sample(stats: Tensor, lengths: tuple[int, ...]) -> Tensor:
+    """Per-piece ``(pieces, C)`` values repeated for each sample of their piece: ``(n, C)``."""
+    out, start = [], 0
+    for length, count in _runs(lengths):
+        out.append(stats[start : start + count].repeat_interleave(length, dim=0))
+        start += count
+    return torch.cat(out) if out else stats[:0]
+
+
+def _spatial(x: Tensor) -> list[int]:
+    return list(range(2, x.dim()))
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """``(n, C, *spatial)`` summed over the spatial dims: ``(n, C)``."""
+    return t.sum(_spatial(t)) if t.dim() > 2 else t
+
+
+def _all_gather(out: Tensor, mine: Tensor, group: dist.ProcessGroup) -> None:
+    # all_gather_single where this torch has it (it deprecates all_gather_into_tensor).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, mine, group=group)
+
+
+def _header(x: Tensor, group: dist.ProcessGroup, ok: bool) -> list[list[int]]:
+    """Every process's ``[batch size, values per sample and channel, passed its input checks]``."""
+    per_sample = 1
+    for d in x.shape[2:]:
+        per_sample *= d
+    mine = torch.tensor([x.shape[0], per_sample, int(ok)], dtype=torch.int64, device=x.device)
+    out = mine.new_empty(3 * group.size())
+    _all_gather(out, mine, group)
+    return out.view(-1, 3).tolist()  # type: ignore[no-any-return]
+
+
+def check_input(layer: nn.Module, name: str, x: Tensor, key: int) -> None:
+    """The local input checks of a training call. A process whose input fails them tells the
+    group, which is waiting for its batch size, before raising: the others then raise too
+    instead of waiting until the collective times out. (Under torch.compile the checks run
+    while tracing, and the error stays on that process.)"""
+    try:
+        _check_input(layer, name, x)
+    except (ValueError, TypeError):
+        if not torch.compiler.is_compiling():
+            _header(x, _group(key, f"'{name}'"), ok=False)
+        raise
+
+
+def _stats(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    g: int,
+    key: int,
+    training: bool,
+    layer_id: int,
+    label: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each local piece's ghost-batch mean and ``rstd`` (``(capacity, C)``, padded), and the
+    group's batch sizes (``(k,)`` int64 on the CPU); updates the running statistics, when given,
+    with every ghost batch of the group."""
+    group = _group(key, label)
+    rank = dist.get_rank(group)
+    header = _header(x, group, ok=True)
+    failed = [r for r, (_, _, ok) in enumerate(header) if not ok]
+    if failed:
+        raise ValueError(
+            f"fxghost: layer {label}: process(es) {failed} of its process group (ranks within "
+            "the group) failed fxghost's input checks, and their errors say why; nothing was "
+            "updated"
+        )
+    sizes = tuple(h[0] for h in header)
+    per_sample = header[0][1]
+    if any(h[1] != per_sample for h in header):
+        raise ValueError(
+            f"fxghost: layer {label} got inputs with {[h[1] for h in header]} values per sample "
+            "and channel in the processes of its group; ghost batches across processes need "
+            "samples of one shape (the group's batches are concatenated)"
+        )
+    total = sum(sizes)
+    sizes_text = f"{'+'.join(map(str, sizes))} in the processes of its group"
+    if training and total == 0:
+        raise ValueError(
+            f"fxghost: layer {label} got an empty training batch (N=0: {sizes_text}, "
+            f"ghost_batch_size={g}); BatchNorm cannot compute statistics of no samples. "
+            "Skip empty batches in training (eval accepts them)."
+        )
+    if training and total < g:
+        raise ValueError(
+            f"fxghost: layer {label} got a training batch of N={total} samples ({sizes_text}), "
+            f"smaller than ghost_batch_size={g}. Ghost BatchNorm needs at least one full ghost "
+            f"batch in training: feed the group at least {g} samples, use a smaller "
+            "ghost_batch_size, or a larger process group."
+        )
+    dtype = _math.stat_dtype(x.dtype)
+    channels = x.shape[1]
+    capacity = _capacity(x.shape[0], g)
+    sizes_tensor = torch.tensor(sizes, dtype=torch.int64)
+    if total == 0:  # eval without running statistics, and every process's batch is empty
+        empty = x.new_zeros((capacity, channels), dtype=dtype)
+        return empty, empty.clone(), sizes_tensor
+    layout = _layout(sizes, g)
+    plan = layout.plan
+    smallest = plan.tail if plan.tail else plan.size
+    if smallest * per_sample == 1:
+        shape = f"{plan.full} of {plan.size}" + (f" and one of {plan.tail}" if plan.tail else "")
+        raise ValueError(
+            f"fxghost: layer {label}: N={total} ({sizes_text}) with ghost_batch_size={g} forms "
+            f"ghost batches of {shape} sample(s), and one of them has a single value per "
+            "channel, which BatchNorm cannot normalize. Use batch sizes that leave at least 2 "
+            "samples in the last ghost batch (e.g. a multiple of the ghost size), or a larger "
+            "ghost_batch_size."
+        )
+
+    # This process's pieces: mean, and squared deviations from it (two passes, stable).
+    first, lengths = layout.pieces[rank]
+    xs = _math.cast(x, dtype)
+    counts = torch.tensor(lengths, dtype=dtype, device=x.device).unsqueeze(1) * per_sample
+    piece_mean = _piece_sums(_per_channel(xs), lengths) / counts
+    view = [x.shape[0], channels] + [1] * (x.dim() - 2)
+    centred = xs - _per_sample(piece_mean, lengths).view(view)
+    piece_m2 = _piece_sums(_per_channel(centred.square_()), lengths)
+
+    # Every process's pieces, gathered; combined per ghost batch with Chan's formula.
+    rows = max(len(p) for _, p in layout.pieces)
+    mine = xs.new_zeros((rows, 2, channels))
+    mine[: len(lengths), 0] = piece_mean
+    mine[: len(lengths), 1] = piece_m2
+    gathered = mine.new_empty((group.size() * rows, 2, channels))
+    _all_gather(gathered, mine, group)
+    ghost, ranks, row, count = _combine_index(sizes, g, rows, x.device)
+    table = mine.new_zeros((layout.ghosts, group.size(), 2, channels))
+    table[ghost, ranks] = gathered[row]
+    weight = mine.new_zeros((layout.ghosts, group.size(), 1))
+    weight[ghost, ranks] = (count * per_sample).to(dtype).unsqueeze(1)
+    n_ghost = weight.sum(1)  # (G, 1)
+    mean = (table[:, :, 0] * weight).sum(1) / n_ghost
+    m2 = (table[:, :, 1] + weight * (table[:, :, 0] - mean.unsqueeze(1)).square()).sum(1)
+    var = m2 / n_ghost
+    rstd = torch.rsqrt(var + eps)
+
+    if running_mean is not None and running_var is not None:
+        stats = [(mean[: plan.full], var[: plan.full], plan.size * per_sample)]
+        if plan.tail:
+            stats.append((mean[plan.full :], var[plan.full :], plan.tail * per_sample))
+        _math.update_running_stats(
+            running_mean, running_var, num_batches_tracked, momentum, plan.requested, stats,
+            compiling=False,
+        )
+    _LAST_LAYOUT[layer_id] = layout.describe()
+
+    mine_mean = x.new_zeros((capacity, channels), dtype=dtype)
+    mine_rstd = torch.ones_like(mine_mean)
+    mine_mean[: len(lengths)] = mean[first : first + len(lengths)]
+    mine_rstd[: len(lengths)] = rstd[first : first + len(lengths)]
+    return mine_mean, mine_rstd, sizes_tensor
+
+
+def _stats_fake(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, momentum: float | None, eps: float, g: int, key: int,
+    training: bool, layer_id: int, label: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    shape = (_capacity(x.shape[0], g), x.shape[1])
+    dtype = _math.stat_dtype(x.dtype)
+    size = _group(key, label).size()
+    return (
+        x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype),
+        torch.empty(size, dtype=torch.int64),
+    )
+
+
+def _local(
+    sizes: Tensor, g: int, key: int
+) -> tuple[_Layout, dist.ProcessGroup, int, tuple[int, ...]]:
+    """The layout :func:`_stats` found, this process's group, first ghost batch and pieces."""
+    group = _group(key, f"(process group key {key})")
+    layout = _layout(tuple(sizes.tolist()), g)
+    first, lengths = layout.pieces[dist.get_rank(group)]
+    return layout, group, first, lengths
+
+
+def _coefficients(
+    x: Tensor, piece_mean: Tensor, piece_rstd: Tensor, lengths: tuple[int, ...]
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Each sample's ghost-batch mean and rstd, shaped to broadcast against ``x``."""
+    view = [x.shape[0], x.shape[1]] + [1] * (x.dim() - 2)
+    pieces = len(lengths)
+    mean = _per_sample(piece_mean[:pieces], lengths).view(view)
+    rstd = _per_sample(piece_rstd[:pieces], lengths).view(view)
+    return mean, rstd, view
+
+
+def _into(like: Tensor, value: Tensor) -> Tensor:
+    # A result laid out as empty_like(like), which is what the fake implementations promise
+    # inductor (a non-dense input would otherwise give a result of other strides).
+    out = torch.empty_like(like)
+    out.copy_(value)
+    return out
+
+
+def _norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, piece_mean: Tensor,
+    piece_rstd: Tensor, sizes: Tensor, g: int, key: int,
+) -> Tensor:
+    """``x`` normalized with its ghost batches' statistics from :func:`_stats`."""
+    _, _, _, lengths = _local(sizes, g, key)
+    mean, rstd, view = _coefficients(x, piece_mean, piece_rstd, lengths)
+    # scale and shift per sample, as _math builds them per ghost batch (a sample is a group).
+    grouped = [x.shape[0], 1, *view[1:]]
+    scale, shift = _math.scale_shift(mean.view(grouped), rstd.view(grouped), weight, bias)
+    y = _math.normalized(_math.cast(x, piece_mean.dtype).unsqueeze(1), scale, shift)
+    return _into(x, y)
+
+
+def _norm_fake(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, piece_mean: Tensor,
+    piece_rstd: Tensor, sizes: Tensor, g: int, key: int,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, piece_mean: Tensor, piece_rstd: Tensor,
+    sizes: Tensor, g: int, key: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``: BatchNorm's backward per ghost batch, with each ghost batch's
+    sums of ``dy`` and ``dy * xhat`` all-reduced over the group; ``dweight`` and ``dbias`` are
+    this process's partial sums, ``(C,)`` in the statistics dtype."""
+    layout, group, first, lengths = _local(sizes, g, key)
+    dtype = piece_mean.dtype
+    mean, rstd, view = _coefficients(x, piece_mean, piece_rstd, lengths)
+    xhat = (_math.cast(x, dtype) - mean) * rstd
+    grad = _math.cast(dy, dtype)
+    sum_dy = _per_channel(grad)  # (n, C)
+    sum_dy_xhat = _per_channel(grad * xhat)
+    local = _piece_sums(torch.stack([sum_dy, sum_dy_xhat], 1), lengths)  # (pieces, 2, C)
+    totals = local.new_zeros((layout.ghosts, 2, x.shape[1]))
+    totals[first : first + len(lengths)] = local
+    dist.all_reduce(totals, group=group)
+    per_sample = 1
+    for d in x.shape[2:]:
+        per_sample *= d
+    counts = torch.tensor(
+        [layout.samples(first + s) * per_sample for s in range(len(lengths))],
+        dtype=dtype, device=x.device,
+    ).view(-1, 1, 1)
+    means = _per_sample(totals[first : first + len(lengths)] / counts, lengths)  # (n, 2, C)
+    mean_dy = means[:, 0].reshape(view)
+    mean_dy_xhat = means[:, 1].reshape(view)
+    k = rstd if weight is None else rstd * _math.cast(weight, dtype).view(1, -1, *view[2:])
+    dx = _into(x, k * (grad - mean_dy - xhat * mean_dy_xhat))
+    return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
+
+
+def _norm_backward_fake(
+    dy: Tensor, x: Tensor, weight: Tensor | None, piece_mean: Tensor, piece_rstd: Tensor,
+    sizes: Tensor, g: int, key: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    channels, dtype = x.shape[1], piece_mean.dtype
+    return (
+        torch.empty_like(x), x.new_empty((channels,), dtype=dtype),
+        x.new_empty((channels,), dtype=dtype),
+    )
+
+
+_stats_op = torch.library.custom_op(
+    "fxghost::group_ghost_stats", _stats,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    schema=(
+        "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor(c!)? num_batches_tracked, float? momentum, float eps, int g, int key, "
+        "bool training, int layer_id, str label) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+_stats_op.register_fake(_stats_fake)
+_STATS = "Tensor piece_mean, Tensor piece_rstd, Tensor sizes, int g, int key"
+_norm_op = torch.library.custom_op(
+    "fxghost::group_ghost_norm", _norm, mutates_args=(),
+    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}) -> Tensor",
+)
+_norm_op.register_fake(_norm_fake)
+_backward_op = torch.library.custom_op(
+    "fxghost::group_ghost_norm_backward", _norm_backward, mutates_args=(),
+    schema=f"(Tensor dy, Tensor x, Tensor? weight, {_STATS}) -> (Tensor, Tensor, Tensor)",
+)
+_backward_op.register_fake(_norm_backward_fake)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, _bias, piece_mean, piece_rstd, sizes, ctx.g, ctx.key = inputs
+    ctx.save_for_backward(x, weight, piece_mean, piece_rstd, sizes)
+
+
+def _backward_rule(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fxghost: double backward (create_graph=True) through ghost batches across "
+            "processes is not supported; transform without process_group for it"
+        )
+    x, weight, piece_mean, piece_rstd, sizes = ctx.saved_tensors
+    dx, dweight, dbias = _backward_op(dy, x, weight, piece_mean, piece_rstd, sizes, ctx.g, ctx.key)
+    needs = ctx.needs_input_grad
+    grad_w = grad_b = None
+    if weight is not None:
+        grad_w = _math.cast(dweight, weight.dtype) if needs[1] else None
+        grad_b = _math.cast(dbias, weight.dtype) if needs[2] else None
+    return (dx if needs[0] else None), grad_w, grad_b, None, None, None, None, None
+
+
+_norm_op.register_autograd(_backward_rule, setup_context=_setup)
+
+
+class _Label(backends.Backend):
+    name = "torch"
+    label = "torch (process group)"
+
+
+_IMPLEMENTATION = _Label()
+
+
+def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tensor:
+    """``layer``'s batch-statistics call on this process's slice ``x`` of the group's batch:
+    the output slice, with ``layer``'s running statistics updated (in training) as the chunked
+    reference would update them on the concatenated batch."""
+    backends.record(layer, _IMPLEMENTATION)
+    update = bool(layer.training and layer.track_running_stats and layer.running_mean is not None)
+    label = f"'{name}' ({type(layer).__name__})"
+    piece_mean, piece_rstd, sizes = _stats_op(
+        x.detach(),
+        layer.running_mean if update else None,
+        layer.running_var if update else None,
+        layer.num_batches_tracked if update else None,
+        layer.momentum, layer.eps, g, key, bool(layer.training), id(layer), label,
+    )
+    return _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key)  # type: ignore[no-any-return]
