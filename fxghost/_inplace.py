@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ._api import _finish, _timm_rules
+from ._api import _finish, _timm_rules, group_of
 from ._graph_module import GhostGraphModule, LayerGraphModule
 from ._pass import holds_candidates, is_batchnorm_like, layer_record, skip_reason
 from ._plan import check_ghost_batch_size
@@ -83,6 +83,7 @@ def apply_ghost_batchnorm(
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     autowrap_functions: Iterable[Any] = (),
     strict: bool = False,
+    process_group: Any = None,
 ) -> nn.Module:
     """Ghost every BatchNorm under ``model``, in place, and return ``model``.
 
@@ -109,7 +110,8 @@ def apply_ghost_batchnorm(
         ghost_batch_size: samples per ghost batch, a positive int.
         optimizers: ignored (see above).
         only: qualified layer names or glob patterns to rewrite (default: all).
-        leaf_modules, autowrap_functions, strict: as for :func:`fxghost.transform`.
+        leaf_modules, autowrap_functions, strict, process_group: as for
+            :func:`fxghost.transform`.
 
     >>> import torch, fxghost
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
@@ -124,7 +126,10 @@ def apply_ghost_batchnorm(
     'BatchNorm1d'
     """
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
-    _apply(model, ghost_batch_size, only, leaf_modules, autowrap_functions, strict)
+    _apply(
+        model, ghost_batch_size, only, leaf_modules, autowrap_functions, strict,
+        process_group=process_group,
+    )
     return model
 
 
@@ -136,6 +141,7 @@ def _apply(
     autowrap_functions: Iterable[Any],
     strict: bool,
     stacklevel: int = 4,
+    process_group: Any = None,
 ) -> None:
     """:func:`apply_ghost_batchnorm`; ``stacklevel`` makes the warning name its caller."""
     _check_model(model, "apply_ghost_batchnorm")
@@ -144,7 +150,10 @@ def _apply(
     if orig_mod is not None:
         # torch.compile's wrapper calls the module it compiled: rewrite under that one; dynamo
         # recompiles on the changed submodules.
-        _apply(orig_mod, g, only, leaf_modules, autowrap_functions, strict, stacklevel + 1)
+        _apply(
+            orig_mod, g, only, leaf_modules, autowrap_functions, strict, stacklevel + 1,
+            process_group,
+        )
         return
     applied: _Applied | None = model.__dict__.get(_STATE)
     if applied is not None:
@@ -171,7 +180,10 @@ def _apply(
     timm_leaves, timm_functions = _timm_rules(model)
     leaves = [*leaf_modules, *timm_leaves]
     functions = [*autowrap_functions, *timm_functions]
-    walk = Walk(g, LayerSelector(only), lambda: GhostTracer(leaves, functions), strict=strict)
+    walk = Walk(
+        g, LayerSelector(only), lambda: GhostTracer(leaves, functions), strict=strict,
+        process_group=group_of(process_group, "auto"),
+    )
     state = _Applied(g, _only_key(only))
     done: dict[int, nn.Module] = {}  # a child registered under two names is rewritten once
     for name, child in model._modules.items():

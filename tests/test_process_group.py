@@ -53,6 +53,8 @@ class Case:
     ddp: bool | None = None  # None: no DDP; else DDP with per-forward buffer broadcast on/off
     channels_last: bool = False
     steps: int = 2
+    dynamic: bool = False  # torch.compile(dynamic=True): the batch size symbolic
+    inplace: bool = False  # fxghost.apply_ghost_batchnorm instead of transform
 
 
 # Ghost batches of each group's concatenated batch, as chunk(ceil(N/g)) cuts it, in comments.
@@ -72,11 +74,12 @@ CASES: dict[str, Case] = {
     # BatchNorm3d and BatchNorm1d (N, C, L) without affine parameters; per group N=8 -> 3, 3, 2
     # (5+3 and 4+4).
     "bn3d_and_bn1d_ncl": Case("3d", 2, (5, 3, 4, 4), 3, momentum=None),
-    "compiled_aot_eager": Case("2d", 4, (6, 7, 5, 6), 5, mode="aot_eager"),
+    "compiled_aot_eager": Case("2d", 4, (6, 7, 5, 6), 5, mode="aot_eager", dynamic=True),
     "compiled_inductor": Case("1d", 2, (3, 5, 2, 2), 4, mode="inductor", steps=1),
     "ddp_broadcast_buffers": Case("2d", 2, (3, 5, 4, 4), 4, ddp=True),
     "ddp_no_broadcast_buffers": Case("2d", 2, (3, 5, 6, 2), 4, momentum=None, ddp=False),
     "ddp_compiled_aot_eager": Case("2d", 2, (3, 5, 4, 4), 4, mode="aot_eager", ddp=False),
+    "inplace_api": Case("2d", 2, (3, 5, 2, 2), 4, inplace=True, steps=1),
     # A group of one process: each process's own batch, as without a group.
     "group_of_one": Case("2d", 1, (5, 4, 6, 4), 4, steps=1),
 }
@@ -247,14 +250,19 @@ def _run_case(case: Case, rank: int, groups: Groups, f: _Failures) -> None:
                 args[0].is_contiguous(memory_format=torch.channels_last)
             )
         )
-    gm = fxghost.transform(model, case.g, process_group=group)
+    if case.inplace:
+        gm = fxghost.apply_ghost_batchnorm(model, case.g, process_group=group)
+    else:
+        gm = fxghost.transform(model, case.g, process_group=group)
     runner: nn.Module = gm
     if case.ddp is not None:
         runner = DDP(gm, **_buffer_sync(case.ddp))
     if case.mode != "eager":
         torch._dynamo.reset()
         # fullgraph: no graph break in the model (DDP's own wrapper code breaks by design).
-        runner = torch.compile(runner, backend=case.mode, fullgraph=case.ddp is None)
+        runner = torch.compile(
+            runner, backend=case.mode, fullgraph=case.ddp is None, dynamic=case.dynamic or None
+        )
     offset, n = _offsets(case.sizes)[rank], case.sizes[rank]
     start = _offsets(case.sizes)[rank - rank % case.group]
     for step in range(case.steps):
