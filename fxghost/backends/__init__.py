@@ -85,8 +85,7 @@ def _case(xg: Tensor) -> Case:
     )
 
 
-@functools.cache
-def _auto(case: Case) -> str:
+def _decide(case: Case) -> str:
     for mode, device, dtypes, dense, spatial, name in _TABLE:
         if (
             mode in (None, case.mode)
@@ -94,22 +93,26 @@ def _auto(case: Case) -> str:
             and (dtypes is None or case.dtype in dtypes)
             and dense in (None, case.dense)
             and spatial in (None, case.spatial)
-            and _usable(name, case.device)
+            and (name == "torch" or _usable(name, case.device))
         ):
             return name
     return "torch"
 
 
+# Eager calls look their case up; under torch.compile _decide runs uncached, once per trace
+# (dynamo does not trace into lru_cache'd functions).
+_auto = functools.cache(_decide)
+
+
 @functools.cache
 def _usable(name: str, device: str) -> bool:
-    """Whether family ``name`` can run on ``device`` in this process (building what it needs)."""
+    """Whether kernel family ``name`` can run on ``device`` in this process (building what it
+    needs)."""
     if name == "cpu":
         return device == "cpu" and cpu.available()
-    if name == "triton":
-        return triton.triton is not None and (
-            device == "cuda" or (device == "cpu" and triton.interpreting())
-        )
-    return True
+    return triton.triton is not None and (
+        device == "cuda" or (device == "cpu" and triton.interpreting())
+    )
 
 
 def _implementation(name: str, mode: str) -> Backend:
@@ -129,9 +132,10 @@ def select(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
         # The compiled rows do not ask for the layout: not tested (under tracing each test adds
         # guards on the strides), and the custom ops make any layout dense themselves.
         case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3)
+        name = _decide(case) if backend == "auto" else backend
     else:
         case = _case(xg)
-    name = _auto(case) if backend == "auto" else backend
+        name = _auto(case) if backend == "auto" else backend
     if name != "torch" and backend != "auto":
         _check_case(name, case, layer)
     return _implementation(name, case.mode)
@@ -142,7 +146,8 @@ def _check_case(name: str, case: Case, layer: str) -> None:
     ok = (
         case.dtype in _F32_64 and case.device == "cpu"
         if name == "cpu"
-        else case.dtype in _TRITON_DTYPES and _usable("triton", case.device)
+        else case.dtype in _TRITON_DTYPES
+        and (case.device == "cuda" or (case.device == "cpu" and triton.interpreting()))
     )
     if not ok:
         raise ValueError(
