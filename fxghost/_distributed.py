@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import _math, backends
 from ._plan import GhostPlan, _check_input, chunk_split
+from .backends._common import Scratch
 
 __all__ = ["check_input", "ghost_norm", "last_layout", "register", "size_of"]
 
@@ -198,6 +199,37 @@ def _piece_sums(t: Tensor, lengths: tuple[int, ...]) -> Tensor:
     return torch.cat(out) if out else t.new_zeros((0, *t.shape[1:]))
 
 
+def _piece_stats(
+    xs: Tensor, lengths: tuple[int, ...], counts: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Mean and sum of squared deviations from it, per channel, of each piece of ``xs``
+    ``(n, C, *spatial)`` holding ``counts`` values per channel: ``(pieces, C)`` each. Two
+    passes (stable); the reductions over the spatial dims come first, into ``(n, C)``, then
+    over the pieces. (Not var_mean, whose CPU kernel takes tens of times longer than a sum.)"""
+    mean = _piece_sums(_per_channel(xs), lengths) / counts
+    view = [xs.shape[0], xs.shape[1]] + [1] * (xs.dim() - 2)
+    centred = torch.sub(xs, _per_sample(mean, lengths).view(view), out=_temporary(xs))
+    return mean, _piece_sums(_per_channel(centred.square_()), lengths)
+
+
+_scratch = Scratch()
+
+
+def _temporary(like: Tensor) -> Tensor:
+    """A full-size temporary laid out as ``like`` (channels_last or contiguous), reusing one
+    buffer per thread on the CPU, where fresh memory costs page faults (see :class:`Scratch`).
+    Only for values that die inside the op that asks for it."""
+    if like.device.type != "cpu":
+        return torch.empty_like(like)
+    if like.dim() in (4, 5) and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    ):
+        order = (0, *range(2, like.dim()), 1)
+        back = (0, like.dim() - 1, *range(1, like.dim() - 1))
+        return _scratch.like(like.permute(order)).permute(back)
+    return _scratch.like(like)
+
+
 def _per_sample(stats: Tensor, lengths: tuple[int, ...]) -> Tensor:
     """Per-piece ``(pieces, C)`` values repeated for each sample of their piece: ``(n, C)``."""
     out, start = [], 0
@@ -315,18 +347,14 @@ def _stats(
             "ghost_batch_size."
         )
 
-    # This process's pieces: mean, and squared deviations from it (two passes, stable).
+    # This process's pieces: mean, and squared deviations from it.
     first, lengths = layout.pieces[rank]
-    xs = _math.cast(x, dtype)
     counts = torch.tensor(lengths, dtype=dtype, device=x.device).unsqueeze(1) * per_sample
-    piece_mean = _piece_sums(_per_channel(xs), lengths) / counts
-    view = [x.shape[0], channels] + [1] * (x.dim() - 2)
-    centred = xs - _per_sample(piece_mean, lengths).view(view)
-    piece_m2 = _piece_sums(_per_channel(centred.square_()), lengths)
+    piece_mean, piece_m2 = _piece_stats(_math.cast(x, dtype), lengths, counts)
 
     # Every process's pieces, gathered; combined per ghost batch with Chan's formula.
     rows = max(len(p) for _, p in layout.pieces)
-    mine = xs.new_zeros((rows, 2, channels))
+    mine = piece_mean.new_zeros((rows, 2, channels))
     mine[: len(lengths), 0] = piece_mean
     mine[: len(lengths), 1] = piece_m2
     gathered = mine.new_empty((group.size() * rows, 2, channels))
@@ -394,11 +422,16 @@ def _coefficients(
     return mean, rstd, view
 
 
-def _into(like: Tensor, value: Tensor) -> Tensor:
-    # A result laid out as empty_like(like), which is what the fake implementations promise
-    # inductor (a non-dense input would otherwise give a result of other strides).
-    out = torch.empty_like(like)
-    out.copy_(value)
+def _affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x * a + b`` with per-sample coefficients, computed in their dtype, returned in ``x``'s
+    laid out as ``empty_like(x)``: what the fake implementations promise inductor (a non-dense
+    ``x`` would otherwise give other strides)."""
+    out = torch.empty_like(x)
+    if x.dtype == a.dtype:
+        # Plain mul and add_ with broadcast operands, in place: they vectorize on the CPU.
+        torch.mul(x, a, out=out).add_(b)
+    else:
+        out.copy_(x.to(a.dtype).mul_(a).add_(b))
     return out
 
 
@@ -412,8 +445,7 @@ def _norm(
     # scale and shift per sample, as _math builds them per ghost batch (a sample is a group).
     grouped = [x.shape[0], 1, *view[1:]]
     scale, shift = _math.scale_shift(mean.view(grouped), rstd.view(grouped), weight, bias)
-    y = _math.normalized(_math.cast(x, piece_mean.dtype).unsqueeze(1), scale, shift)
-    return _into(x, y)
+    return _affine(x, scale.view(view), shift.view(view))
 
 
 def _norm_fake(
@@ -433,10 +465,14 @@ def _norm_backward(
     layout, group, first, lengths = _local(sizes, g, key)
     dtype = piece_mean.dtype
     mean, rstd, view = _coefficients(x, piece_mean, piece_rstd, lengths)
-    xhat = (_math.cast(x, dtype) - mean) * rstd
-    grad = _math.cast(dy, dtype)
+    xs, grad = _math.cast(x, dtype), _math.cast(dy, dtype)
+    dx = torch.empty_like(x)
+    # x - mean, in dx's memory when that holds the statistics dtype: dx is computed over it.
+    centred = torch.sub(xs, mean, out=dx if xs is x else None)
     sum_dy = _per_channel(grad)  # (n, C)
-    sum_dy_xhat = _per_channel(grad * xhat)
+    # rstd is constant over a sample: applied to the per-sample sums, not to every value.
+    tmp = _temporary(centred)
+    sum_dy_xhat = _per_channel(torch.mul(centred, grad, out=tmp)) * rstd.view(sum_dy.shape)
     local = _piece_sums(torch.stack([sum_dy, sum_dy_xhat], 1), lengths)  # (pieces, 2, C)
     totals = local.new_zeros((layout.ghosts, 2, x.shape[1]))
     totals[first : first + len(lengths)] = local
@@ -452,7 +488,11 @@ def _norm_backward(
     mean_dy = means[:, 0].reshape(view)
     mean_dy_xhat = means[:, 1].reshape(view)
     k = rstd if weight is None else rstd * _math.cast(weight, dtype).view(1, -1, *view[2:])
-    dx = _into(x, k * (grad - mean_dy - xhat * mean_dy_xhat))
+    # dx = k * (dy - mean_dy - xhat * mean_dy_xhat) = centred * a + b + k * dy, with per-sample
+    # a and b; mul and add_ with broadcast operands, in place, vectorize on the CPU.
+    centred.mul_(-k * rstd * mean_dy_xhat).add_(-k * mean_dy).add_(torch.mul(grad, k, out=tmp))
+    if centred is not dx:
+        dx.copy_(centred)
     return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
 
 

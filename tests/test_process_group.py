@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close
+from conftest import STATS32_TOL, assert_close, assert_ulp_close
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -83,7 +83,7 @@ CASES: dict[str, Case] = {
     # A group of one process: each process's own batch, as without a group.
     "group_of_one": Case("2d", 1, (5, 4, 6, 4), 4, steps=1),
 }
-SPECIAL = ("eval", "eval_without_running_stats", "single_value_per_channel",
+SPECIAL = ("bfloat16", "eval", "eval_without_running_stats", "single_value_per_channel",
            "group_smaller_than_g", "one_process_fails_input_check", "report")
 SCENARIOS = (*CASES, *SPECIAL)
 
@@ -333,7 +333,33 @@ class _CountCollectives:
 
 def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
     group4 = groups.by_size[4]
-    if name == "eval":
+    if name == "bfloat16":
+        # bfloat16 channels_last input, float32 layer (mixed precision): statistics in float32,
+        # output and input gradient rounded once, against the float64 reference. N=16
+        # (3+5+2+6) -> 8 on ranks 0-1, 8 on ranks 1-3.
+        sizes, g = (3, 5, 2, 6), 8
+        model = _init_bn(nn.Sequential(nn.BatchNorm2d(3)), 0.1)
+        ref = apply_chunked_ghost_batchnorm(copy.deepcopy(model).double(), g)
+        gm = fxghost.transform(model, g, process_group=group4)
+        every = (_batch("2d", 0, sum(sizes), 0) * 3).to(torch.bfloat16)
+        every = every.to(memory_format=torch.channels_last)
+        start, n = _offsets(sizes)[rank], sizes[rank]
+        x = every[start : start + n].clone().requires_grad_()
+        y = gm(x)
+        # Loss weights that bfloat16 holds exactly, so that both get the same output gradient.
+        (y * _loss_weights(start, y, 0).to(torch.bfloat16)).sum().backward()
+        x64 = every.double().requires_grad_()
+        y64 = ref(x64)
+        (y64 * _loss_weights(0, y64, 0).to(torch.bfloat16).double()).sum().backward()
+        f.require(y.is_contiguous(memory_format=torch.channels_last), "output not channels_last")
+        f.check(assert_ulp_close, y, y64[start : start + n], "output")
+        f.check(assert_ulp_close, x.grad, x64.grad[start : start + n], "input grad")
+        for got, want in zip(model.buffers(), ref.buffers(), strict=True):
+            if want.dtype == torch.long:
+                f.require(torch.equal(got, want), f"num_batches_tracked {got} != {want}")
+            else:
+                f.check(assert_close, got.double(), want, "running stats", STATS32_TOL)
+    elif name == "eval":
         # Plain BatchNorm eval on each process's own batch (any size), without communicating.
         model = _net("2d")
         gm = fxghost.transform(model, 4, process_group=group4).eval()
@@ -467,6 +493,12 @@ def test_matches_chunked_reference_on_concatenated_batch(
 ) -> None:
     """Outputs, input gradients, parameter gradients and buffers over the steps of each case."""
     _assert_ok(results, name)
+
+
+def test_bfloat16_within_two_ulps_of_float64(
+    results: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    _assert_ok(results, "bfloat16")
 
 
 def test_eval_is_plain_batchnorm_without_communication(
