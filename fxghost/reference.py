@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._plan import check_ghost_batch_size, plan_ghost_batches, uses_batch_stats
 from ._select import LayerSelector, rule_for
@@ -31,7 +32,7 @@ class ChunkedGhostBatchNorm(nn.Module):
     """Ghost BatchNorm by chunking: wraps an existing BatchNorm (whose parameters and buffers it
     uses and updates) and feeds it the ghost batches one at a time."""
 
-    def __init__(self, bn: nn.Module, ghost_batch_size: int, name: str | None = None) -> None:
+    def __init__(self, bn: _BatchNorm, ghost_batch_size: int, name: str | None = None) -> None:
         super().__init__()
         self.bn = bn
         self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
@@ -74,8 +75,9 @@ def apply_chunked_ghost_batchnorm(
     selector.check_all_matched(names)
     for name in chosen:
         if not name:  # the model is itself a BatchNorm
-            return ChunkedGhostBatchNorm(model, g, name=type(model).__name__)
+            return ChunkedGhostBatchNorm(model, g, name=type(model).__name__)  # type: ignore[arg-type]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, ChunkedGhostBatchNorm(getattr(parent, attr), g, name=name))
+        bn = getattr(parent, attr)
+        setattr(parent, attr, ChunkedGhostBatchNorm(bn, g, name=name))
     return model

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from ._layout import dims
@@ -45,7 +46,7 @@ class Backend:
         raise NotImplementedError
 
     def training_norm(
-        self, xg: Tensor, layer: torch.nn.Module, requested: int, per_channel: int
+        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
     ) -> Tensor | None:
         """``y`` for a training batch of whole ghost batches ``xg`` (no tail) with ``layer``'s
         running statistics updated in the same call, where this backend can fuse the two;
@@ -204,8 +205,10 @@ def _norm_fake(
 def _norm_backward_fake(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    sums = [xg.new_empty((xg.shape[2],), dtype=_math.stat_dtype(xg.dtype)) for _ in range(2)]
-    return torch.empty_like(xg), *sums
+    dtype = _math.stat_dtype(xg.dtype)
+    return torch.empty_like(xg), xg.new_empty(xg.shape[2], dtype=dtype), xg.new_empty(
+        xg.shape[2], dtype=dtype
+    )
 
 
 def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

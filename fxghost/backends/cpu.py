@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from . import torch_ops
@@ -223,8 +224,6 @@ def _threads(numel: int) -> int:
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
-
-Dims = tuple[int, int, int, int]
 
 
 def _run(
@@ -478,7 +477,7 @@ class _Eager(Backend):
         return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
     def training_norm(
-        self, xg: Tensor, layer: torch.nn.Module, requested: int, per_channel: int
+        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
     ) -> Tensor | None:
         # The update fused into the C++ op's call: made from Python, the update cost as much as
         # the normalization on a tabular layer. Every check here runs once per layer call.
@@ -488,6 +487,7 @@ class _Eager(Backend):
             ops is None
             or momentum is None
             or running_mean is None
+            or running_var is None
             or not layer.track_running_stats
             or running_mean.dtype != xg.dtype
             or running_var.dtype != xg.dtype

@@ -329,8 +329,19 @@ class _Exporting(Backend):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return ghost_norm_compiled(xg, weight, bias, eps)
 
-    def update_running_stats(self, *args: Any) -> None:
-        _math.update_running_stats(*args, compiling=True)
+    def update_running_stats(
+        self,
+        running_mean: Tensor,
+        running_var: Tensor,
+        num_batches_tracked: Tensor | None,
+        momentum: float | None,
+        requested: int,
+        groups: Sequence[tuple[Tensor, Tensor, int]],
+    ) -> None:
+        _math.update_running_stats(
+            running_mean, running_var, num_batches_tracked, momentum, requested, groups,
+            compiling=True,
+        )
 
 
 EAGER: Backend = _Eager()

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from . import torch_ops
@@ -1006,7 +1007,7 @@ class _Eager(Backend):
         return _TritonGhostNorm.apply(dense(xg), weight, bias, eps)  # type: ignore[no-any-return]
 
     def training_norm(
-        self, xg: Tensor, layer: torch.nn.Module, requested: int, per_channel: int
+        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
     ) -> Tensor | None:
         # The update in the launch that finishes the statistics: on a GPU in eager mode the
         # small torch ops of the update cost more CPU time than the kernels' GPU time.
@@ -1015,6 +1016,7 @@ class _Eager(Backend):
         if (
             momentum is None
             or running_mean is None
+            or running_var is None
             or not layer.track_running_stats
             or nbt is None
             or running_mean.dtype != torch.float32
