@@ -12,10 +12,14 @@ per-case results that the tests below read.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
+import io
 import json
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -64,7 +68,7 @@ CASES: dict[str, Case] = {
     "below_g_groups_of_2": Case("2d", 2, (3, 5, 2, 2), 4),
     # Equal to the ghost size: each ghost batch within one process; cumulative average.
     "equal_g_group_of_4_momentum_none": Case("2d", 4, (4, 4, 4, 4), 4, momentum=None),
-    # Above the ghost size, unequal: N=24 (6+7+5+6), ghost batches 5, 5, 5, 5, 4, four of them
+    # Above the ghost size, unequal: N=24 (6+7+5+6), ghost batches 5, 5, 5, 5, 4, three of them
     # straddling two processes, a short last one.
     "above_g_unequal_straddling": Case("2d", 4, (6, 7, 5, 6), 5),
     # Group 0: N=19 (9+10) -> 4, 4, 4, 4, 3; group 1: N=7 (7+0) -> 4, 3 on rank 2, rank 3 empty.
@@ -85,7 +89,7 @@ CASES: dict[str, Case] = {
 }
 SPECIAL = ("bfloat16", "eval", "eval_without_running_stats", "single_value_per_channel",
            "group_smaller_than_g", "one_process_fails_input_check", "report")
-SCENARIOS = (*CASES, *SPECIAL)
+SCENARIOS = (*CASES, *SPECIAL, "readme")
 
 
 def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
@@ -420,7 +424,62 @@ def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
         raise ValueError(name)
 
 
-def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
+def readme_block() -> str:
+    """The training script of the README's section on process groups."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Ghost batches across processes")
+    section = text[start : text.index("\n## ", start)]
+    blocks = section.split("```python\n")[1:]
+    return next(b.split("```")[0] for b in blocks if "init_process_group" in b)
+
+
+def _readme(rank: int, port: int, f: _Failures) -> None:
+    """The README's script as torchrun would run it (env:// rendezvous), with a small model and
+    two batches of 8 samples per process: one ghost batch of 32 over the four processes."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 10),
+    )
+    gen = torch.Generator().manual_seed(rank)
+    loader = [(torch.randn(8, 3, 5, 5, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+              for _ in range(2)]
+    scope: dict[str, Any] = {"model": model, "loader": loader}
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(readme_block(), "README.md", "exec"), scope)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    rows = fxghost.report(scope["gm"]).rows()
+    layout = "N=32 (8+8+8+8): 32 on ranks 0-3"
+    f.require([r["group"] for r in rows] == [4], f"groups {rows}")
+    f.require(rows[0]["ghost batches (last batch)"] == layout, f"layout {rows}")
+    f.require(layout in printed.getvalue(), f"printed {printed.getvalue()!r}")
+    f.require(int(model[1].num_batches_tracked) == 2, "not two ghost batches")
+
+
+def _record(name: str, rank: int, out_dir: str, fn: Callable[[_Failures], None]) -> None:
+    f = _Failures()
+    error = None
+    start = time.perf_counter()
+    try:
+        fn(f)
+    except Exception:
+        error = traceback.format_exc()
+    result = {
+        "failures": f.messages, "error": error, "notes": f.notes,
+        "seconds": time.perf_counter() - start,
+    }
+    Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(result, default=str))
+
+
+def _worker(rank: int, init_file: str, out_dir: str, names: list[str], port: int) -> None:
     torch.set_num_threads(1)  # four processes on a small CPU: no oversubscription
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -429,31 +488,31 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
     try:
         groups = Groups()
         for name in names:
-            f = _Failures()
-            error = None
-            start = time.perf_counter()
-            try:
-                if name in CASES:
-                    _run_case(CASES[name], rank, groups, f)
-                else:
-                    _special(name, rank, groups, f)
-            except Exception:
-                error = traceback.format_exc()
-            result = {
-                "failures": f.messages, "error": error, "notes": f.notes,
-                "seconds": time.perf_counter() - start,
-            }
-            Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(result, default=str))
+            if name == "readme":
+                continue
+            if name in CASES:
+                scenario = functools.partial(_run_case, CASES[name], rank, groups)
+            else:
+                scenario = functools.partial(_special, name, rank, groups)
+            _record(name, rank, out_dir, scenario)
             dist.barrier()  # realign the ranks before the next scenario's collectives
     finally:
         dist.destroy_process_group()
+    if "readme" in names:  # it starts its own process group, as torchrun's script would
+        _record("readme", rank, out_dir, lambda f: _readme(rank, port, f))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run(names: list[str], tmp: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Run the scenarios ``names`` in four processes; each (scenario, rank)'s recorded result."""
     ctx = mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp), names), nprocs=WORLD, join=False,
-        start_method="spawn",
+        _worker, args=(str(tmp / "init"), str(tmp), names, _free_port()), nprocs=WORLD,
+        join=False, start_method="spawn",
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not ctx.join(timeout=5):
@@ -566,6 +625,12 @@ def test_group_of_one_reports_its_size(results: dict[tuple[str, int], dict[str, 
     rows = results["group_of_one", 0]["notes"]["layout"]
     assert [r["group"] for r in rows] == [1, 1]
     assert all(r["backend (last call)"] != "torch (process group)" for r in rows)
+
+
+def test_readme_recipe_runs(results: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """The README's training script, under env:// rendezvous as torchrun starts it: one ghost
+    batch of 32 over four processes of 8 samples, reported as such."""
+    _assert_ok(results, "readme")
 
 
 def test_arguments_are_checked() -> None:
