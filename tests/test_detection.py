@@ -15,6 +15,8 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 
 TOL = {"rtol": 1e-7, "atol": 1e-9}
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_detection_model_rewrites_its_backbone() -> None:
     torch.manual_seed(0)

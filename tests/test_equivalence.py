@@ -15,6 +15,8 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 
 KINDS = list(BN_SHAPES)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(
     params=[

@@ -64,6 +64,9 @@ class Case:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     default: bool = False  # part of the subset that runs without FXGHOST_ALL_MODELS
     tol: Mapping[str, float] = field(default_factory=lambda: MODEL_TOL)
+    # 2: a second training step after an SGD update, from the parameters and running statistics
+    # the first left, on n - 1 samples (for n=7, g=4: two ghost batches of 3 after 4 and 3).
+    steps: int = 1
 
     @property
     def eval_n(self) -> int:
@@ -76,7 +79,7 @@ _VIDEO = (3, 4, 32, 32)
 
 CASES: list[Case] = [
     # classification
-    *[Case(f"resnet{d}", default=d == 18) for d in (18, 34, 50)],
+    *[Case(f"resnet{d}", default=d == 18, steps=2 if d == 18 else 1) for d in (18, 34, 50)],
     Case("resnet101", tol=DEEP_TOL), Case("resnet152", tol=DEEP_TOL),
     Case("resnext50_32x4d"),
     Case("resnext101_32x8d", tol=DEEP_TOL), Case("resnext101_64x4d", tol=DEEP_TOL),
@@ -94,7 +97,7 @@ CASES: list[Case] = [
     *[Case(f"mnasnet{w}", default=w == "0_5") for w in ("0_5", "0_75", "1_0", "1_3")],
     Case("mobilenet_v2", default=True),
     Case("mobilenet_v3_large"),
-    Case("mobilenet_v3_small", default=True),
+    Case("mobilenet_v3_small", default=True, steps=2),
     *[
         Case(f"regnet_{k}_{s}", default=(k, s) == ("y", "400mf"))
         for k, sizes in (
@@ -249,20 +252,33 @@ def test_model_matches_reference(case: Case) -> None:
     cached: list[torch.Tensor] = []
 
     def weights(outs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Random loss weights, drawn once and reused for the reference: generic gradients.
+        # Random loss weights, drawn once per step and reused for the reference: generic
+        # gradients.
         if not cached:
             cached.extend(torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs)
         return cached
 
-    outs = _train_step(gm, x, weights)
-    outs_ref = _train_step(reference, x, weights)
-    assert len(outs) == len(outs_ref)
-    for i, (o, r) in enumerate(zip(outs, outs_ref, strict=True)):
-        assert_close(o, r, f"{case.name}: training output {i}", dict(case.tol))
-    # Parameters, every gradient, running statistics and num_batches_tracked.
-    assert_same_state(model, reference, f"{case.name} after one training step", dict(case.tol))
+    batches = [case.n, case.n - 1][: case.steps]
+    for step, n in enumerate(batches):
+        if step:
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                    if q.grad is not None:
+                        p -= 0.1 * p.grad
+                        q -= 0.1 * q.grad
+            model.zero_grad()
+            reference.zero_grad()
+            cached.clear()
+        outs = _train_step(gm, x[:n], weights)
+        outs_ref = _train_step(reference, x[:n], weights)
+        assert len(outs) == len(outs_ref)
+        what = f"{case.name}, training step {step}"
+        for i, (o, r) in enumerate(zip(outs, outs_ref, strict=True)):
+            assert_close(o, r, f"{what}: output {i}", dict(case.tol))
+        # Parameters, every gradient, running statistics and num_batches_tracked.
+        assert_same_state(model, reference, what, dict(case.tol))
     assert all(
-        int(m.num_batches_tracked) == -(-case.n // case.g)
+        int(m.num_batches_tracked) == sum(-(-n // case.g) for n in batches)
         for m in model.modules()
         if type(m) in BATCHNORM
     ), "every layer counts one update per ghost batch"
