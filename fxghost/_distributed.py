@@ -149,7 +149,9 @@ class _Layout:
 
 @functools.lru_cache(maxsize=256)
 def _layout(sizes: tuple[int, ...], g: int) -> _Layout:
-    return _Layout(sizes, chunk_split(sum(sizes), g))
+    total = sum(sizes)
+    # No samples anywhere (eval without running statistics): no ghost batch, no piece.
+    return _Layout(sizes, chunk_split(total, g) if total else GhostPlan(0, 1, 0, 0))
 
 
 @functools.lru_cache(maxsize=256)

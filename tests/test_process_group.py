@@ -382,6 +382,8 @@ def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
         ref = apply_chunked_ghost_batchnorm(model, 8).eval()(_batch("bn1d", 0, sum(sizes), 0))
         start = _offsets(sizes)[rank]
         f.check(assert_close, y, ref[start : start + sizes[rank]], "eval output")
+        empty = gm(x[:0])  # every process's batch empty: an empty output, as BatchNorm gives
+        f.require(empty.shape == (0, 6), f"empty eval batch gave {tuple(empty.shape)}")
     elif name in ("single_value_per_channel", "group_smaller_than_g"):
         # The same ValueError on every process, decided from the gathered sizes; nothing updated.
         sizes, g = ((2, 2, 2, 1), 2) if name == "single_value_per_channel" else ((1, 1, 1, 1), 8)
