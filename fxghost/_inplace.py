@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from . import backends
 from ._api import _finish, _timm_rules, group_of
 from ._graph_module import GhostGraphModule, LayerGraphModule
 from ._pass import holds_candidates, is_batchnorm_like, layer_record, skip_reason
@@ -48,6 +49,9 @@ _HOOK_REGISTRIES = (
 class _Applied:
     ghost_batch_size: int
     only: tuple[str, ...] | None
+    backend: str = "auto"
+    #: The process group's registry key (None: each process's own batch).
+    group: int | None = None
     #: Child name -> (the original child, the rewritten child put in its place).
     children: dict[str, tuple[nn.Module, nn.Module]] = field(default_factory=dict)
 
@@ -58,8 +62,15 @@ def _only_key(only: Iterable[str] | str | None) -> tuple[str, ...] | None:
     return (only,) if isinstance(only, str) else tuple(only)
 
 
-def _settings(g: int, only: tuple[str, ...] | None) -> str:
-    return f"ghost_batch_size={g}" + ("" if only is None else f", only={list(only)}")
+def _settings(applied: _Applied) -> str:
+    text = f"ghost_batch_size={applied.ghost_batch_size}"
+    if applied.only is not None:
+        text += f", only={list(applied.only)}"
+    if applied.backend != "auto":
+        text += f", backend={applied.backend!r}"
+    if applied.group is not None:
+        text += ", a process_group"
+    return text
 
 
 def _check_model(model: nn.Module, what: str) -> None:
@@ -84,6 +95,7 @@ def apply_ghost_batchnorm(
     autowrap_functions: Iterable[Any] = (),
     strict: bool = False,
     process_group: Any = None,
+    backend: str = "auto",
 ) -> nn.Module:
     """Ghost every BatchNorm under ``model``, in place, and return ``model``.
 
@@ -99,8 +111,9 @@ def apply_ghost_batchnorm(
     module surgery creates new parameters that optimizers must be re-bound to; here the
     parameters are the same objects, so there is nothing to re-bind.
 
-    Applying again with the same ``ghost_batch_size`` (and ``only``) does nothing; with another, it
-    raises ``ValueError``: call :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)``
+    Applying again with the same settings (``ghost_batch_size``, ``only``, ``backend``,
+    ``process_group``) does nothing; with others, it raises ``ValueError``: call
+    :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)``
     lists every layer, and one :class:`fxghost.PartialRewriteWarning` counts those not ghosted.
     Given the wrapper that ``torch.compile`` returns, it rewrites under the module it compiles.
 
@@ -110,7 +123,7 @@ def apply_ghost_batchnorm(
         ghost_batch_size: samples per ghost batch, a positive int.
         optimizers: ignored (see above).
         only: qualified layer names or glob patterns to rewrite (default: all).
-        leaf_modules, autowrap_functions, strict, process_group: as for
+        leaf_modules, autowrap_functions, strict, process_group, backend: as for
             :func:`fxghost.transform`.
 
     >>> import torch, fxghost
@@ -128,7 +141,7 @@ def apply_ghost_batchnorm(
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
     _apply(
         model, ghost_batch_size, only, leaf_modules, autowrap_functions, strict,
-        process_group=process_group,
+        process_group=process_group, backend=backend,
     )
     return model
 
@@ -142,6 +155,7 @@ def _apply(
     strict: bool,
     stacklevel: int = 4,
     process_group: Any = None,
+    backend: str = "auto",
 ) -> None:
     """:func:`apply_ghost_batchnorm`; ``stacklevel`` makes the warning name its caller."""
     _check_model(model, "apply_ghost_batchnorm")
@@ -152,18 +166,20 @@ def _apply(
         # recompiles on the changed submodules.
         _apply(
             orig_mod, g, only, leaf_modules, autowrap_functions, strict, stacklevel + 1,
-            process_group,
+            process_group, backend,
         )
         return
+    group, group_size = group_of(process_group, backends.check(backend))
+    wanted = _Applied(g, _only_key(only), backend, group)
     applied: _Applied | None = model.__dict__.get(_STATE)
     if applied is not None:
-        if applied.ghost_batch_size == g and applied.only == _only_key(only):
+        same = (applied.ghost_batch_size, applied.only, applied.backend, applied.group)
+        if same == (g, wanted.only, backend, group):
             return
         raise ValueError(
             f"fxghost: {type(model).__name__} already has ghost BatchNorm applied with "
-            f"{_settings(applied.ghost_batch_size, applied.only)}, not with "
-            f"{_settings(g, _only_key(only))}; call fxghost.revert_ghost_batchnorm(model) "
-            "first to apply other settings"
+            f"{_settings(applied)}, not with {_settings(wanted)}; call "
+            "fxghost.revert_ghost_batchnorm(model) first to apply other settings"
         )
     if rule_for(model) is not None or isinstance(model, LayerGraphModule):
         raise ValueError(
@@ -182,9 +198,9 @@ def _apply(
     functions = [*autowrap_functions, *timm_functions]
     walk = Walk(
         g, LayerSelector(only), lambda: GhostTracer(leaves, functions), strict=strict,
-        process_group=group_of(process_group, "auto"),
+        process_group=(group, group_size), backend=backend,
     )
-    state = _Applied(g, _only_key(only))
+    state = wanted
     done: dict[int, nn.Module] = {}  # a child registered under two names is rewritten once
     for name, child in model._modules.items():
         if child is None or not holds_candidates(child):

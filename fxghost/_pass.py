@@ -44,8 +44,9 @@ def skip_reason(module: nn.Module) -> str:
     kind = type(module)
     if isinstance(module, nn.SyncBatchNorm):
         return (
-            "SyncBatchNorm: its statistics span processes, ghost batches are per process; "
-            "convert with nn.SyncBatchNorm.revert or keep it"
+            "SyncBatchNorm: plain BatchNorm over all the processes of its group, not a ghost "
+            "BatchNorm; build the model without nn.SyncBatchNorm.convert_sync_batchnorm (and "
+            "pass process_group= for ghost batches across processes), or keep it"
         )
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return "lazy BatchNorm not yet initialized: run one forward pass before transform"

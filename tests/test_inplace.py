@@ -240,3 +240,15 @@ def test_compiled_module_is_rewritten_under_the_compiled_one() -> None:
     assert_state_scaled(model, reference, "compiled, after 2 steps", REL)
     fxghost.revert_ghost_batchnorm(compiled)
     assert isinstance(model.block, nn.Sequential)
+
+
+def test_applying_with_other_backend_or_group_is_refused_and_backend_reaches_the_graph() -> None:
+    """Settings other than those applied (here the backend) are refused, not silently kept; the
+    chosen backend is the one that runs."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).double()
+    fxghost.apply_ghost_batchnorm(model, 4, backend="torch")
+    fxghost.apply_ghost_batchnorm(model, 4, backend="torch")  # the same settings: a no-op
+    with pytest.raises(ValueError, match="backend='torch'.*revert_ghost_batchnorm"):
+        fxghost.apply_ghost_batchnorm(model, 4)
+    model(torch.randn(8, 4, dtype=torch.float64))
+    assert [r.backend for r in fxghost.report(model).rewritten] == ["torch"]
