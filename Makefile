@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test,notebooks,timm,lightning]'
+	$(PY) -m pip install -e '.[test,notebooks,timm,lightning,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) -m fxghost build
 	$(PY) -m fxghost demo
 
 test: $(STAMP)
@@ -34,7 +35,14 @@ test-composer: $(COMPOSER_STAMP)
 	$(COMPOSER_PY) -m pytest tests/composer
 
 bench: $(STAMP)
-	$(PY) -m fxghost bench
+	$(PY) benchmarks/run.py
+
+# ruff's rules and formatter, and mypy on the package (configured in pyproject.toml).
+LINTED := fxghost tests benchmarks examples
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m mypy fxghost
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -35,16 +35,23 @@ def _models(device: torch.device) -> dict[str, tuple[nn.Module, torch.Tensor, to
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(num_classes=10)
     mlp = nn.Sequential(
-        nn.Linear(256, 512), nn.BatchNorm1d(512), nn.ReLU(),
-        nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10),
+        nn.Linear(256, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
     )
     return {
         "resnet18 64px b64": (
-            resnet.to(device), torch.randn(64, 3, 64, 64, device=device),
+            resnet.to(device),
+            torch.randn(64, 3, 64, 64, device=device),
             torch.randint(0, 10, (64,), device=device),
         ),
         "mlp b1024": (
-            mlp.to(device), torch.randn(1024, 256, device=device),
+            mlp.to(device),
+            torch.randn(1024, 256, device=device),
             torch.randint(0, 10, (1024,), device=device),
         ),
     }
@@ -75,8 +82,10 @@ def main() -> int:
             variants: dict[str, Callable[[], None]] = {}
             for label in ["plain", *backends]:
                 m = copy.deepcopy(model)
-                run = m if label == "plain" else fxghost.transform(
-                    m, args.ghost_batch_size, backend=label
+                run = (
+                    m
+                    if label == "plain"
+                    else fxghost.transform(m, args.ghost_batch_size, backend=label)
                 )
                 if compiled:
                     run = torch.compile(run)
@@ -99,8 +108,11 @@ def main() -> int:
             mode = "compiled" if compiled else "eager"
             for label, ts in times.items():
                 med = statistics.median(ts)
-                print(f"{name:18s} {mode:8s} {label:6s} {med * 1e3:8.2f} ms  "
-                      f"{plain / med:5.2f}x plain", flush=True)
+                print(
+                    f"{name:18s} {mode:8s} {label:6s} {med * 1e3:8.2f} ms  "
+                    f"{plain / med:5.2f}x plain",
+                    flush=True,
+                )
     return 0
 
 

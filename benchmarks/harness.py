@@ -23,8 +23,19 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Builder", "Clock", "CpuPeakMemory", "Job", "Result", "Step", "Timing", "page_faults",
-    "progress", "round_orders", "run_job", "set_ratios", "warm_compiler",
+    "Builder",
+    "Clock",
+    "CpuPeakMemory",
+    "Job",
+    "Result",
+    "Step",
+    "Timing",
+    "page_faults",
+    "progress",
+    "round_orders",
+    "run_job",
+    "set_ratios",
+    "warm_compiler",
 ]
 
 Step = Callable[[], None]
@@ -442,4 +453,3 @@ def run_job(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return list(results.values())
-

@@ -56,14 +56,20 @@ def _pieces(
     rows = [(f"forward_stats [{mode}]", *per_step(lambda: _triton.forward_stats(xg, w, b, 1e-5)))]
     mean, var, rstd, scale, shift = _triton.forward_stats(xg, w, b, 1e-5)
     out = torch.empty_like(xg)
-    rows.append((f"normalize [{mode}]", *per_step(
-        lambda: _triton.normalize(xg, scale, shift, out=out))))
+    rows.append(
+        (f"normalize [{mode}]", *per_step(lambda: _triton.normalize(xg, scale, shift, out=out)))
+    )
     dyg = dy.view(xg.shape)
-    rows.append((f"backward_sums [{mode}]", *per_step(
-        lambda: _triton.backward_sums(dyg, xg, mean, rstd))))
+    rows.append(
+        (f"backward_sums [{mode}]", *per_step(lambda: _triton.backward_sums(dyg, xg, mean, rstd)))
+    )
     s1, s2, _, _ = _triton.backward_sums(dyg, xg, mean, rstd)
-    rows.append((f"backward_apply [{mode}]", *per_step(
-        lambda: _triton.backward_apply(dyg, xg, mean, rstd, w, s1, s2, g))))
+    rows.append(
+        (
+            f"backward_apply [{mode}]",
+            *per_step(lambda: _triton.backward_apply(dyg, xg, mean, rstd, w, s1, s2, g)),
+        )
+    )
     return rows
 
 
@@ -83,6 +89,7 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
             x.grad = None
             for p in params:
                 p.grad = None
+
         return f
 
     rows = []
@@ -94,8 +101,12 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
         rows += _pieces(mode, x.detach(), dy, bn, g)
     _triton._DIRECT = True
     xg = x.detach().view(shape[0] // g, g, *shape[1:])
-    rows.append(("torch.empty((G,C))", *per_step(
-        lambda: torch.empty((shape[0] // g, shape[1]), device=DEV))))
+    rows.append(
+        (
+            "torch.empty((G,C))",
+            *per_step(lambda: torch.empty((shape[0] // g, shape[1]), device=DEV)),
+        )
+    )
     rows.append(("torch.empty_like(x)", *per_step(lambda: torch.empty_like(x))))
     rows.append(("x.view(grouped)", *per_step(lambda: x.view(shape[0] // g, g, *shape[1:]))))
     rows.append(("select(xg)", *per_step(lambda: backends.select(xg))))

@@ -59,8 +59,9 @@ F32, I64 = 4, 8
 LAYOUTS = ((2, 16), (4, 8), (8, 4), (16, 2), (4, 64), (8, 64))
 
 
-def _ring(all_gather: float = 0, all_reduce: float = 0, reduce_scatter: float = 0,
-          k: int = 2) -> float:
+def _ring(
+    all_gather: float = 0, all_reduce: float = 0, reduce_scatter: float = 0, k: int = 2
+) -> float:
     return (k - 1) * all_gather + 2 * (k - 1) / k * all_reduce + (k - 1) / k * reduce_scatter
 
 
@@ -75,10 +76,12 @@ def layer_bytes(
     sync_gather, sync_reduce = (2 * channels + 1) * F32, 2 * channels * F32
     return {
         "fxghost (process_group)": (
-            header + stats + grads, _ring(all_gather=header + stats, all_reduce=grads, k=k)
+            header + stats + grads,
+            _ring(all_gather=header + stats, all_reduce=grads, k=k),
         ),
         "SyncBatchNorm": (
-            sync_gather + sync_reduce, _ring(all_gather=sync_gather, all_reduce=sync_reduce, k=k)
+            sync_gather + sync_reduce,
+            _ring(all_gather=sync_gather, all_reduce=sync_reduce, k=k),
         ),
         "gather activations": (
             activation + k * activation,
@@ -125,7 +128,8 @@ def resnet50_table(g: int) -> str:
     shapes: list[tuple[int, int]] = []  # (channels, spatial) of each BatchNorm's input
     hooks = [
         m.register_forward_hook(lambda m, a, o: shapes.append((a[0].shape[1], a[0][0, 0].numel())))
-        for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
     ]
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, 224, 224))
@@ -189,7 +193,10 @@ def _gather_activations(bn: nn.Module, x: torch.Tensor, rank: int) -> torch.Tens
 def _worker(rank: int, k: int, init: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init}", rank=rank, world_size=k,
+        "gloo",
+        init_method=f"file://{init}",
+        rank=rank,
+        world_size=k,
         timeout=timedelta(seconds=120),
     )
     try:
@@ -254,14 +261,18 @@ def timing(args: argparse.Namespace) -> str:
             out = manager.dict()
             with tempfile.TemporaryDirectory() as tmp:
                 mp.start_processes(
-                    _worker, args=(k, os.path.join(tmp, "init"), args, out), nprocs=k,
+                    _worker,
+                    args=(k, os.path.join(tmp, "init"), args, out),
+                    nprocs=k,
                     start_method="spawn",
                 )
             result = out[k]
             expected = layer_bytes(k, args.ghost // k, channels, per_sample, args.ghost)
             counted = set(result["measured payload"])
-            check = "yes" if counted == {expected["fxghost (process_group)"][0]} else (
-                f"no: {sorted(counted)}"
+            check = (
+                "yes"
+                if counted == {expected["fxghost (process_group)"][0]}
+                else (f"no: {sorted(counted)}")
             )
             header = list(result["median ms"])
             cells = [f"{v:.3g}" for v in result["median ms"].values()]
@@ -284,8 +295,9 @@ def _cpu() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--procs", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--shape", default="64,28,28",
-                        help="C,spatial... of one sample (default 64,28,28)")
+    parser.add_argument(
+        "--shape", default="64,28,28", help="C,spatial... of one sample (default 64,28,28)"
+    )
     parser.add_argument("--ghost", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)

@@ -28,7 +28,10 @@ from harness import Builder, Step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CASES = (
-    "16384,512:fp32:128", "256,2048,7,7:bf16cl:32", "256,256,56,56:bf16cl:32", "resnet50",
+    "16384,512:fp32:128",
+    "256,2048,7,7:bf16cl:32",
+    "256,256,56,56:bf16cl:32",
+    "resnet50",
 )
 
 
@@ -46,7 +49,9 @@ def _case(text: str) -> tuple[suite.LayerCase, int]:
     shape, dtype, g = text.split(":")
     cl = dtype.endswith("cl")
     case = suite.LayerCase(
-        tuple(int(v) for v in shape.split(",")), (int(g),), DTYPES[dtype.removesuffix("cl")],
+        tuple(int(v) for v in shape.split(",")),
+        (int(g),),
+        DTYPES[dtype.removesuffix("cl")],
         channels_last=cl,
     )
     return case, int(g)
@@ -66,8 +71,9 @@ def _profile(step: Step, steps: int) -> tuple[float, int, list[tuple[str, float,
             kernels.setdefault(e.name, []).append(e.device_time)
     total = sum(sum(v) for v in kernels.values()) / steps
     launches = sum(len(v) for v in kernels.values()) // steps
-    top = sorted(((k, sum(v) / steps, len(v) // steps) for k, v in kernels.items()),
-                 key=lambda r: -r[1])
+    top = sorted(
+        ((k, sum(v) / steps, len(v) // steps) for k, v in kernels.items()), key=lambda r: -r[1]
+    )
     return total, launches, top
 
 
@@ -105,14 +111,28 @@ def main() -> int:
             except Exception as e:  # the profiler's event API moves between torch versions
                 print(f"{text} {impl}: profiler failed: {e!r}", file=sys.stderr)
                 gpu, launches, top = float("nan"), -1, []
-            rows.append([text, impl, statistics.median(wall), statistics.median(queue), gpu,
-                         launches])
+            rows.append(
+                [text, impl, statistics.median(wall), statistics.median(queue), gpu, launches]
+            )
             tops += [[text, impl, name[:70], us, n] for name, us, n in top[: args.top]]
-    print(tabulate(rows, headers=["case", "impl", "wall us/step", "CPU queue us/step",
-                                  "GPU kernels us/step", "launches/step"], floatfmt=".1f"))
+    print(
+        tabulate(
+            rows,
+            headers=[
+                "case",
+                "impl",
+                "wall us/step",
+                "CPU queue us/step",
+                "GPU kernels us/step",
+                "launches/step",
+            ],
+            floatfmt=".1f",
+        )
+    )
     print()
-    print(tabulate(tops, headers=["case", "impl", "kernel", "us/step", "calls/step"],
-                   floatfmt=".1f"))
+    print(
+        tabulate(tops, headers=["case", "impl", "kernel", "us/step", "calls/step"], floatfmt=".1f")
+    )
     return 0
 
 

@@ -304,7 +304,6 @@ def model_steps(
     return build, params
 
 
-
 def jobs(
     sections: Sequence[str],
     modes: Sequence[str],

@@ -109,9 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        torch.save(
-            {"state_dict": model.state_dict(), "grads": grads}, args.out / f"rank{rank}.pt"
-        )
+        torch.save({"state_dict": model.state_dict(), "grads": grads}, args.out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -36,5 +36,3 @@ __all__ = [
     "revert_ghost_batchnorm",
     "transform",
 ]
-
-

@@ -115,7 +115,11 @@ def transform(
         return tracer if tracer is not None else GhostTracer(leaves, functions)
 
     walk = Walk(
-        g, LayerSelector(only), make_tracer, strict=strict, backend=backend,
+        g,
+        LayerSelector(only),
+        make_tracer,
+        strict=strict,
+        backend=backend,
         process_group=group_of(process_group, backend),
     )
     result = rewrite_module(model, walk, concrete_args=concrete_args)
@@ -157,7 +161,10 @@ def ghost_batchnorm_pass(
             f"{type(gm).__name__}; use fxghost.transform(model) to trace and rewrite a module"
         )
     walk = Walk(
-        g, LayerSelector(only), GhostTracer, backend=backends.check(backend),
+        g,
+        LayerSelector(only),
+        GhostTracer,
+        backend=backends.check(backend),
         process_group=group_of(process_group, backend),
     )
     result = rewrite_graph_module(gm, walk, root, prefix)

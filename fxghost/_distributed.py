@@ -139,7 +139,8 @@ class _Layout:
             for j in range(first, first + len(lengths)):
                 ranks[j].append(r)
         parts = [
-            f"{self.samples(j)} on rank {rs[0]}" if len(rs) == 1
+            f"{self.samples(j)} on rank {rs[0]}"
+            if len(rs) == 1
             else f"{self.samples(j)} on ranks {rs[0]}-{rs[-1]}"
             for j, rs in enumerate(ranks[:6])
         ]
@@ -201,9 +202,7 @@ def _piece_sums(t: Tensor, lengths: tuple[int, ...]) -> Tensor:
     return torch.cat(out) if out else t.new_zeros((0, *t.shape[1:]))
 
 
-def _piece_stats(
-    xs: Tensor, lengths: tuple[int, ...], counts: Tensor
-) -> tuple[Tensor, Tensor]:
+def _piece_stats(xs: Tensor, lengths: tuple[int, ...], counts: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and sum of squared deviations from it, per channel, of each piece of ``xs``
     ``(n, C, *spatial)`` holding ``counts`` values per channel: ``(pieces, C)`` each. Two
     passes (stable); the reductions over the spatial dims come first, into ``(n, C)``, then
@@ -223,8 +222,12 @@ def _temporary(like: Tensor) -> Tensor:
     Only for values that die inside the op that asks for it."""
     if like.device.type != "cpu":
         return torch.empty_like(like)
-    if like.dim() in (4, 5) and not like.is_contiguous() and like.is_contiguous(
-        memory_format=torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    if (
+        like.dim() in (4, 5)
+        and not like.is_contiguous()
+        and like.is_contiguous(
+            memory_format=torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+        )
     ):
         order = (0, *range(2, like.dim()), 1)
         back = (0, like.dim() - 1, *range(1, like.dim() - 1))
@@ -377,7 +380,12 @@ def _stats(
         if plan.tail:
             stats.append((mean[plan.full :], var[plan.full :], plan.tail * per_sample))
         _math.update_running_stats(
-            running_mean, running_var, num_batches_tracked, momentum, plan.requested, stats,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            plan.requested,
+            stats,
             compiling=False,
         )
     _LAST_LAYOUT[layer_id] = layout.describe()
@@ -390,15 +398,24 @@ def _stats(
 
 
 def _stats_fake(
-    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-    num_batches_tracked: Tensor | None, momentum: float | None, eps: float, g: int, key: int,
-    training: bool, layer_id: int, label: str,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    g: int,
+    key: int,
+    training: bool,
+    layer_id: int,
+    label: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     shape = (_capacity(x.shape[0], g), x.shape[1])
     dtype = _math.stat_dtype(x.dtype)
     size = _group(key, label).size()
     return (
-        x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype),
+        x.new_empty(shape, dtype=dtype),
+        x.new_empty(shape, dtype=dtype),
         torch.empty(size, dtype=torch.int64),
     )
 
@@ -438,8 +455,14 @@ def _affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _norm(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, piece_mean: Tensor,
-    piece_rstd: Tensor, sizes: Tensor, g: int, key: int,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    piece_mean: Tensor,
+    piece_rstd: Tensor,
+    sizes: Tensor,
+    g: int,
+    key: int,
 ) -> Tensor:
     """``x`` normalized with its ghost batches' statistics from :func:`_stats`."""
     _, _, _, lengths = _local(sizes, g, key)
@@ -451,15 +474,27 @@ def _norm(
 
 
 def _norm_fake(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, piece_mean: Tensor,
-    piece_rstd: Tensor, sizes: Tensor, g: int, key: int,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    piece_mean: Tensor,
+    piece_rstd: Tensor,
+    sizes: Tensor,
+    g: int,
+    key: int,
 ) -> Tensor:
     return torch.empty_like(x)
 
 
 def _norm_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, piece_mean: Tensor, piece_rstd: Tensor,
-    sizes: Tensor, g: int, key: int,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    piece_mean: Tensor,
+    piece_rstd: Tensor,
+    sizes: Tensor,
+    g: int,
+    key: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``: BatchNorm's backward per ghost batch, with each ghost batch's
     sums of ``dy`` and ``dy * xhat`` all-reduced over the group; ``dweight`` and ``dbias`` are
@@ -484,7 +519,8 @@ def _norm_backward(
         per_sample *= d
     counts = torch.tensor(
         [layout.samples(first + s) * per_sample for s in range(len(lengths))],
-        dtype=dtype, device=x.device,
+        dtype=dtype,
+        device=x.device,
     ).view(-1, 1, 1)
     means = _per_sample(totals[first : first + len(lengths)] / counts, lengths)  # (n, 2, C)
     mean_dy = means[:, 0].reshape(view)
@@ -499,18 +535,26 @@ def _norm_backward(
 
 
 def _norm_backward_fake(
-    dy: Tensor, x: Tensor, weight: Tensor | None, piece_mean: Tensor, piece_rstd: Tensor,
-    sizes: Tensor, g: int, key: int,
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    piece_mean: Tensor,
+    piece_rstd: Tensor,
+    sizes: Tensor,
+    g: int,
+    key: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     channels, dtype = x.shape[1], piece_mean.dtype
     return (
-        torch.empty_like(x), x.new_empty((channels,), dtype=dtype),
+        torch.empty_like(x),
+        x.new_empty((channels,), dtype=dtype),
         x.new_empty((channels,), dtype=dtype),
     )
 
 
 _stats_op = torch.library.custom_op(
-    "fxghost::group_ghost_stats", _stats,
+    "fxghost::group_ghost_stats",
+    _stats,
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
     schema=(
         "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
@@ -521,12 +565,16 @@ _stats_op = torch.library.custom_op(
 _stats_op.register_fake(_stats_fake)
 _STATS = "Tensor piece_mean, Tensor piece_rstd, Tensor sizes, int g, int key"
 _norm_op = torch.library.custom_op(
-    "fxghost::group_ghost_norm", _norm, mutates_args=(),
+    "fxghost::group_ghost_norm",
+    _norm,
+    mutates_args=(),
     schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}) -> Tensor",
 )
 _norm_op.register_fake(_norm_fake)
 _backward_op = torch.library.custom_op(
-    "fxghost::group_ghost_norm_backward", _norm_backward, mutates_args=(),
+    "fxghost::group_ghost_norm_backward",
+    _norm_backward,
+    mutates_args=(),
     schema=f"(Tensor dy, Tensor x, Tensor? weight, {_STATS}) -> (Tensor, Tensor, Tensor)",
 )
 _backward_op.register_fake(_norm_backward_fake)
@@ -576,6 +624,12 @@ def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tens
         layer.running_mean if update else None,
         layer.running_var if update else None,
         layer.num_batches_tracked if update else None,
-        layer.momentum, layer.eps, g, key, bool(layer.training), id(layer), label,
+        layer.momentum,
+        layer.eps,
+        g,
+        key,
+        bool(layer.training),
+        id(layer),
+        label,
     )
     return _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key)  # type: ignore[no-any-return]

@@ -128,7 +128,11 @@ class DualGraphModule(GhostGraphModule):
         return super().train(mode)  # type: ignore[return-value]
 
     def _graphs(self) -> dict[str, fx.Graph]:
-        return {"_graph": self.graph, "train_graph": self.train_graph, "eval_graph": self.eval_graph}
+        return {
+            "_graph": self.graph,
+            "train_graph": self.train_graph,
+            "eval_graph": self.eval_graph,
+        }
 
     def _restore_graphs(self, graphs: dict[str, fx.Graph]) -> None:
         self.train_graph, self.eval_graph = graphs["train_graph"], graphs["eval_graph"]

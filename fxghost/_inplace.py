@@ -140,8 +140,14 @@ def apply_ghost_batchnorm(
     """
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
     _apply(
-        model, ghost_batch_size, only, leaf_modules, autowrap_functions, strict,
-        process_group=process_group, backend=backend,
+        model,
+        ghost_batch_size,
+        only,
+        leaf_modules,
+        autowrap_functions,
+        strict,
+        process_group=process_group,
+        backend=backend,
     )
     return model
 
@@ -165,8 +171,15 @@ def _apply(
         # torch.compile's wrapper calls the module it compiled: rewrite under that one; dynamo
         # recompiles on the changed submodules.
         _apply(
-            orig_mod, g, only, leaf_modules, autowrap_functions, strict, stacklevel + 1,
-            process_group, backend,
+            orig_mod,
+            g,
+            only,
+            leaf_modules,
+            autowrap_functions,
+            strict,
+            stacklevel + 1,
+            process_group,
+            backend,
         )
         return
     group, group_size = group_of(process_group, backends.check(backend))
@@ -197,8 +210,12 @@ def _apply(
     leaves = [*leaf_modules, *timm_leaves]
     functions = [*autowrap_functions, *timm_functions]
     walk = Walk(
-        g, LayerSelector(only), lambda: GhostTracer(leaves, functions), strict=strict,
-        process_group=(group, group_size), backend=backend,
+        g,
+        LayerSelector(only),
+        lambda: GhostTracer(leaves, functions),
+        strict=strict,
+        process_group=(group, group_size),
+        backend=backend,
     )
     state = wanted
     done: dict[int, nn.Module] = {}  # a child registered under two names is rewritten once

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +67,10 @@ def scale_shift(
 
 
 def differentiable_backward(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, eps: float | Tensor,
+    dy: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    eps: float | Tensor,
     needs_input_grad: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(grad_x, grad_weight, grad_bias)`` of ghost normalization for the sample-first incoming

@@ -164,9 +164,7 @@ def emit_ghost_subgraph(
 
     layer = make("get_attr", layer_target, (), "layer")
     hooks_owner = layer
-    if hooks_target != layer_target and (
-        post_hooks or _has_hooks(module, "_forward_pre_hooks")
-    ):
+    if hooks_target != layer_target and (post_hooks or _has_hooks(module, "_forward_pre_hooks")):
         hooks_owner = make("get_attr", hooks_target, (), "hooks_owner")
     if _has_hooks(module, "_forward_pre_hooks"):
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
@@ -344,9 +342,19 @@ def _rewrite_graph(
                 x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
                 target = str(node.target)
                 env[node] = emit_ghost_subgraph(
-                    graph, x, module, rule, g, name, base=node.name, meta=node.meta,
-                    layer_target=target, hooks_target=target, submodule_prefix=f"{target}.",
-                    backend=backend, process_group=key,
+                    graph,
+                    x,
+                    module,
+                    rule,
+                    g,
+                    name,
+                    base=node.name,
+                    meta=node.meta,
+                    layer_target=target,
+                    hooks_target=target,
+                    submodule_prefix=f"{target}.",
+                    backend=backend,
+                    process_group=key,
                 )
                 records.add(
                     layer_record(name, module, True, hook_note(module), g, group_size=group_size)
@@ -383,7 +391,8 @@ def _rewrite_graph(
             env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
             if selector.selects(name):
                 env[node].kwargs = (
-                    _norm_kwargs(backend, key) if node.target is ops.ghost_norm
+                    _norm_kwargs(backend, key)
+                    if node.target is ops.ghost_norm
                     else _group_kwarg(key)
                 )
             env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
@@ -392,8 +401,12 @@ def _rewrite_graph(
                 candidates.append(name)
                 called.add(str(layer_node.target))  # type: ignore[union-attr]
                 note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
-                size = group_size if selector.selects(name) else _distributed.size_of(
-                    node.kwargs.get("process_group")  # type: ignore[arg-type]
+                size = (
+                    group_size
+                    if selector.selects(name)
+                    else _distributed.size_of(
+                        node.kwargs.get("process_group")  # type: ignore[arg-type]
+                    )
                 )
                 records.add(
                     layer_record(name, layer, True, note, new_g, warn=False, group_size=size)
@@ -408,7 +421,7 @@ def _rewrite_graph(
             if full in records or name.startswith(inside_opaque):
                 continue
             reason = "not called as a module in the traced graph (traced into, or unused)"
-            warn = False
+            warn: bool | None = False
             if rule_for(module) is None:
                 reason, warn = f"{skip_reason(module)}; also {reason}", None
             records.add(layer_record(full, module, False, reason, None, warn=warn))

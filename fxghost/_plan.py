@@ -110,8 +110,11 @@ def _dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
             f"layer.to({x_dtype})"
         )
     (held_dtype,) = dtypes
-    kinds = [k for k, names in (("parameters", _STATE[:2]), ("running statistics", _STATE[2:]))
-             if any(n in present for n in names)]
+    kinds = [
+        k
+        for k, names in (("parameters", _STATE[:2]), ("running statistics", _STATE[2:]))
+        if any(n in present for n in names)
+    ]
     return (
         f"got a {x_dtype} input but its {' and '.join(kinds)} are {held_dtype}; BatchNorm needs "
         f"the input in their dtype (or float16/bfloat16 with float32 ones, mixed precision): "

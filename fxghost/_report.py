@@ -88,12 +88,16 @@ class GhostReport:
                 "kind": r.kind,
                 "channels": "" if r.num_features is None else r.num_features,
                 "ghost size": "" if r.ghost_batch_size is None else r.ghost_batch_size,
-                "momentum": "None (cumulative)" if r.rewritten and r.momentum is None
+                "momentum": "None (cumulative)"
+                if r.rewritten and r.momentum is None
                 else ("" if r.momentum is None else r.momentum),
                 "status": r.status,
                 **({"backend (last call)": r.backend} if ran else {}),
-                **({"group": r.group_size or "", "ghost batches (last batch)": r.group_layout}
-                   if grouped else {}),
+                **(
+                    {"group": r.group_size or "", "ghost batches (last batch)": r.group_layout}
+                    if grouped
+                    else {}
+                ),
                 "why": r.reason,
             }
             for r in self.layers

@@ -126,9 +126,7 @@ def rewrite_graph_module(
     source = root if root is not None else gm
     for path, why in result.opaque.items():
         sub = source.get_submodule(path)
-        new_sub = rewrite_module(
-            sub, walk, full_name(prefix, path), leaf=why == "a tracer leaf"
-        )
+        new_sub = rewrite_module(sub, walk, full_name(prefix, path), leaf=why == "a tracer leaf")
         _set_submodule(result.gm, path, new_sub, source)
     return result.gm
 
@@ -171,9 +169,19 @@ def _rewrite_layer(
     x = graph.placeholder("input")
     base = prefix.rpartition(".")[2] or "bn"
     out = emit_ghost_subgraph(
-        graph, x, module, rule, walk.g, name, base=base, meta={},
-        layer_target="_fxghost_self", hooks_target="_fxghost_source", submodule_prefix="",
-        backend=walk.backend, process_group=walk.process_group[0],
+        graph,
+        x,
+        module,
+        rule,
+        walk.g,
+        name,
+        base=base,
+        meta={},
+        layer_target="_fxghost_self",
+        hooks_target="_fxghost_source",
+        submodule_prefix="",
+        backend=walk.backend,
+        process_group=walk.process_group[0],
     )
     graph.output(out)
     note = hook_note(module)
@@ -183,7 +191,12 @@ def _rewrite_layer(
         module, graph, f"Ghost{type(module).__name__}", state=module if before is None else before
     )
     record = layer_record(
-        name, module, True, note, walk.g, warn=bool(hook_note(module)),
+        name,
+        module,
+        True,
+        note,
+        walk.g,
+        warn=bool(hook_note(module)),
         group_size=walk.process_group[1],
     )
     walk.records.replace(dataclasses.replace(record, layer_id=id(gm)))  # the ops' layer

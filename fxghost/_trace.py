@@ -73,9 +73,7 @@ class GhostTracer(fx.Tracer):
         leaf_modules: Iterable[type[nn.Module] | str] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
-        super().__init__(
-            autowrap_functions=(*autowrap_functions, _CHECKPOINT)
-        )
+        super().__init__(autowrap_functions=(*autowrap_functions, _CHECKPOINT))
         # Also `torch.utils.checkpoint.checkpoint(...)` and `cp.checkpoint(...)`, looked up in the
         # module rather than in the caller's globals.
         self._autowrap_search.append(torch.utils.checkpoint)
@@ -95,7 +93,9 @@ class GhostTracer(fx.Tracer):
         with _checkpoint_internals_refuse_proxies():
             return super().trace(root, concrete_args)
 
-    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any) -> Any:
+    def create_proxy(
+        self, kind: str, target: Any, args: Any, kwargs: Any, *a: Any, **k: Any
+    ) -> Any:
         if target is _CHECKPOINT:
             if not (args and isinstance(args[0], nn.Module)):
                 what = args[0] if args else kwargs.get("function")
@@ -127,7 +127,9 @@ def _checkpoint_internals_refuse_proxies() -> Iterator[None]:
     model would store every activation that the model meant to recompute. Refused, the module
     calling it is kept as Python code, and its checkpoint with it."""
     module = torch.utils.checkpoint
-    saved = {name: module.__dict__[name] for name in _CHECKPOINT_INTERNALS if name in module.__dict__}
+    saved = {
+        name: module.__dict__[name] for name in _CHECKPOINT_INTERNALS if name in module.__dict__
+    }
 
     def refusing(original: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -170,7 +172,7 @@ def _user_frame(err: BaseException) -> str | None:
     for frame in traceback.extract_tb(err.__traceback__):
         if frame.filename.startswith(_TORCH_DIR) or os.sep + "fxghost" + os.sep in frame.filename:
             continue
-        found = f'{frame.filename}:{frame.lineno}, in {frame.name}: {(frame.line or "").strip()}'
+        found = f"{frame.filename}:{frame.lineno}, in {frame.name}: {(frame.line or '').strip()}"
     return found
 
 

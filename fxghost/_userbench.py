@@ -66,27 +66,62 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's arguments."""
-    parser.add_argument("model", metavar="MODEL",
-                        help="as for `fxghost inspect`: package.module:callable, a torchvision "
-                        "or a timm model name (torchvision:NAME or timm:NAME picks the source)")
-    parser.add_argument("--shape", type=_shape, default=(64, 3, 224, 224), metavar="N,C,...",
-                        help="the training batch's shape (default 64,3,224,224)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="as for `fxghost inspect`: package.module:callable, a torchvision "
+        "or a timm model name (torchvision:NAME or timm:NAME picks the source)",
+    )
+    parser.add_argument(
+        "--shape",
+        type=_shape,
+        default=(64, 3, 224, 224),
+        metavar="N,C,...",
+        help="the training batch's shape (default 64,3,224,224)",
+    )
     parser.add_argument("--ghost-batch-size", "-g", type=_positive, default=32, metavar="G")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="default: cuda when available")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each implementation (its first step, compilation "
-                        "included, is reported apart)")
-    parser.add_argument("--chunked", action="store_true",
-                        help="also time the chunked reference (one BatchNorm call per ghost batch)")
-    parser.add_argument("--autocast", choices=sorted(_AUTOCAST), default=None,
-                        help="run the forward under torch.autocast in this dtype")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="model and input in channels_last memory format (4-D inputs)")
-    parser.add_argument("--repeats", type=_positive, default=10, metavar="R",
-                        help="timed steps per implementation (default 10)")
-    parser.add_argument("--warmup", type=_non_negative, default=2, metavar="W",
-                        help="untimed steps per implementation after the first (default 2)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="default: cuda when available",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each implementation (its first step, compilation "
+        "included, is reported apart)",
+    )
+    parser.add_argument(
+        "--chunked",
+        action="store_true",
+        help="also time the chunked reference (one BatchNorm call per ghost batch)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=sorted(_AUTOCAST),
+        default=None,
+        help="run the forward under torch.autocast in this dtype",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="model and input in channels_last memory format (4-D inputs)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive,
+        default=10,
+        metavar="R",
+        help="timed steps per implementation (default 10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative,
+        default=2,
+        metavar="W",
+        help="untimed steps per implementation after the first (default 2)",
+    )
 
 
 def _tensors(out: Any) -> Iterator[Tensor]:
@@ -173,16 +208,21 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
         steps[impl] = make_step(torch.compile(net) if args.compile else net, model)
         first_s[impl] = timed(steps[impl])
 
-    where = torch.cuda.get_device_name() if device == "cuda" else (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    where = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    )
     if source:
         print(source)
     print(f"fxghost {_version.__version__}, torch {torch.__version__}, {device} ({where})")
     mode = "torch.compile" if args.compile else "eager"
     extras = [f"autocast {args.autocast}"] * bool(args.autocast)
     extras += ["channels_last"] * args.channels_last
-    print(f"input {shape}, ghost batch size {g} ({-(-shape[0] // g)} ghost batches), {mode}"
-          + "".join(f", {e}" for e in extras))
+    print(
+        f"input {shape}, ghost batch size {g} ({-(-shape[0] // g)} ghost batches), {mode}"
+        + "".join(f", {e}" for e in extras)
+    )
     print(summary + "\n", flush=True)
 
     for _ in range(args.warmup):
@@ -192,7 +232,7 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
     for r in range(args.repeats):
         # Alternating orders, and an untimed step before each timed one: a step right after
         # another implementation's pays for that one's memory pattern, which training never sees.
-        for impl in (impls if r % 2 == 0 else impls[::-1]):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
             steps[impl]()
             times[impl].append(timed(steps[impl]) * 1e3)
 
@@ -202,12 +242,18 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
     headers.append("first step s" + (" (compile)" if args.compile else ""))
     rows = []
     for impl in impls:
-        row: list[Any] = [impl, f"{median[impl]:.2f}", f"{shape[0] / median[impl] * 1e3:.0f}",
-                          f"{median['plain'] / median[impl]:.2f}x"]
+        row: list[Any] = [
+            impl,
+            f"{median[impl]:.2f}",
+            f"{shape[0] / median[impl] * 1e3:.0f}",
+            f"{median['plain'] / median[impl]:.2f}x",
+        ]
         if args.chunked:
             row.append(f"{median['chunked'] / median[impl]:.2f}x")
         rows.append([*row, f"{first_s[impl]:.3g}"])
     print(tabulate(rows, headers=headers, disable_numparse=True))
-    print(f"\nmedian of {args.repeats} steps each, interleaved; 'vs plain' is plain's time over "
-          "this one's (above 1 is faster)")
+    print(
+        f"\nmedian of {args.repeats} steps each, interleaved; 'vs plain' is plain's time over "
+        "this one's (above 1 is faster)"
+    )
     return 0

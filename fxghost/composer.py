@@ -76,7 +76,9 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
         rewritten = len(report(state.model).rewritten)
         log.info(
             "Applied %r to %s: %d BatchNorm layer(s) ghosted",
-            self, type(state.model).__name__, rewritten,
+            self,
+            type(state.model).__name__,
+            rewritten,
         )
         if logger is not None:
             logger.log_hyperparameters({"FxGhostBatchNorm/num_ghosted_layers": rewritten})

@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _distributed, backends
 from ._plan import plan_ghost_batches, uses_batch_stats
@@ -49,7 +50,8 @@ __all__ = [
 #: (``(G * c, C, ...)`` and ``(r, C, ...)``).
 GhostGroups = tuple[Tensor, Tensor | None]
 
-def _find_proxy(args: tuple[Any, ...]) -> torch.fx.Proxy | None:
+
+def _find_proxy(args: tuple[Any, ...] | list[Any]) -> torch.fx.Proxy | None:
     for a in args:
         if isinstance(a, torch.fx.Proxy):
             return a
@@ -80,13 +82,13 @@ class _GraphOp:
             if proxy is not None:
                 layer_name = args[-1] if args and isinstance(args[-1], str) else None
                 node_name = f"{layer_name.replace('.', '_')}_{self._step}" if layer_name else None
-                out = proxy.tracer.create_proxy(
-                    "call_function", self, args, kwargs, name=node_name
-                )
+                out = proxy.tracer.create_proxy("call_function", self, args, kwargs, name=node_name)
                 # Re-tracing (also what unpickling a GraphModule does) keeps the provenance.
                 out.node.meta["fxghost"] = {
                     "source_layer": layer_name,
-                    "ghost_batch_size": args[2] if self._step in ("ghost_view", "ghost_norm") else None,
+                    "ghost_batch_size": args[2]
+                    if self._step in ("ghost_view", "ghost_norm")
+                    else None,
                     "step": self._step,
                 }
                 return out
@@ -105,7 +107,10 @@ def _fx_leaf(step: str) -> Callable[[Callable[..., Any]], Any]:
 
 @_fx_leaf("ghost_view")
 def ghost_view(
-    x: Tensor, layer: nn.Module, ghost_batch_size: int, name: str,
+    x: Tensor,
+    layer: _BatchNorm,
+    ghost_batch_size: int,
+    name: str,
     process_group: int | None = None,
 ) -> GhostGroups:
     """View ``x`` of shape ``(N, C, *spatial)`` as ghost batches, without copying.
@@ -135,7 +140,7 @@ def ghost_view(
 @_fx_leaf("ghost_norm")
 def ghost_norm(
     groups: GhostGroups,
-    layer: nn.Module,
+    layer: _BatchNorm,
     ghost_batch_size: int,
     name: str,
     backend: str = "auto",
@@ -149,8 +154,14 @@ def ghost_norm(
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
-            main.squeeze(0), layer.running_mean, layer.running_var, layer.weight, layer.bias,
-            False, 0.0, layer.eps,
+            main.squeeze(0),
+            layer.running_mean,
+            layer.running_var,
+            layer.weight,
+            layer.bias,
+            False,
+            0.0,
+            layer.eps,
         )
         return y, None
     if process_group is not None:
@@ -164,9 +175,9 @@ def ghost_norm(
     impl = backends.select(main, backend, name)
     backends.record(layer, impl)
     if tail is None and layer.training and main.numel():
-        y = impl.training_norm(main, layer, requested, main.shape[1] * per_sample)
-        if y is not None:
-            return y, None
+        fused = impl.training_norm(main, layer, requested, main.shape[1] * per_sample)
+        if fused is not None:
+            return fused, None
     weight, bias, eps = layer.weight, layer.bias, layer.eps
     y_main, mean_m, var_m = impl.norm(main, weight, bias, eps)
     stats = [(mean_m, var_m, main.shape[1] * per_sample)]
@@ -174,10 +185,11 @@ def ghost_norm(
     if tail is not None:
         y_tail, mean_t, var_t = impl.norm(tail, weight, bias, eps)
         stats.append((mean_t, var_t, tail.shape[1] * per_sample))
-    if layer.training and layer.track_running_stats and layer.running_mean is not None:
+    running_mean, running_var = layer.running_mean, layer.running_var
+    if layer.training and layer.track_running_stats and running_mean is not None:
         impl.update_running_stats(
-            layer.running_mean,
-            layer.running_var,
+            running_mean,
+            cast(Tensor, running_var),  # BatchNorm keeps both or neither
             layer.num_batches_tracked,
             layer.momentum,
             requested,

@@ -293,8 +293,12 @@ def _ulp_or_stats32(
         assert_ulp_close(actual, exact, what, floor=floor)
     else:
         assert actual.dtype == torch.float32, f"{what}: {actual.dtype}"
-        torch.testing.assert_close(actual.detach().double(), exact.detach().double(),
-                                   **STATS32_TOL, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            actual.detach().double(),
+            exact.detach().double(),
+            **STATS32_TOL,
+            msg=lambda m: f"{what}: {m}",
+        )
 
 
 def _assert_state_exact(model: nn.Module, exact: nn.Module, what: str) -> None:

@@ -27,7 +27,11 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     # A subprocess: the suite resets torch._dynamo and Inductor's caches, which must not leak
     # into the other tests of this process.
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
 
@@ -217,7 +221,7 @@ def test_page_faults_count_memory_touched_for_the_first_time() -> None:
     size = 32 << 20  # far above glibc's mmap threshold: fresh pages from the OS
     before = harness.page_faults()
     buf = bytearray(size)
-    buf[:: 4096] = b"\1" * (size // 4096)  # one write per page
+    buf[::4096] = b"\1" * (size // 4096)  # one write per page
     after = harness.page_faults()
     assert before is not None and after is not None
     # One fault per 4 KB page, or per 2 MB where transparent huge pages serve it.
@@ -233,8 +237,11 @@ def test_gpu_check_runs_the_stages_asked_for(tmp_path: Path) -> None:
 
     def stages(*names: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", str(script), str(tmp_path), *names], capture_output=True, text=True,
-            timeout=60, env=env,
+            ["bash", str(script), str(tmp_path), *names],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
 
     proc = stages("compiled-model", "compiled-kernels", "compiled")
@@ -279,7 +286,11 @@ def test_source_digest_names_the_code_that_ran(tmp_path: Path) -> None:
 def tiny_net() -> nn.Module:
     """For ``fxghost bench test_bench:tiny_net``: tests/ is on sys.path while pytest runs."""
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 3),
         nn.BatchNorm1d(3),
     )
 
@@ -291,8 +302,11 @@ def test_user_bench_times_plain_fxghost_and_chunked(capsys: pytest.CaptureFixtur
     assert code == 0, err
     assert "input (12, 3, 8, 8), ghost batch size 4 (3 ghost batches), eager" in out
     assert "2 layer(s) rewritten with ghost_batch_size=4" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split()[:1] in (["plain"], ["fxghost"], ["chunked"])}
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["plain"], ["fxghost"], ["chunked"])
+    }
     assert set(rows) == {"plain", "fxghost", "chunked"}
     assert rows["plain"][3] == "1.00x" and rows["chunked"][4] == "1.00x"  # vs plain, vs chunked
     for row in rows.values():

@@ -37,8 +37,12 @@ def test_inspect_torchvision_and_callable() -> None:
 
 
 def test_bad_arguments_give_one_line_and_exit_2() -> None:
-    for args in (["inspect", "nosuch_model"], ["inspect", "resnet18", "-g", "zero"],
-                 ["frobnicate"], ["inspect", "resnet18", "--only", "nope"]):
+    for args in (
+        ["inspect", "nosuch_model"],
+        ["inspect", "resnet18", "-g", "zero"],
+        ["frobnicate"],
+        ["inspect", "resnet18", "--only", "nope"],
+    ):
         result = _run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -102,8 +106,15 @@ def test_inspect_module_attr(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("spec", "said"),
     [
-        ("resnet18x", ["package.module:callable", "torchvision model names", "timm model names",
-                       "close matches: resnet18"]),
+        (
+            "resnet18x",
+            [
+                "package.module:callable",
+                "torchvision model names",
+                "timm model names",
+                "close matches: resnet18",
+            ],
+        ),
         ("timm:resnet18x", ["tried timm model names;", "close matches: resnet18"]),
         ("torchvision:resnet18d", ["tried torchvision model names;", "close matches: resnet18"]),
         ("zzqqxx", ["torchvision model names and timm model names"]),

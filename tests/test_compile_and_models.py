@@ -20,8 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _small_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), make_bn("2d"), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 5 * 3, 5), make_bn("1d_NC"),
+        nn.Conv2d(3, 4, 3, padding=1),
+        make_bn("2d"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 3, 5),
+        make_bn("1d_NC"),
     ).double()
 
 
@@ -58,9 +62,7 @@ def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool
         reference.zero_grad()
 
 
-@pytest.mark.skipif(
-    not cpu.available(), reason="no C compiler: the CPU kernels are not built here"
-)
+@pytest.mark.skipif(not cpu.available(), reason="no C compiler: the CPU kernels are not built here")
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd:UserWarning")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
@@ -92,12 +94,8 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
     assert {r.backend for r in fxghost.report(gm).rewritten} == {"cpu (custom op, compiled)"}
 
 
-@pytest.mark.parametrize(
-    ("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)]
-)
-def test_dynamo_records_each_layer_as_composite_ops(
-    momentum: float | None, affine: bool
-) -> None:
+@pytest.mark.parametrize(("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)])
+def test_dynamo_records_each_layer_as_composite_ops(momentum: float | None, affine: bool) -> None:
     """Dynamo's graph holds one normalization node and one running-statistics node per group of
     ghost batches, not their traced-through ops (dynamo's time per layer); AOT autograd then
     expands them, and the step still matches the reference: output, input grad, running
@@ -157,9 +155,7 @@ def test_compiled_formulation_gradients() -> None:
 
 
 @pytest.mark.parametrize(("kind", "channels_last"), [("2d", False), ("2d", True), ("3d", True)])
-def test_compiled_decomposition_on_conv_inputs(
-    kind: str, channels_last: bool
-) -> None:
+def test_compiled_decomposition_on_conv_inputs(kind: str, channels_last: bool) -> None:
     """The formulation inductor gets for BatchNorm2d/3d: float32, contiguous and channels-last, a
     tail ghost batch, an in-place ReLU after the layer, against the reference. With torch 2.11 a
     no-op dtype cast on its output made dynamo give it a zero gradient."""
@@ -169,8 +165,12 @@ def test_compiled_decomposition_on_conv_inputs(
     compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True)
     spatial = (5, 3) if kind == "2d" else (2, 3, 2)
     run_side_by_side(
-        model, 4, [(n, 3, *spatial) for n in (12, 9)],
-        dtype=torch.float32, channels_last=channels_last, transformed=compiled,
+        model,
+        4,
+        [(n, 3, *spatial) for n in (12, 9)],
+        dtype=torch.float32,
+        channels_last=channels_last,
+        transformed=compiled,
     )
     torch._dynamo.reset()
 

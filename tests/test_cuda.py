@@ -46,8 +46,14 @@ def test_compiled_matches_reference(
     model = nn.Sequential(make_bn(kind, dtype=torch.float32), nn.ReLU()).to(CUDA)
     compiled = torch.compile(fxghost.transform(model, 4, backend=backend), fullgraph=True)
     run_side_by_side(
-        model, 4, [input_shape(kind, n) for n in ns], [input_shape(kind, 3)],
-        dtype=dtype, channels_last=channels_last, transformed=compiled, device=CUDA,
+        model,
+        4,
+        [input_shape(kind, n) for n in ns],
+        [input_shape(kind, 3)],
+        dtype=dtype,
+        channels_last=channels_last,
+        transformed=compiled,
+        device=CUDA,
     )
 
 

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_detection_model_rewrites_its_backbone() -> None:
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=3, min_size=64, max_size=96,
+        weights=None,
+        weights_backbone=None,
+        num_classes=3,
+        min_size=64,
+        max_size=96,
     ).double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every BatchNorm is ghosted: no warning

@@ -112,10 +112,7 @@ def _simulate(broadcast_buffers: bool) -> list[dict[int, Expected]]:
             grads[r] = [p.grad.clone() for p in rep.parameters()]
         avg = [sum(gs) / WORLD for gs in zip(*grads.values(), strict=True)]
         expected.append(
-            {
-                r: Expected(outputs[r], avg, _buffers(rep))
-                for r, rep in replicas.items()
-            }
+            {r: Expected(outputs[r], avg, _buffers(rep)) for r, rep in replicas.items()}
         )
         for rep in replicas.values():
             _sgd(rep, avg)
@@ -258,7 +255,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     """One DDP process: run every scenario and record its result in ``out_dir``."""
     torch.set_num_threads(1)  # two processes on a small CPU: no oversubscription
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=60),
     )
     try:
@@ -286,7 +286,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], d
     """Run both ranks once and return each (scenario, rank)'s recorded result."""
     tmp = tmp_path_factory.mktemp("ddp")
     ctx = mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False,
+        _worker,
+        args=(str(tmp / "init"), str(tmp)),
+        nprocs=WORLD,
+        join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -301,9 +304,15 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], d
     for name in SCENARIOS:
         for rank in range(WORLD):
             path = tmp / f"{name}.rank{rank}.json"
-            out[name, rank] = json.loads(path.read_text()) if path.exists() else {
-                "failures": [], "error": "no result recorded", "seconds": 0.0,
-            }
+            out[name, rank] = (
+                json.loads(path.read_text())
+                if path.exists()
+                else {
+                    "failures": [],
+                    "error": "no result recorded",
+                    "seconds": 0.0,
+                }
+            )
     return out
 
 

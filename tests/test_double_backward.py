@@ -190,8 +190,17 @@ def test_triton_interpreted() -> None:
     """The check_* functions below, under the Triton interpreter in a fresh process."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
-           "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).resolve()),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_functions=check_*",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
@@ -226,7 +235,9 @@ def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor]
 @pytest.mark.parametrize("backend", ["aot_eager", "eager"])
 @pytest.mark.parametrize("model_name", ["1d", "2d"])
 @pytest.mark.parametrize("ours", ["auto", pytest.param("cpu", marks=needs_kernels)])
-def test_compiled_double_backward_behaves_as_plain(backend: str, model_name: str, ours: str) -> None:
+def test_compiled_double_backward_behaves_as_plain(
+    backend: str, model_name: str, ours: str
+) -> None:
     """Under torch.compile a transformed model does what plain BatchNorm does: AOT autograd
     refuses double backward for both (the same error); dynamo alone runs the ops eagerly, and
     the second derivatives are the reference's. With "auto" the layers take the composite op
@@ -244,7 +255,8 @@ def test_compiled_double_backward_behaves_as_plain(backend: str, model_name: str
         return
     assert not isinstance(got, str), got
     torch.manual_seed(1)
-    want = _penalty_grads(apply_chunked_ghost_batchnorm(copy.deepcopy(model), GHOST), x,
-                          torch.randn_like(x))
+    want = _penalty_grads(
+        apply_chunked_ghost_batchnorm(copy.deepcopy(model), GHOST), x, torch.randn_like(x)
+    )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * b.abs().max().item())

@@ -109,16 +109,23 @@ def test_16bit_inputs_keep_dtype_and_fp32_stats(
     # statistics and parameter gradients to float32 accuracy (16-bit accumulation fails it).
     bn = make_bn(kind, dtype=torch.float32)
     model = nn.Sequential(bn)
-    run_side_by_side(model, 4, [input_shape(kind, 16), input_shape(kind, 10)], dtype=dtype,
-                     backend=backend)
+    run_side_by_side(
+        model, 4, [input_shape(kind, 16), input_shape(kind, 10)], dtype=dtype, backend=backend
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16bit_model_end_to_end(dtype: torch.dtype, backend: str) -> None:
     # The whole layer in 16 bits (parameters and buffers too).
     bn = make_bn("2d", dtype=dtype)
-    run_side_by_side(nn.Sequential(bn), 3, [input_shape("2d", 9)], [input_shape("2d", 2)],
-                     dtype=dtype, backend=backend)
+    run_side_by_side(
+        nn.Sequential(bn),
+        3,
+        [input_shape("2d", 9)],
+        [input_shape("2d", 2)],
+        dtype=dtype,
+        backend=backend,
+    )
 
 
 def test_momentum_change_at_run_time_is_honoured(backend: str) -> None:
@@ -149,11 +156,19 @@ def test_per_layer_eval_is_honoured(backend: str) -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_inplace_op_after_the_layer(dtype: torch.dtype, channels_last: bool, backend: str) -> None:
     # ReLU(inplace=True) right after BatchNorm, as in torchvision's ResNets.
-    model = nn.Sequential(make_bn("2d", dtype=torch.float32 if dtype != torch.float64 else dtype),
-                          nn.ReLU(inplace=True))
-    run_side_by_side(model, 4, [input_shape("2d", 12), input_shape("2d", 10)],
-                     [input_shape("2d", 3)], dtype=dtype, channels_last=channels_last,
-                     backend=backend)
+    model = nn.Sequential(
+        make_bn("2d", dtype=torch.float32 if dtype != torch.float64 else dtype),
+        nn.ReLU(inplace=True),
+    )
+    run_side_by_side(
+        model,
+        4,
+        [input_shape("2d", 12), input_shape("2d", 10)],
+        [input_shape("2d", 3)],
+        dtype=dtype,
+        channels_last=channels_last,
+        backend=backend,
+    )
 
 
 def test_non_dense_input(backend: str) -> None:
@@ -162,10 +177,11 @@ def test_non_dense_input(backend: str) -> None:
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     gm = fxghost.transform(model, 4, backend=backend)
     base = torch.randn(24, 4, 5, 3, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     x = base[::2].requires_grad_()
     y, y_ref = gm(x), reference(x)
     torch.testing.assert_close(y, y_ref)
-    g1, = torch.autograd.grad(y.sum() + y.pow(2).sum(), x)
-    g2, = torch.autograd.grad(y_ref.sum() + y_ref.pow(2).sum(), x)
+    (g1,) = torch.autograd.grad(y.sum() + y.pow(2).sum(), x)
+    (g2,) = torch.autograd.grad(y_ref.sum() + y_ref.pow(2).sum(), x)
     torch.testing.assert_close(g1, g2)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import run_side_by_side
 
-import fxghost
 from fxghost import _math, backends
 from fxghost.backends import cpu, torch_ops
 from fxghost.backends._common import NormFn
@@ -77,9 +76,7 @@ CASES = [(n, False) for n in GROUPED] + [("nchw", True), ("ncdhw", True)]
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_cpu_function_gradcheck(
-    impl: NormFn, name: str, channels_last: bool, affine: bool
-) -> None:
+def test_cpu_function_gradcheck(impl: NormFn, name: str, channels_last: bool, affine: bool) -> None:
     xg = _grouped(name, channels_last, torch.float64).requires_grad_()
     channels = xg.shape[2]
     w = torch.rand(channels, dtype=torch.float64, requires_grad=affine) + 0.5 if affine else None
@@ -353,7 +350,11 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
         cpu.EAGER.update_running_stats(
-            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, x.shape[0],
+            bn.running_mean,
+            bn.running_var,
+            bn.num_batches_tracked,
+            bn.momentum,
+            x.shape[0],
             [(mean, var, n)],
         )
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
@@ -511,7 +512,11 @@ def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> Non
     )
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True,
+        [sys.executable, "-c", code],
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
         text=True,
     )
     assert done.stdout.strip() == "torch"
@@ -525,8 +530,12 @@ def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory)
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
     runs = [
         subprocess.run(
-            [sys.executable, "-c", code], env=env, check=True, timeout=300,
-            capture_output=True, text=True,
+            [sys.executable, "-c", code],
+            env=env,
+            check=True,
+            timeout=300,
+            capture_output=True,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -582,4 +591,3 @@ def test_cpu_custom_op_takes_layouts_the_trace_did_not_see() -> None:
     want_b = torch.ops.fxghost.cpu_ghost_norm_backward(dy, xg, w, mean, rstd)
     for g, e in zip(got_b, want_b, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-

@@ -58,9 +58,16 @@ def make_model() -> nn.Module:
 
 def train(model: nn.Module, out: Path) -> None:
     args = T.TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
-        learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     spy = LastGrads()
     T.Trainer(model=model, args=args, train_dataset=Images(STEPS * BATCH), callbacks=[spy]).train()

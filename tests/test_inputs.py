@@ -46,7 +46,9 @@ def _cases(
 ) -> list[Any]:
     return [
         pytest.param(
-            layer_dtype, input_dtype, _CONFIGS[config],
+            layer_dtype,
+            input_dtype,
+            _CONFIGS[config],
             id=f"{str(input_dtype)[6:]}_into_{str(layer_dtype)[6:]}_{config}",
         )
         for layer_dtype, input_dtype, config in itertools.product(
@@ -62,8 +64,11 @@ REFUSED = [
 ]
 ACCEPTED = [
     *_cases((torch.float32,), _FLOATS, accepted=True),
-    *[p for p in _cases((torch.float64, torch.bfloat16, torch.float16), _FLOATS, accepted=True)
-      if "bare" in p.id or "affine+stats" in p.id],
+    *[
+        p
+        for p in _cases((torch.float64, torch.bfloat16, torch.float16), _FLOATS, accepted=True)
+        if "bare" in p.id or "affine+stats" in p.id
+    ],
 ]
 
 
@@ -137,17 +142,26 @@ def test_reference_refuses_the_same_way(
 
 def test_messages_name_the_layer_the_dtypes_and_the_fix() -> None:
     model = nn.Sequential(nn.Linear(3, 3).double(), nn.BatchNorm1d(3))
-    with pytest.raises(InputDtypeError, match=r"layer '1' \(BatchNorm1d\) got a torch\.float64 "
-                       r"input but its parameters and running statistics are torch\.float32.*"
-                       r"x\.to\(torch\.float32\).*model\.to\(torch\.float64\)"):
+    with pytest.raises(
+        InputDtypeError,
+        match=r"layer '1' \(BatchNorm1d\) got a torch\.float64 "
+        r"input but its parameters and running statistics are torch\.float32.*"
+        r"x\.to\(torch\.float32\).*model\.to\(torch\.float64\)",
+    ):
         fxghost.transform(model, 4)(torch.randn(8, 3, dtype=torch.float64))
     bn = nn.BatchNorm1d(3)
     bn.running_mean = bn.running_mean.half()
-    with pytest.raises(InputDtypeError, match=r"running_mean torch\.float16.*one dtype.*"
-                       r"layer\.to\(torch\.float32\)"):
+    with pytest.raises(
+        InputDtypeError,
+        match=r"running_mean torch\.float16.*one dtype.*"
+        r"layer\.to\(torch\.float32\)",
+    ):
         fxghost.transform(nn.Sequential(bn), 4)(torch.randn(8, 3))
-    with pytest.raises(InputDtypeError, match=r"torch\.int64 input.*float16, bfloat16, float32 "
-                       r"and float64.*x\.float\(\)"):
+    with pytest.raises(
+        InputDtypeError,
+        match=r"torch\.int64 input.*float16, bfloat16, float32 "
+        r"and float64.*x\.float\(\)",
+    ):
         fxghost.transform(nn.Sequential(nn.BatchNorm1d(3)), 4)(torch.arange(24).view(8, 3))
 
 
@@ -158,8 +172,13 @@ def test_accepted_inputs_match_the_reference(
 ) -> None:
     bn = make_bn(kind, dtype=layer_dtype, **config)
     eval_shapes = [input_shape(kind, 3)] if bn.track_running_stats else []
-    run_side_by_side(nn.Sequential(bn), 4, [input_shape(kind, 16), input_shape(kind, 10)],
-                     eval_shapes, dtype=input_dtype)
+    run_side_by_side(
+        nn.Sequential(bn),
+        4,
+        [input_shape(kind, 16), input_shape(kind, 10)],
+        eval_shapes,
+        dtype=input_dtype,
+    )
 
 
 def _accepts(x: torch.Tensor, state: list[torch.Tensor | None], training: bool) -> bool:
@@ -187,8 +206,9 @@ def test_dtype_rule_is_batch_norms(device: str) -> None:
         if (m is None) != (v is None):
             continue  # BatchNorm holds both running statistics or neither
         x = _batch(x_dtype, (4, 3)).to(device)
-        state = [None if d is None else torch.rand(3, device=device).to(d) + 0.5
-                 for d in (w, b, m, v)]
+        state = [
+            None if d is None else torch.rand(3, device=device).to(d) + 0.5 for d in (w, b, m, v)
+        ]
         ours = _dtype_problem((x_dtype, w, b, m, v)) is None
         for training in (True, False) if m is not None else (True,):
             theirs = _accepts(x, [s if s is None else s.clone() for s in state], training)

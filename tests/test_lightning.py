@@ -86,8 +86,13 @@ class Spy(L.Callback):
 
 def trainer(**kwargs: Any) -> Any:
     options: dict[str, Any] = {
-        "accelerator": "cpu", "devices": 1, "precision": "64-true", "logger": False,
-        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "64-true",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
         "enable_checkpointing": False,
     }
     return L.Trainer(**{**options, **kwargs})
@@ -216,7 +221,11 @@ def test_ddp_strategy_matches_per_shard_reference(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path)],
-        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Lightning puts a DistributedSampler in the training loader, shuffling with seed 0.

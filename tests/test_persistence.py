@@ -139,7 +139,11 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)])}
     proc = subprocess.run(
         [sys.executable, "-c", _LOADER, str(tmp), str(torch.get_num_threads()), *jobs],
-        env=env, cwd=tmp, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return {

@@ -87,8 +87,15 @@ CASES: dict[str, Case] = {
     # A group of one process: each process's own batch, as without a group.
     "group_of_one": Case("2d", 1, (5, 4, 6, 4), 4, steps=1),
 }
-SPECIAL = ("bfloat16", "eval", "eval_without_running_stats", "single_value_per_channel",
-           "group_smaller_than_g", "one_process_fails_input_check", "report")
+SPECIAL = (
+    "bfloat16",
+    "eval",
+    "eval_without_running_stats",
+    "single_value_per_channel",
+    "group_smaller_than_g",
+    "one_process_fails_input_check",
+    "report",
+)
 SCENARIOS = (*CASES, *SPECIAL, "readme")
 
 
@@ -108,15 +115,30 @@ def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
 
 NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     # (a builder, the shape of one input sample)
-    "2d": (lambda: nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
-    ), (3, 5, 5)),
+    "2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.Linear(6, 3),
+        ),
+        (3, 5, 5),
+    ),
     "1d": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)), (5,)),
-    "3d": (lambda: nn.Sequential(
-        nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3), nn.ReLU(), nn.Flatten(2),
-        nn.BatchNorm1d(3, affine=False),
-    ), (2, 2, 3, 2)),
+    "3d": (
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 3, 1),
+            nn.BatchNorm3d(3),
+            nn.ReLU(),
+            nn.Flatten(2),
+            nn.BatchNorm1d(3, affine=False),
+        ),
+        (2, 2, 3, 2),
+    ),
     "bn1d": (lambda: nn.Sequential(nn.BatchNorm1d(6)), (6,)),
 }
 
@@ -150,8 +172,10 @@ def _offsets(sizes: tuple[int, ...]) -> list[int]:
 
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     # The reference's names carry an extra ".bn" level.
-    return {n.replace(".bn.", ".").removesuffix(".bn"): b.detach().clone()
-            for n, b in model.named_buffers()}
+    return {
+        n.replace(".bn.", ".").removesuffix(".bn"): b.detach().clone()
+        for n, b in model.named_buffers()
+    }
 
 
 @dataclass
@@ -439,17 +463,25 @@ def _readme(rank: int, port: int, f: _Failures) -> None:
     """The README's script as torchrun would run it (env:// rendezvous), with a small model and
     two batches of 8 samples per process: one ghost batch of 32 over the four processes."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
     )
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(4 * 5 * 5, 10),
     )
     gen = torch.Generator().manual_seed(rank)
-    loader = [(torch.randn(8, 3, 5, 5, generator=gen), torch.randint(0, 10, (8,), generator=gen))
-              for _ in range(2)]
+    loader = [
+        (torch.randn(8, 3, 5, 5, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+        for _ in range(2)
+    ]
     scope: dict[str, Any] = {"model": model, "loader": loader}
     printed = io.StringIO()
     try:
@@ -475,7 +507,9 @@ def _record(name: str, rank: int, out_dir: str, fn: Callable[[_Failures], None])
     except Exception:
         error = traceback.format_exc()
     result = {
-        "failures": f.messages, "error": error, "notes": f.notes,
+        "failures": f.messages,
+        "error": error,
+        "notes": f.notes,
         "seconds": time.perf_counter() - start,
     }
     Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(result, default=str))
@@ -484,7 +518,10 @@ def _record(name: str, rank: int, out_dir: str, fn: Callable[[_Failures], None])
 def _worker(rank: int, init_file: str, out_dir: str, names: list[str], port: int) -> None:
     torch.set_num_threads(1)  # four processes on a small CPU: no oversubscription
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
         timeout=timedelta(seconds=60),
     )
     try:
@@ -513,8 +550,11 @@ def _free_port() -> int:
 def run(names: list[str], tmp: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Run the scenarios ``names`` in four processes; each (scenario, rank)'s recorded result."""
     ctx = mp.start_processes(
-        _worker, args=(str(tmp / "init"), str(tmp), names, _free_port()), nprocs=WORLD,
-        join=False, start_method="spawn",
+        _worker,
+        args=(str(tmp / "init"), str(tmp), names, _free_port()),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not ctx.join(timeout=5):
@@ -527,9 +567,16 @@ def run(names: list[str], tmp: Path) -> dict[tuple[str, int], dict[str, Any]]:
     for name in names:
         for rank in range(WORLD):
             path = tmp / f"{name}.rank{rank}.json"
-            out[name, rank] = json.loads(path.read_text()) if path.exists() else {
-                "failures": [], "error": "no result recorded", "notes": {}, "seconds": 0.0,
-            }
+            out[name, rank] = (
+                json.loads(path.read_text())
+                if path.exists()
+                else {
+                    "failures": [],
+                    "error": "no result recorded",
+                    "notes": {},
+                    "seconds": 0.0,
+                }
+            )
     return out
 
 
@@ -577,13 +624,17 @@ def test_eval_without_running_stats_ghosts_the_group_batch(
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("single_value_per_channel",
-         "N=7 (2+2+2+1 in the processes of its group) with ghost_batch_size=2 forms ghost "
-         "batches of 3 of 2 and one of 1 sample(s), and one of them has a single value per "
-         "channel"),
-        ("group_smaller_than_g",
-         "got a training batch of N=4 samples (1+1+1+1 in the processes of its group), smaller "
-         "than ghost_batch_size=8"),
+        (
+            "single_value_per_channel",
+            "N=7 (2+2+2+1 in the processes of its group) with ghost_batch_size=2 forms ghost "
+            "batches of 3 of 2 and one of 1 sample(s), and one of them has a single value per "
+            "channel",
+        ),
+        (
+            "group_smaller_than_g",
+            "got a training batch of N=4 samples (1+1+1+1 in the processes of its group), smaller "
+            "than ghost_batch_size=8",
+        ),
     ],
 )
 def test_same_error_on_every_process_nothing_updated(
@@ -600,8 +651,9 @@ def test_a_process_failing_its_input_check_fails_the_group(
     results: dict[tuple[str, int], dict[str, Any]],
 ) -> None:
     _assert_ok(results, "one_process_fails_input_check")
-    errors = [results["one_process_fails_input_check", rank]["notes"]["error"]
-              for rank in range(WORLD)]
+    errors = [
+        results["one_process_fails_input_check", rank]["notes"]["error"] for rank in range(WORLD)
+    ]
     assert errors[2].startswith("InputDtypeError:"), errors[2]
     for rank in (0, 1, 3):
         assert "process(es) [2] of its process group" in errors[rank], errors[rank]
@@ -618,8 +670,9 @@ def test_report_gives_group_size_and_last_layout(
         "N=4 (2+2): 4 on ranks 0-1"
     )
     assert rows[0]["backend (last call)"] == "torch (process group)"
-    assert "backend='torch' normalizes one process's batch" in (
-        results["report", 0]["notes"]["backend_error"]
+    assert (
+        "backend='torch' normalizes one process's batch"
+        in (results["report", 0]["notes"]["backend_error"])
     )
 
 

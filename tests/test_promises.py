@@ -89,8 +89,14 @@ def test_eps_change_at_run_time_is_honoured(dtype: torch.dtype, kind: str, track
     y_old = gm.train()(x).detach()
     bn.eps = 0.5
     assert not torch.allclose(gm.train()(x), y_old, rtol=1e-3, atol=1e-3)
-    run_side_by_side(model, 4, [input_shape(kind, 12), input_shape(kind, 10)],
-                     [input_shape(kind, 3), input_shape(kind, 9)], dtype=dtype, transformed=gm)
+    run_side_by_side(
+        model,
+        4,
+        [input_shape(kind, 12), input_shape(kind, 10)],
+        [input_shape(kind, 3), input_shape(kind, 9)],
+        dtype=dtype,
+        transformed=gm,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +214,8 @@ def test_transform_of_a_graph_module_does_not_retrace(traces: list[type]) -> Non
     assert [n.meta.get("mine") for n in gm.graph.nodes if n.target == "2"] == ["kept"]
     assert sum(n.target is torch.mul for n in gm.graph.nodes) == 1
     assert any(n.target == "1" and n.op == "call_module" for n in traced.graph.nodes), (
-        "the caller's GraphModule was modified")
+        "the caller's GraphModule was modified"
+    )
     assert list(gm.state_dict()) == list(traced.state_dict())
     # traced shares model's layers, so the reference of the edited model is built from it.
     run_side_by_side(traced, 4, [(12, 3, 5, 3), (10, 3, 5, 3)], [(3, 3, 5, 3)], transformed=gm)

@@ -53,7 +53,9 @@ class Layer:
 
     def build(self) -> nn.Module:
         bn = self.cls(
-            self.channels, momentum=self.momentum, affine=self.affine,
+            self.channels,
+            momentum=self.momentum,
+            affine=self.affine,
             track_running_stats=self.track,
         )
         return init_bn(bn, self.dtype)
@@ -181,7 +183,8 @@ def test_matches_reference(run: tuple[Layer, int, list[int], int]) -> None:
     # Nothing is updated before the check: running statistics and num_batches_tracked.
     _assert_same_tensors(_state(model), before, "fxghost after the error")
     _assert_same_tensors(
-        {k.replace(".bn.", "."): v for k, v in _state(reference).items()}, before,
+        {k.replace(".bn.", "."): v for k, v in _state(reference).items()},
+        before,
         "reference after the error",
     )
 
@@ -193,7 +196,8 @@ def test_matches_reference(run: tuple[Layer, int, list[int], int]) -> None:
     n=st.integers(4, 12),
     bad=st.lists(
         st.tuples(st.integers(0, 10_000), st.sampled_from([math.nan, math.inf, -math.inf])),
-        min_size=1, max_size=3,
+        min_size=1,
+        max_size=3,
     ),
 )
 def test_nan_and_inf_propagate_as_in_the_reference(

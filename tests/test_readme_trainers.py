@@ -41,7 +41,8 @@ def blocks(language: str = "python") -> list[str]:
 def block(kind: str) -> str:
     """The python block of ``kind`` (a key of KINDS, or "plain" for the one importing none)."""
     found = [
-        b for b in blocks()
+        b
+        for b in blocks()
         if (kind == "plain" and not any(k in b for k in KINDS.values()))
         or (kind != "plain" and KINDS[kind] in b)
     ]
@@ -58,8 +59,12 @@ def run_block(kind: str, names: dict[str, Any]) -> dict[str, Any]:
 def net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     )
 
 

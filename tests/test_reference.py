@@ -31,8 +31,7 @@ KINDS = {
 # (training batch sizes, g): even; uneven (10 -> 4, 4, 2; 8 -> 3, 3, 2; 11 -> 3, 3, 3, 2);
 # N = g; g = 1; a short last chunk (9 -> 5, 4); a one-sample last chunk (7 -> 3, 3, 1), which
 # BatchNorm refuses on (N, C) inputs (one value per channel) and accepts with spatial dims.
-BATCHES = [((12, 8), 4), ((10, 8), 4), ((8, 11), 3), ((4, 5), 4), ((6,), 1), ((9,), 5),
-           ((7,), 3)]
+BATCHES = [((12, 8), 4), ((10, 8), 4), ((8, 11), 3), ((4, 5), 4), ((6,), 1), ((9,), 5), ((7,), 3)]
 
 
 def expected_step(
@@ -53,10 +52,18 @@ def expected_step(
             momentum = 1.0 / float(count) if bn.momentum is None else bn.momentum / requested
         else:
             momentum = 0.0  # no running statistics to update
-        outputs.append(F.batch_norm(
-            chunk, mean if training else None, var if training else None,
-            state["weight"], state["bias"], True, momentum, bn.eps,
-        ))
+        outputs.append(
+            F.batch_norm(
+                chunk,
+                mean if training else None,
+                var if training else None,
+                state["weight"],
+                state["bias"],
+                True,
+                momentum,
+                bn.eps,
+            )
+        )
     return torch.cat(outputs)
 
 
@@ -95,8 +102,9 @@ def _close(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> No
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize(("ns", "g"), BATCHES)
 @pytest.mark.parametrize("momentum", [0.1, 0.6, None])
-@pytest.mark.parametrize(("affine", "track"), [(True, True), (False, True), (True, False),
-                                               (False, False)])
+@pytest.mark.parametrize(
+    ("affine", "track"), [(True, True), (False, True), (True, False), (False, False)]
+)
 def test_reference_matches_a_per_chunk_loop(
     kind: str, ns: tuple[int, ...], g: int, momentum: float | None, affine: bool, track: bool
 ) -> None:
@@ -128,8 +136,11 @@ def test_reference_matches_a_per_chunk_loop(
         _close(x.grad, x_loop.grad, f"{what}: input grad")
         for name in ("weight", "bias"):
             param, mine = getattr(bn, name), state[name]
-            _close(None if param is None else param.grad, None if mine is None else mine.grad,
-                   f"{what}: grad of {name}")
+            _close(
+                None if param is None else param.grad,
+                None if mine is None else mine.grad,
+                f"{what}: grad of {name}",
+            )
             if param is not None:
                 param.grad = None
                 mine.grad = None  # type: ignore[union-attr]
@@ -144,8 +155,10 @@ def test_momentum_is_divided_by_the_number_of_ghost_batches() -> None:
     -> 0.9*0.29 + 0.1*4 = 0.661."""
     bn = nn.BatchNorm1d(1, momentum=0.3, affine=False).double()
     bn.running_mean.zero_()
-    x = torch.tensor([[1.0], [1.0], [1.0], [1.0], [2.0], [2.0], [2.0], [2.0],
-                      [4.0], [4.0], [4.0], [4.0]], dtype=torch.float64)
+    x = torch.tensor(
+        [[1.0], [1.0], [1.0], [1.0], [2.0], [2.0], [2.0], [2.0], [4.0], [4.0], [4.0], [4.0]],
+        dtype=torch.float64,
+    )
     ChunkedGhostBatchNorm(bn, 4).train()(x)
     assert float(bn.running_mean) == pytest.approx(0.661, abs=1e-12)
     # Every chunk is constant: unbiased variance 0, so running_var decays from 1 by 0.9 a chunk.
@@ -177,15 +190,36 @@ def test_cumulative_average_by_hand() -> None:
 
     y = ghost(col(1, 3, 2, 6))
     torch.testing.assert_close(
-        y, col(-1 / math.sqrt(1 + eps), 1 / math.sqrt(1 + eps),
-               -2 / math.sqrt(4 + eps), 2 / math.sqrt(4 + eps)), rtol=0, atol=1e-12)
+        y,
+        col(
+            -1 / math.sqrt(1 + eps),
+            1 / math.sqrt(1 + eps),
+            -2 / math.sqrt(4 + eps),
+            2 / math.sqrt(4 + eps),
+        ),
+        rtol=0,
+        atol=1e-12,
+    )
     assert (float(bn.running_mean), float(bn.running_var), int(bn.num_batches_tracked)) == (
-        pytest.approx(3.0, abs=1e-12), pytest.approx(5.0, abs=1e-12), 2)
+        pytest.approx(3.0, abs=1e-12),
+        pytest.approx(5.0, abs=1e-12),
+        2,
+    )
 
     y = ghost(col(0, 2, 10, 14, 5, 5))
     torch.testing.assert_close(
-        y, col(-1 / math.sqrt(1 + eps), 1 / math.sqrt(1 + eps),
-               -2 / math.sqrt(4 + eps), 2 / math.sqrt(4 + eps), 0, 0), rtol=0, atol=1e-12)
+        y,
+        col(
+            -1 / math.sqrt(1 + eps),
+            1 / math.sqrt(1 + eps),
+            -2 / math.sqrt(4 + eps),
+            2 / math.sqrt(4 + eps),
+            0,
+            0,
+        ),
+        rtol=0,
+        atol=1e-12,
+    )
     assert float(bn.running_mean) == pytest.approx(24 / 5, abs=1e-12)
     assert float(bn.running_var) == pytest.approx(4.0, abs=1e-12)
     assert int(bn.num_batches_tracked) == 5
@@ -199,13 +233,25 @@ def test_apply_wraps_every_batchnorm_and_only_those() -> None:
     class MyBN(nn.BatchNorm2d):
         pass
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), MyBN(4), nn.Flatten(),
-                          nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+        MyBN(4),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+        nn.BatchNorm1d(2),
+    )
     params = {id(p) for p in model.parameters()}
     keys = list(model.state_dict())
     wrapped = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 2)
     assert [type(m).__name__ for m in wrapped] == [
-        "Conv2d", "ChunkedGhostBatchNorm", "MyBN", "Flatten", "Linear", "ChunkedGhostBatchNorm"]
+        "Conv2d",
+        "ChunkedGhostBatchNorm",
+        "MyBN",
+        "Flatten",
+        "Linear",
+        "ChunkedGhostBatchNorm",
+    ]
     deeper = [f"{k[:2]}bn.{k[2:]}" if k[0] in "15" else k for k in keys]
     assert list(wrapped.state_dict()) == deeper
     same = apply_chunked_ghost_batchnorm(model, 2)

@@ -48,11 +48,30 @@ LEAF_FAMILIES = [
 
 # More architectures for the whole-suite run (FXGHOST_ALL_MODELS=1): with the lists above, 44.
 MORE = [
-    "resnet18d", "seresnext26d_32x4d", "resnest14d", "res2net50_14w_8s", "gernet_s",
-    "repvgg_a0", "mobileone_s0", "fastvit_t8", "mobilenetv2_050", "efficientnet_lite0",
-    "ghostnetv2_100", "repghostnet_050", "hgnetv2_b0", "selecsls42b", "hrnet_w18_small",
-    "lcnet_050", "dpn68", "tf_efficientnet_b0", "spnasnet_100", "fbnetc_100",
-    "hardcorenas_a", "semnasnet_050", "cspdarknet53", "mobilenetv4_conv_small",
+    "resnet18d",
+    "seresnext26d_32x4d",
+    "resnest14d",
+    "res2net50_14w_8s",
+    "gernet_s",
+    "repvgg_a0",
+    "mobileone_s0",
+    "fastvit_t8",
+    "mobilenetv2_050",
+    "efficientnet_lite0",
+    "ghostnetv2_100",
+    "repghostnet_050",
+    "hgnetv2_b0",
+    "selecsls42b",
+    "hrnet_w18_small",
+    "lcnet_050",
+    "dpn68",
+    "tf_efficientnet_b0",
+    "spnasnet_100",
+    "fbnetc_100",
+    "hardcorenas_a",
+    "semnasnet_050",
+    "cspdarknet53",
+    "mobilenetv4_conv_small",
 ]
 
 ALL_MODELS = os.environ.get("FXGHOST_ALL_MODELS") == "1"
@@ -84,9 +103,7 @@ def test_timm_model_matches_reference(name: str) -> None:
         gm = fxghost.transform(model, g, strict=True)
     rep = fxghost.report(gm)
     kinds = {r.kind for r in rep.rewritten}
-    bn_like = [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-    ]
+    bn_like = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(rep.rewritten) == len(bn_like), rep.table()
     if name == "convnext_atto":
         assert rep.rewritten == []

@@ -95,14 +95,28 @@ def torchrun() -> list[str]:
 @pytest.mark.slow
 def test_torchrun_matches_per_shard_reference(tmp_path: Path) -> None:
     args = [
-        "--steps", "2", "--batch-size", "10", "--ghost-batch-size", "5", "--image-size", "16",
-        "--dtype", "float64", "--out", str(tmp_path),
+        "--steps",
+        "2",
+        "--batch-size",
+        "10",
+        "--ghost-batch-size",
+        "5",
+        "--image-size",
+        "16",
+        "--dtype",
+        "float64",
+        "--out",
+        str(tmp_path),
     ]
     _, *readme_args = README_COMMAND.split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*torchrun(), *readme_args, *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "20 layer(s) rewritten with ghost_batch_size=5" in proc.stdout, proc.stdout
@@ -111,9 +125,7 @@ def test_torchrun_matches_per_shard_reference(tmp_path: Path) -> None:
     script = _script()
     ns = script.parse_args(["--device", "cpu", *args])
     model = script.make_model(ns.seed).double()
-    steps = [
-        [(x.double(), y) for x, y in per_rank] for per_rank in script.shards(ns, WORLD)
-    ]
+    steps = [[(x.double(), y) for x, y in per_rank] for per_rank in script.shards(ns, WORLD)]
     replicas = simulate_ddp(
         model, ns.ghost_batch_size, steps, lambda m: script.make_optimizer(m, ns.lr)
     )

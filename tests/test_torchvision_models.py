@@ -80,10 +80,13 @@ _VIDEO = (3, 4, 32, 32)
 CASES: list[Case] = [
     # classification
     *[Case(f"resnet{d}", default=d == 18, steps=2 if d == 18 else 1) for d in (18, 34, 50)],
-    Case("resnet101", tol=DEEP_TOL), Case("resnet152", tol=DEEP_TOL),
+    Case("resnet101", tol=DEEP_TOL),
+    Case("resnet152", tol=DEEP_TOL),
     Case("resnext50_32x4d"),
-    Case("resnext101_32x8d", tol=DEEP_TOL), Case("resnext101_64x4d", tol=DEEP_TOL),
-    Case("wide_resnet50_2"), Case("wide_resnet101_2", tol=DEEP_TOL),
+    Case("resnext101_32x8d", tol=DEEP_TOL),
+    Case("resnext101_64x4d", tol=DEEP_TOL),
+    Case("wide_resnet50_2"),
+    Case("wide_resnet101_2", tol=DEEP_TOL),
     *[Case(f"densenet{d}", default=d == 121) for d in (121, 161, 169, 201)],
     *[Case(f"efficientnet_b{i}", default=i == 0) for i in range(8)],
     *[Case(f"efficientnet_v2_{s}") for s in "sml"],
@@ -148,12 +151,19 @@ UNTRACEABLE: dict[str, str] = {
 # No nn.BatchNorm1d/2d/3d at all (LayerNorm, InstanceNorm, or no normalization).
 NO_BATCHNORM: frozenset[str] = frozenset(
     {
-        "alexnet", "squeezenet1_0", "squeezenet1_1",
+        "alexnet",
+        "squeezenet1_0",
+        "squeezenet1_1",
         *[f"convnext_{s}" for s in ("tiny", "small", "base", "large")],
-        *[f"swin_{s}" for s in ("t", "s", "b")], *[f"swin_v2_{s}" for s in ("t", "s", "b")],
+        *[f"swin_{s}" for s in ("t", "s", "b")],
+        *[f"swin_v2_{s}" for s in ("t", "s", "b")],
         *[f"vgg{d}" for d in (11, 13, 16, 19)],
         *[f"vit_{s}" for s in ("b_16", "b_32", "l_16", "l_32", "h_14")],
-        "mvit_v1_b", "mvit_v2_s", "swin3d_t", "swin3d_s", "swin3d_b",
+        "mvit_v1_b",
+        "mvit_v2_s",
+        "swin3d_t",
+        "swin3d_s",
+        "swin3d_b",
         "raft_small",  # InstanceNorm2d / no norm only
         "ssd300_vgg16",
     }

@@ -50,22 +50,32 @@ CONFIGS: dict[str, Callable[[], tuple[object, type]]] = {
     ),
     "efficientnet": lambda: (
         T.EfficientNetConfig(
-            width_coefficient=0.1, depth_coefficient=0.1, num_labels=3, image_size=32,
+            width_coefficient=0.1,
+            depth_coefficient=0.1,
+            num_labels=3,
+            image_size=32,
             hidden_dim=128,
         ),
         T.EfficientNetForImageClassification,
     ),
     "mobilevit": lambda: (
         T.MobileViTConfig(
-            image_size=32, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64],
-            num_labels=3, num_attention_heads=2,
+            image_size=32,
+            hidden_sizes=[16, 16, 16],
+            neck_hidden_sizes=[8, 8, 16, 16, 16, 32, 64],
+            num_labels=3,
+            num_attention_heads=2,
         ),
         T.MobileViTForImageClassification,
     ),
     "levit": lambda: (
         T.LevitConfig(
-            image_size=32, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 1, 1],
-            depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=3,
+            image_size=32,
+            hidden_sizes=[16, 24, 32],
+            num_attention_heads=[1, 1, 1],
+            depths=[1, 1, 1],
+            key_dim=[8, 8, 8],
+            num_labels=3,
         ),
         T.LevitForImageClassification,
     ),

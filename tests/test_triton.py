@@ -136,7 +136,6 @@ def test_direct_launch_reuses_what_the_dispatch_compiled(monkeypatch: pytest.Mon
     assert run(x)[0] == "jit"
 
 
-
 # --------------------------------------------------------------------------------------------
 # Interpreted checks (collected only by the subprocess above)
 # --------------------------------------------------------------------------------------------
@@ -210,10 +209,18 @@ def _check_all(xg: Tensor, weight: Tensor | None) -> None:
     _close(scale_k, scale_ref, STATS_TOL, "scale")
     _close(shift_k, shift_ref, (1e-5, 1e-4), "shift")
     ema64 = ema.double()[:, None]
-    _close(update.running_mean, 0.75 * r_mean.double() + (ema64 * mean_ref).sum(0), STATS_TOL,
-           "running_mean")
-    _close(update.running_var, 0.75 * r_var.double() + 1.25 * (ema64 * var_ref).sum(0),
-           STATS_TOL, "running_var")
+    _close(
+        update.running_mean,
+        0.75 * r_mean.double() + (ema64 * mean_ref).sum(0),
+        STATS_TOL,
+        "running_mean",
+    )
+    _close(
+        update.running_var,
+        0.75 * r_var.double() + 1.25 * (ema64 * var_ref).sum(0),
+        STATS_TOL,
+        "running_var",
+    )
     assert nbt.item() == 7 + G, "num_batches_tracked"
 
     # Backward against the float64 statistics, so only the kernels' own rounding is measured.

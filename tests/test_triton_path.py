@@ -29,8 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pass_through_interpreted_triton() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
-           "-p", "no:cacheprovider", "-o", "python_functions=check_*"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).resolve()),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "python_functions=check_*",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
@@ -65,8 +74,13 @@ def check_matches_reference(
         bn = make_bn(kind, dtype=param_dtype, momentum=momentum)
         model = nn.Sequential(bn, nn.ReLU(inplace=True))
         run_side_by_side(
-            model, 4, [input_shape(kind, n) for n in ns], [input_shape(kind, 3)],
-            dtype=dtype, channels_last=channels_last, backend="triton",
+            model,
+            4,
+            [input_shape(kind, n) for n in ns],
+            [input_shape(kind, 3)],
+            dtype=dtype,
+            channels_last=channels_last,
+            backend="triton",
         )
 
 
@@ -76,8 +90,10 @@ def check_affine_false() -> None:
     run_side_by_side(model, 3, [input_shape("2d", 9)], dtype=torch.float32, backend="triton")
 
 
-@pytest.mark.parametrize(("kind", "channels_last", "dtype"), [("2d", True, torch.bfloat16),
-                                                             ("1d_NC", False, torch.float32)])
+@pytest.mark.parametrize(
+    ("kind", "channels_last", "dtype"),
+    [("2d", True, torch.bfloat16), ("1d_NC", False, torch.float32)],
+)
 def check_compiled_kernels_match_reference(
     kind: str, channels_last: bool, dtype: torch.dtype
 ) -> None:
@@ -91,8 +107,14 @@ def check_compiled_kernels_match_reference(
     backend = AotEagerAndRecordGraphs()
     gm = fxghost.transform(model.to(DEVICE), 4, backend="triton")
     compiled = torch.compile(gm, fullgraph=True, backend=backend)
-    run_side_by_side(model, 4, [input_shape(kind, 12), input_shape(kind, 9)],
-                     dtype=dtype, channels_last=channels_last, transformed=compiled)
+    run_side_by_side(
+        model,
+        4,
+        [input_shape(kind, 12), input_shape(kind, 9)],
+        dtype=dtype,
+        channels_last=channels_last,
+        transformed=compiled,
+    )
     forward = "\n".join(g.code for g in backend.fw_graphs)
     backward = "\n".join(g.code for g in backend.bw_graphs)
     assert "fxghost.triton_ghost_norm.default" in forward
@@ -103,12 +125,16 @@ def check_compiled_kernels_match_reference(
 def check_triton_custom_ops_opcheck() -> None:
     """Schemas, fake implementations and autograd registration of the Triton custom ops."""
     _require_triton_path()
-    xg = torch.randn(6, 4, 5, 3, device=DEVICE).contiguous(
-        memory_format=torch.channels_last).view(2, 3, 4, 5, 3)
+    xg = (
+        torch.randn(6, 4, 5, 3, device=DEVICE)
+        .contiguous(memory_format=torch.channels_last)
+        .view(2, 3, 4, 5, 3)
+    )
     w = torch.rand(4, device=DEVICE) + 0.5
     b = torch.randn(4, device=DEVICE)
     torch.library.opcheck(torch.ops.fxghost.triton_ghost_norm.default, (xg, w, b, 1e-5))
     y, mean, var, rstd = torch.ops.fxghost.triton_ghost_norm(xg, w, b, 1e-5)
     dy = torch.randn(xg.shape, device=DEVICE)
-    torch.library.opcheck(torch.ops.fxghost.triton_ghost_norm_backward.default,
-                          (dy, xg, w, mean, rstd))
+    torch.library.opcheck(
+        torch.ops.fxghost.triton_ghost_norm_backward.default, (dy, xg, w, mean, rstd)
+    )

@@ -51,8 +51,9 @@ class Case(NamedTuple):
 
 # The "auto" choice: the first row that matches. ``None`` matches anything.
 # mode         device  dtypes          dense  spatial  backend
-_TABLE: tuple[tuple[str | None, str | None, frozenset[torch.dtype] | None, bool | None,
-                    bool | None, str], ...] = (
+_TABLE: tuple[
+    tuple[str | None, str | None, frozenset[torch.dtype] | None, bool | None, bool | None, str], ...
+] = (
     # torch.export: plain aten ops only, so that exported programs load without fxghost.
     ("exporting", None, None, None, None, "torch"),
     # Under torch.compile inductor fuses the decomposition with the convolution's output and the

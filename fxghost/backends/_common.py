@@ -65,12 +65,18 @@ class Backend:
     ) -> None:
         """:func:`fxghost._math.update_running_stats`."""
         _math.update_running_stats(
-            running_mean, running_var, num_batches_tracked, momentum, requested, groups,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            requested,
+            groups,
             compiling=False,
         )
 
     def __repr__(self) -> str:
         return f"<fxghost backend {self.label}>"
+
 
 # (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
 # a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
@@ -197,8 +203,9 @@ _BACKWARD_SCHEMA = (
 def _norm_fake(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, ...]:
-    stats = [xg.new_empty((xg.shape[0], xg.shape[2]), dtype=_math.stat_dtype(xg.dtype))
-             for _ in range(3)]
+    stats = [
+        xg.new_empty((xg.shape[0], xg.shape[2]), dtype=_math.stat_dtype(xg.dtype)) for _ in range(3)
+    ]
     return (torch.empty_like(xg.flatten(0, 1)), *stats)
 
 
@@ -206,8 +213,10 @@ def _norm_backward_fake(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = _math.stat_dtype(xg.dtype)
-    return torch.empty_like(xg), xg.new_empty(xg.shape[2], dtype=dtype), xg.new_empty(
-        xg.shape[2], dtype=dtype
+    return (
+        torch.empty_like(xg),
+        xg.new_empty(xg.shape[2], dtype=dtype),
+        xg.new_empty(xg.shape[2], dtype=dtype),
     )
 
 
@@ -228,12 +237,18 @@ def register_norm_ops(
     implementations and autograd: what torch.compile sees of a backend's kernels, opaque to
     inductor. Returns the norm function over the forward op, with :data:`NormFn`'s outputs."""
     fwd = torch.library.custom_op(
-        f"fxghost::{name}", forward, mutates_args=(), device_types=device_types,
+        f"fxghost::{name}",
+        forward,
+        mutates_args=(),
+        device_types=device_types,
         schema=_NORM_SCHEMA,
     )
     fwd.register_fake(_norm_fake)
     bwd = torch.library.custom_op(
-        f"fxghost::{name}_backward", backward, mutates_args=(), device_types=device_types,
+        f"fxghost::{name}_backward",
+        backward,
+        mutates_args=(),
+        device_types=device_types,
         schema=_BACKWARD_SCHEMA,
     )
     bwd.register_fake(_norm_backward_fake)
@@ -245,8 +260,10 @@ def register_norm_ops(
         # create_graph=True: reached when dynamo runs the op without AOT autograd (whose traced
         # backward has grad mode off; AOT autograd refuses double backward).
         if torch.is_grad_enabled():
-            return (*_math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad),
-                    None)
+            return (
+                *_math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad),
+                None,
+            )
         grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
         grad_w, grad_b = param_grads(ctx, weight, dweight, dbias)
         return grad_x, grad_w, grad_b, None

@@ -180,8 +180,13 @@ def _library_path() -> Path | None:
     std = ["-O3", "-std=c99", "-fno-math-errno"]
     flag_sets = [[*std, "-march=native", "-fopenmp"], [*std, "-fopenmp"], std]
     return build(
-        "cpu_kernels", [_SOURCE], ("CC", ("cc", "gcc", "clang")), flag_sets, ["-lm"],
-        what="the CPU kernels", fallback="torch ops (slower); install a C compiler (cc) for them",
+        "cpu_kernels",
+        [_SOURCE],
+        ("CC", ("cc", "gcc", "clang")),
+        flag_sets,
+        ["-lm"],
+        what="the CPU kernels",
+        fallback="torch ops (slower); install a C compiler (cc) for them",
     )
 
 
@@ -223,7 +228,6 @@ def _threads(numel: int) -> int:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
 
 
 def _run(
@@ -276,6 +280,7 @@ def _loaded() -> _Kernels:
         raise RuntimeError("fxghost: the CPU kernels are not available")
     return kernels
 
+
 @functools.cache
 def _op_library_path() -> Path | None:
     """The C++ op's shared object, built if needed; ``None`` when unavailable."""
@@ -302,7 +307,11 @@ def _op_library_path() -> Path | None:
     ]
     link = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu"]
     return build(
-        "cpu_autograd", _OP_SOURCES, ("CXX", ("c++", "g++", "clang++")), flag_sets, link,
+        "cpu_autograd",
+        _OP_SOURCES,
+        ("CXX", ("c++", "g++", "clang++")),
+        flag_sets,
+        link,
         key=[torch.__version__, str(torch_dir)],
         what="the CPU kernels' C++ autograd op",
         fallback="the same kernels through ctypes (a few microseconds more per layer call)",
@@ -360,19 +369,29 @@ class _CpuKernelGhostNorm(FusedGhostNorm):
 
 
 def _cpu_forward(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
     dims: tuple[int, int, int, int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` from the C kernels: ``y`` sample-first, the statistics
     ``(G, C)``."""
     out = torch.empty_like(xg.flatten(0, 1))  # a dense input's strides: laid out as xg
-    mean, var, rstd = _kernel_forward(xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims)
+    mean, var, rstd = _kernel_forward(
+        xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims
+    )
     return out, mean, var, rstd
 
 
 def _cpu_backward(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    input_grad: bool, dims: tuple[int, int, int, int],
+    dy: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    input_grad: bool,
+    dims: tuple[int, int, int, int],
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
         dy = torch.empty_like(xg).copy_(dy)
@@ -434,8 +453,14 @@ _custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op
 
 
 def _accumulate(
-    mean: Tensor, var: Tensor, weights: Tensor, start: int, beta: float, unbias: float,
-    running_mean: Tensor, running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weights: Tensor,
+    start: int,
+    beta: float,
+    unbias: float,
+    running_mean: Tensor,
+    running_var: Tensor,
 ) -> bool:
     """:data:`fxghost._math.Accumulate` in one C call, where every tensor is a dense CPU tensor
     of one float dtype (``mean`` and ``var`` hold contiguous ``(G, C)`` values)."""
@@ -451,8 +476,14 @@ def _accumulate(
     channels = running_mean.numel()
     _check(
         kernels.running[dtype](
-            mean.data_ptr(), var.data_ptr(), weights.data_ptr() + start * weights.element_size(),
-            mean.numel() // channels, channels, beta, unbias, running_mean.data_ptr(),
+            mean.data_ptr(),
+            var.data_ptr(),
+            weights.data_ptr() + start * weights.element_size(),
+            mean.numel() // channels,
+            channels,
+            beta,
+            unbias,
+            running_mean.data_ptr(),
             running_var.data_ptr(),
         )
     )
@@ -501,8 +532,17 @@ class _Eager(Backend):
             momentum, requested, xg.shape[0], xg.dtype, xg.device
         )
         out = ops.eager_cpu_ghost_norm_update.default(
-            xg, layer.weight, layer.bias, layer.eps, running_mean, running_var,
-            layer.num_batches_tracked, weights, decay, _math.bessel(per_channel), d,
+            xg,
+            layer.weight,
+            layer.bias,
+            layer.eps,
+            running_mean,
+            running_var,
+            layer.num_batches_tracked,
+            weights,
+            decay,
+            _math.bessel(per_channel),
+            d,
         )
         return out[0]  # type: ignore[no-any-return]
 
@@ -516,8 +556,14 @@ class _Eager(Backend):
         groups: Sequence[tuple[Tensor, Tensor, int]],
     ) -> None:
         _math.update_running_stats(
-            running_mean, running_var, num_batches_tracked, momentum, requested, groups,
-            compiling=False, accumulate=_accumulate,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            requested,
+            groups,
+            compiling=False,
+            accumulate=_accumulate,
         )
 
 

@@ -62,8 +62,6 @@ class _Layout:
         return v.view(1, 1, -1) if self.rows else v.view(1, 1, -1, 1)
 
 
-
-
 class _TorchOpsGhostNorm(FusedGhostNorm):
     """Ghost normalization in a few large torch ops; any device, float32/float64.
 
@@ -102,8 +100,13 @@ class _TorchOpsGhostNorm(FusedGhostNorm):
 
 
 def _torch_ops_backward(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    input_grad: bool, count: int,
+    dy: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    input_grad: bool,
+    count: int,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     layout = _Layout(xg)
     x, g = layout.canon(xg), layout.canon(dy)
@@ -127,8 +130,6 @@ def _torch_ops_norm(
     return _TorchOpsGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
 
 
-
-
 def ghost_norm_decomposed(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,8 +144,6 @@ def ghost_norm_decomposed(
     var, mean = torch.var_mean(xs, dim=_math.reduce_dims(xg.dim()), correction=0, keepdim=True)
     _, scale, shift = _math.affine_coefficients(mean, var, weight, bias, eps)
     return _math.normalized(xs, scale, shift).to(xg.dtype), mean, var
-
-
 
 
 class _CompiledGhostNorm(torch.autograd.Function):
@@ -166,7 +165,11 @@ class _CompiledGhostNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
         rstd: Tensor,
     ) -> Tensor:
         scale, shift = _math.scale_shift(mean, rstd, weight, bias)
@@ -182,11 +185,17 @@ class _CompiledGhostNorm(torch.autograd.Function):
             # eps is not an input (see ghost_norm_compiled): recovered, up to rounding, from
             # rstd = 1 / sqrt(var + eps).
             var = torch.var(
-                _math.cast(xg.detach(), mean.dtype), dim=_math.reduce_dims(xg.dim()), correction=0,
+                _math.cast(xg.detach(), mean.dtype),
+                dim=_math.reduce_dims(xg.dim()),
+                correction=0,
                 keepdim=True,
             )
             eps = rstd.pow(-2) - var
-            return (*_math.differentiable_backward(dy, xg, weight, eps, ctx.needs_input_grad), None, None)
+            return (
+                *_math.differentiable_backward(dy, xg, weight, eps, ctx.needs_input_grad),
+                None,
+                None,
+            )
         dims = _math.reduce_dims(xg.dim())
         g = dy.view(xg.shape).to(mean.dtype)  # sample-first to grouped: a view
         xhat = (xg.to(mean.dtype) - mean) * rstd
@@ -207,8 +216,6 @@ class _CompiledGhostNorm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-
-
 def ghost_norm_compiled(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,14 +224,15 @@ def ghost_norm_compiled(
     # out of the Function (dynamo can make it a SymFloat, which a second Function in the same
     # graph then fails to capture).
     var, mean = torch.var_mean(
-        xg.to(_math.stat_dtype(xg.dtype)), dim=_math.reduce_dims(xg.dim()), correction=0, keepdim=True
+        xg.to(_math.stat_dtype(xg.dtype)),
+        dim=_math.reduce_dims(xg.dim()),
+        correction=0,
+        keepdim=True,
     )
     mean, var = mean.detach(), var.detach()
     rstd = torch.rsqrt(var + eps)
     y = _CompiledGhostNorm.apply(xg, weight, bias, mean, rstd)
     return y, mean, var
-
-
 
 
 _lib = torch.library.Library("fxghost", "FRAGMENT")
@@ -254,8 +262,13 @@ def _update_impl(
     # torch.compiler.is_compiling() is False in torch 2.11 (True in 2.14), and the eager path's
     # C kernels and weight cache must not see fake tensors.
     _math.update_running_stats(
-        running_mean, running_var, num_batches_tracked, momentum, requested,
-        list(zip(means, variances, counts, strict=True)), compiling=True,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        requested,
+        list(zip(means, variances, counts, strict=True)),
+        compiling=True,
     )
 
 
@@ -288,8 +301,14 @@ def _composite_update(
 ) -> None:
     """:func:`fxghost._math.update_running_stats`, as one node in dynamo's graph."""
     torch.ops.fxghost.update_running_stats(
-        running_mean, running_var, num_batches_tracked, momentum, requested,
-        [m for m, _, _ in groups], [v for _, v, _ in groups], [n for _, _, n in groups],
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        requested,
+        [m for m, _, _ in groups],
+        [v for _, v, _ in groups],
+        [n for _, _, n in groups],
     )
 
 
@@ -339,7 +358,12 @@ class _Exporting(Backend):
         groups: Sequence[tuple[Tensor, Tensor, int]],
     ) -> None:
         _math.update_running_stats(
-            running_mean, running_var, num_batches_tracked, momentum, requested, groups,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            requested,
+            groups,
             compiling=True,
         )
 

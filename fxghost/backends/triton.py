@@ -186,8 +186,17 @@ def _partials_tile(
 
 @_jit
 def _merge_partials(
-    part_ptr, g, gmask, ch, cmask, G, C, SPLIT,
-    BG: tl.constexpr, BS: tl.constexpr, BCH: tl.constexpr,
+    part_ptr,
+    g,
+    gmask,
+    ch,
+    cmask,
+    G,
+    C,
+    SPLIT,
+    BG: tl.constexpr,
+    BS: tl.constexpr,
+    BCH: tl.constexpr,
 ):  # pragma: no cover - traced by triton
     """Chan's merge of the ``(3, G, SPLIT, C)`` partials of groups ``g`` ([BG]) and channels
     ``ch`` ([BCH]): ``(count, mean, M2)``, each [BG, BCH]."""
@@ -599,8 +608,8 @@ def _launch_for(
         or geometry is None
     ):
         raise ValueError(
-            f"fxghost triton backend: unsupported grouped view: shape {tuple(shape)}, strides {stride}, "
-            f"dtype {dtype}, {'CPU' if device_index < 0 else 'CUDA'} device"
+            f"fxghost triton backend: unsupported grouped view: shape {tuple(shape)}, "
+            f"strides {stride}, dtype {dtype}, {'CPU' if device_index < 0 else 'CUDA'} device"
         )
     A, B = geometry
     G, C = shape[0], shape[2]
@@ -689,7 +698,7 @@ def _run(
                 return
             compiled = kernel[grid](*args, **dict(consts), num_warps=num_warps)
             if (
-                tuple(kernel.arg_names[len(args):]) == tuple(n for n, _ in consts)
+                tuple(kernel.arg_names[len(args) :]) == tuple(n for n, _ in consts)
                 and not any(isinstance(a, Tensor) for a in args[pointers:])
                 and hasattr(compiled, "__getitem__")
             ):
@@ -791,7 +800,9 @@ def forward_stats(
     b = _f32(bias) if bias is not None else (torch.zeros_like(w) if affine else mean)
     if update is not None:
         if update.weights.numel() != G:
-            raise ValueError(f"fxghost triton backend: {update.weights.numel()} EMA weights, {G} groups")
+            raise ValueError(
+                f"fxghost triton backend: {update.weights.numel()} EMA weights, {G} groups"
+            )
         ema, rmean, rvar = update.weights, update.running_mean, update.running_var
         nbt, decay, bessel = update.num_batches_tracked, update.decay, update.bessel
     else:
@@ -800,16 +811,38 @@ def forward_stats(
     with _device_guard(xg):
         stream = _stream(lp)
         _run(
-            lp, _stats_partial_kernel, lp.reduce_grid, stream, (xg, partials, *lp.reduce_args),
-            lp.reduce_blocks, _CONFIG.reduce_warps,
+            lp,
+            _stats_partial_kernel,
+            lp.reduce_grid,
+            stream,
+            (xg, partials, *lp.reduce_args),
+            lp.reduce_blocks,
+            _CONFIG.reduce_warps,
         )
         _run(
             lp,
             _stats_finish_kernel,
             lp.finish_grid,
             stream,
-            (partials, mean, var, rstd, coef, w, b, ema, rmean, rvar, nbt, G, C, lp.split, eps,
-             decay, bessel),
+            (
+                partials,
+                mean,
+                var,
+                rstd,
+                coef,
+                w,
+                b,
+                ema,
+                rmean,
+                rvar,
+                nbt,
+                G,
+                C,
+                lp.split,
+                eps,
+                decay,
+                bessel,
+            ),
             (("HAS_AFFINE", affine), ("UPDATE", update is not None), *lp.finish_blocks),
             4,
         )
@@ -832,8 +865,12 @@ def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = Non
         raise ValueError("fxghost: normalize needs an output laid out as its input")
     with _device_guard(xg):
         _run(
-            lp, _normalize_kernel, lp.apply_grid, _stream(lp),
-            (xg, y, _f32(scale), _f32(shift), *lp.apply_args), lp.apply_blocks,
+            lp,
+            _normalize_kernel,
+            lp.apply_grid,
+            _stream(lp),
+            (xg, y, _f32(scale), _f32(shift), *lp.apply_args),
+            lp.apply_blocks,
             _CONFIG.apply_warps,
         )
     return y
@@ -858,13 +895,22 @@ def backward_sums(
     with _device_guard(xg):
         stream = _stream(lp)
         _run(
-            lp, _backward_reduce_kernel, lp.reduce_grid, stream,
-            (dy, xg, _f32(mean), _f32(rstd), partials, G, *lp.reduce_args), lp.reduce_blocks,
+            lp,
+            _backward_reduce_kernel,
+            lp.reduce_grid,
+            stream,
+            (dy, xg, _f32(mean), _f32(rstd), partials, G, *lp.reduce_args),
+            lp.reduce_blocks,
             _CONFIG.reduce_warps,
         )
         _run(
-            lp, _backward_finish_kernel, lp.finish_grid, stream,
-            (partials, sums, dbias, dweight, G, C, lp.split), lp.finish_blocks, 4,
+            lp,
+            _backward_finish_kernel,
+            lp.finish_grid,
+            stream,
+            (partials, sums, dbias, dweight, G, C, lp.split),
+            lp.finish_blocks,
+            4,
         )
     return sums[0], sums[1], dbias, dweight
 
@@ -902,8 +948,18 @@ def backward_apply(
             lp.apply_grid,
             _stream(lp),
             # w is never read without a weight: any float32 pointer will do
-            (dy, xg, dx, mean, _f32(rstd), w, _f32(sum_dy), _f32(sum_dy_xhat), 1.0 / count,
-             *lp.apply_args),
+            (
+                dy,
+                xg,
+                dx,
+                mean,
+                _f32(rstd),
+                w,
+                _f32(sum_dy),
+                _f32(sum_dy_xhat),
+                1.0 / count,
+                *lp.apply_args,
+            ),
             (("HAS_WEIGHT", weight is not None), *lp.apply_blocks),
             _CONFIG.apply_warps,
         )
@@ -949,8 +1005,13 @@ def _triton_forward(
 
 
 def _triton_backward(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-    input_grad: bool, count: int,
+    dy: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    input_grad: bool,
+    count: int,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     sum_dy, sum_dy_xhat, dbias, dweight = backward_sums(dy, xg, mean, rstd)
     grad_x = (
@@ -993,8 +1054,6 @@ def _triton_op_backward(
 _custom_op_norm = register_norm_ops(
     "triton_ghost_norm", ("cuda", "cpu"), _triton_op_forward, _triton_op_backward
 )
-
-
 
 
 class _Eager(Backend):

@@ -44,8 +44,14 @@ def make_net() -> nn.Module:
     """Conv and BatchNorm2d, then Linear and BatchNorm1d; float64, non-trivial BatchNorm state."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 5 * 5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
     ).double()
     with torch.no_grad():
         for m in net.modules():
@@ -136,10 +142,15 @@ def test_trains_like_reference_and_checkpoints_load_plain(tmp_path: Path) -> Non
     assert saved["algorithms"][0][0] == "FxGhostBatchNorm"
     fresh = classifier(make_net())
     resumed = Trainer(
-        model=fresh, load_path=str(checkpoint), device="cpu",
+        model=fresh,
+        load_path=str(checkpoint),
+        device="cpu",
         train_dataloader=DataLoader(data(STEPS * BATCH), batch_size=BATCH),
-        max_duration=f"{STEPS + 1}ba", optimizers=torch.optim.SGD(fresh.parameters(), lr=LR),
-        progress_bar=False, log_to_console=False, loggers=[],
+        max_duration=f"{STEPS + 1}ba",
+        optimizers=torch.optim.SGD(fresh.parameters(), lr=LR),
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
     )
     assert resumed.state.algorithms == [] and isinstance(fresh.module[1], nn.BatchNorm2d)
     assert int(resumed.state.timestamp.batch) == STEPS
@@ -157,7 +168,7 @@ def test_side_by_side_with_composers_own_algorithm(caplog: pytest.LogCaptureFixt
     renamed = {k.replace(".batchnorm.", "."): v for k, v in theirs.state_dict().items()}
     assert sorted(renamed) == sorted(ours.state_dict()) != sorted(theirs.state_dict())
     theirs_plain = make_net()
-    theirs_plain.load_state_dict({k[len("module."):]: v for k, v in renamed.items()})
+    theirs_plain.load_state_dict({k[len("module.") :]: v for k, v in renamed.items()})
     for p, q in zip(theirs_plain.parameters(), theirs.parameters(), strict=True):
         p.grad = q.grad
     assert_state_scaled(ours.module, theirs_plain, "fxghost against Composer's algorithm", REL)
