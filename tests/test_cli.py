@@ -10,6 +10,8 @@ from torch import nn
 
 from fxghost._cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -17,6 +17,8 @@ from fxghost.backends import cpu, torch_ops
 from fxghost.backends._common import NormFn
 from fxghost.backends._layout import dims
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 needs_kernels = pytest.mark.skipif(
     not cpu.available(), reason="no C compiler: the CPU kernels are not built here"
 )

@@ -16,6 +16,8 @@ import fxghost
 from fxghost import ops
 from fxghost.reference import ChunkedGhostBatchNorm, apply_chunked_ghost_batchnorm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Net(nn.Module):
     def __init__(self) -> None:

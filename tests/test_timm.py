@@ -15,6 +15,8 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 
 timm = pytest.importorskip("timm")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODEL_TOL = {"rtol": 1e-7, "atol": 1e-9}
 
 # One small member per family; convnext has no BatchNorm (nothing to rewrite).
