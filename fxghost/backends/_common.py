@@ -54,6 +54,11 @@ class Backend:
         :meth:`update_running_stats`)."""
         return None
 
+    #: What :meth:`update_running_stats` passes to :func:`fxghost._math.update_running_stats`:
+    #: whether it runs under a trace, and a family's kernel for the weighted sums.
+    traced_update = False
+    accumulate: _math.Accumulate | None = None
+
     def update_running_stats(
         self,
         running_mean: Tensor,
@@ -71,7 +76,8 @@ class Backend:
             momentum,
             requested,
             groups,
-            compiling=False,
+            compiling=self.traced_update,
+            accumulate=self.accumulate,
         )
 
     def __repr__(self) -> str:

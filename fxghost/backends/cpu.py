@@ -492,6 +492,7 @@ def _accumulate(
 
 class _Eager(Backend):
     name = "cpu"
+    accumulate = staticmethod(_accumulate)
 
     @property
     def label(self) -> str:  # type: ignore[override]
@@ -546,39 +547,6 @@ class _Eager(Backend):
         )
         return out[0]  # type: ignore[no-any-return]
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor,
-        running_var: Tensor,
-        num_batches_tracked: Tensor | None,
-        momentum: float | None,
-        requested: int,
-        groups: Sequence[tuple[Tensor, Tensor, int]],
-    ) -> None:
-        _math.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum,
-            requested,
-            groups,
-            compiling=False,
-            accumulate=_accumulate,
-        )
-
-
-class _Compiled(Backend):
-    name = "cpu"
-    label = "cpu (custom op, compiled)"
-
-    def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _custom_op_norm(xg, weight, bias, eps)
-
-    def update_running_stats(self, *args: Any) -> None:
-        torch_ops.COMPILED.update_running_stats(*args)
-
 
 EAGER: Backend = _Eager()
-COMPILED: Backend = _Compiled()
+COMPILED: Backend = torch_ops.CustomOpCompiled("cpu", "cpu (custom op, compiled)", _custom_op_norm)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import _math
-from ._common import Backend, FusedGhostNorm, Scratch, forward_outputs, totals
+from ._common import Backend, FusedGhostNorm, NormFn, Scratch, forward_outputs, totals
 
 __all__ = ["COMPILED", "EAGER", "EXPORTING", "ghost_norm_compiled", "ghost_norm_decomposed"]
 
@@ -342,30 +342,28 @@ class _Compiled(Backend):
 class _Exporting(Backend):
     name = "torch"
     label = "torch (exported)"
+    traced_update = True
 
     def norm(
         self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return ghost_norm_compiled(xg, weight, bias, eps)
 
-    def update_running_stats(
-        self,
-        running_mean: Tensor,
-        running_var: Tensor,
-        num_batches_tracked: Tensor | None,
-        momentum: float | None,
-        requested: int,
-        groups: Sequence[tuple[Tensor, Tensor, int]],
-    ) -> None:
-        _math.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum,
-            requested,
-            groups,
-            compiling=True,
-        )
+
+class CustomOpCompiled(Backend):
+    """A kernel family under ``torch.compile``: its kernels as a custom op (``norm``), and the
+    running-statistics update as the torch backend's composite op."""
+
+    def __init__(self, name: str, label: str, norm: NormFn) -> None:
+        self.name, self.label, self._norm = name, label, norm
+
+    def norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._norm(xg, weight, bias, eps)
+
+    def update_running_stats(self, *args: Any) -> None:
+        COMPILED.update_running_stats(*args)
 
 
 EAGER: Backend = _Eager()

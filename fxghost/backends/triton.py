@@ -1095,18 +1095,7 @@ class _Eager(Backend):
         return y  # type: ignore[no-any-return]
 
 
-class _Compiled(Backend):
-    name = "triton"
-    label = "triton (custom op, compiled)"
-
-    def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _custom_op_norm(xg, weight, bias, eps)
-
-    def update_running_stats(self, *args: Any) -> None:
-        torch_ops.COMPILED.update_running_stats(*args)
-
-
 EAGER: Backend = _Eager()
-COMPILED: Backend = _Compiled()
+COMPILED: Backend = torch_ops.CustomOpCompiled(
+    "triton", "triton (custom op, compiled)", _custom_op_norm
+)
