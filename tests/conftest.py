@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -206,6 +212,53 @@ def assert_state_scaled(a: nn.Module, b: nn.Module, what: str, rel: float) -> No
         check(pa.grad, pb.grad, f"grad of {name}", grad_floor)
     for (name, ba), (_, bb) in buffers:
         check(ba, bb, f"buffer {name}", buffer_floor)
+
+
+def run_checks_interpreted(test_file: str, timeout: int = 600) -> None:
+    """Run ``test_file``'s ``check_*`` functions under the Triton interpreter, in a fresh process:
+    ``TRITON_INTERPRET`` only takes effect when set before triton is imported. They must all run
+    and pass."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [
+        sys.executable, "-m", "pytest", str(Path(test_file).resolve()), "-q",
+        "-p", "no:cacheprovider", "-o", "python_functions=check_*",
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+def run_ranks(
+    worker: Callable[..., None],
+    args: tuple[Any, ...],
+    world: int,
+    names: Sequence[str],
+    out_dir: Path,
+    timeout_s: float,
+    missing: dict[str, Any],
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Spawn ``world`` processes of ``worker(rank, *args)`` and return what each wrote for each
+    scenario of ``names``, as ``out_dir/<name>.rank<rank>.json`` (``missing`` where nothing was
+    written). A worker that hangs (one rank stuck in a collective) is killed after
+    ``timeout_s`` and fails the test instead of blocking CI."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    # join() re-raises a worker's exception with its traceback (ProcessRaisedException).
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"workers did not finish within {timeout_s} s")
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for name in names:
+        for rank in range(world):
+            path = out_dir / f"{name}.rank{rank}.json"
+            out[name, rank] = json.loads(path.read_text()) if path.exists() else dict(missing)
+    return out
 
 
 def run_side_by_side(

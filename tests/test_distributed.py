@@ -29,8 +29,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import assert_close
+from conftest import assert_close, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -285,35 +284,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict[str, Any]]:
     """Run both ranks once and return each (scenario, rank)'s recorded result."""
     tmp = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(
-        _worker,
-        args=(str(tmp / "init"), str(tmp)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    # join() re-raises a worker's exception with its traceback (ProcessRaisedException).
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"DDP workers did not finish within {JOIN_TIMEOUT_S} s")
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for name in SCENARIOS:
-        for rank in range(WORLD):
-            path = tmp / f"{name}.rank{rank}.json"
-            out[name, rank] = (
-                json.loads(path.read_text())
-                if path.exists()
-                else {
-                    "failures": [],
-                    "error": "no result recorded",
-                    "seconds": 0.0,
-                }
-            )
-    return out
+    missing = {"failures": [], "error": "no result recorded", "seconds": 0.0}
+    args = (str(tmp / "init"), str(tmp))
+    return run_ranks(_worker, args, WORLD, SCENARIOS, tmp, JOIN_TIMEOUT_S, missing)
 
 
 def _assert_ok(results: dict[tuple[str, int], dict[str, Any]], name: str) -> None:

@@ -12,15 +12,12 @@ subprocess (see test_triton.py), against the float64 reference with a float32 to
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import init_bn
+from conftest import init_bn, run_checks_interpreted
 from torch import Tensor, nn
 
 import fxghost
@@ -189,21 +186,7 @@ def test_gradient_penalty_matches_reference(
 def test_triton_interpreted() -> None:
     """The check_* functions below, under the Triton interpreter in a fresh process."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(Path(__file__).resolve()),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "python_functions=check_*",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_checks_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])

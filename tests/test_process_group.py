@@ -31,8 +31,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import STATS32_TOL, assert_close, assert_ulp_close
+from conftest import STATS32_TOL, assert_close, assert_ulp_close, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -549,35 +548,9 @@ def _free_port() -> int:
 
 def run(names: list[str], tmp: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Run the scenarios ``names`` in four processes; each (scenario, rank)'s recorded result."""
-    ctx = mp.start_processes(
-        _worker,
-        args=(str(tmp / "init"), str(tmp), names, _free_port()),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"workers did not finish within {JOIN_TIMEOUT_S} s")
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for name in names:
-        for rank in range(WORLD):
-            path = tmp / f"{name}.rank{rank}.json"
-            out[name, rank] = (
-                json.loads(path.read_text())
-                if path.exists()
-                else {
-                    "failures": [],
-                    "error": "no result recorded",
-                    "notes": {},
-                    "seconds": 0.0,
-                }
-            )
-    return out
+    missing = {"failures": [], "error": "no result recorded", "notes": {}, "seconds": 0.0}
+    args = (str(tmp / "init"), str(tmp), names, _free_port())
+    return run_ranks(_worker, args, WORLD, names, tmp, JOIN_TIMEOUT_S, missing)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, run_checks_interpreted
 from torch import Tensor
 
 pytest.importorskip("triton")
@@ -47,25 +45,7 @@ EPS = 1e-5
 
 
 def test_interpreted_checks() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(Path(__file__).resolve()),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "python_functions=check_*",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(
-            f"interpreted Triton checks failed (exit {proc.returncode}):\n"
-            f"{proc.stdout}\n{proc.stderr}",
-            pytrace=False,
-        )
+    run_checks_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.skipif(INTERPRETED or torch.cuda.is_available(), reason="needs a plain CPU process")

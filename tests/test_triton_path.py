@@ -10,14 +10,11 @@ tensors::
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, input_shape, make_bn, run_side_by_side
+from conftest import DEVICE, input_shape, make_bn, run_checks_interpreted, run_side_by_side
 from torch import nn
 
 import fxghost
@@ -28,21 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pass_through_interpreted_triton() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(Path(__file__).resolve()),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "python_functions=check_*",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    run_checks_interpreted(__file__, timeout=900)
 
 
 def _require_triton_path() -> None:

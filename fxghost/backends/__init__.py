@@ -76,16 +76,6 @@ def _mode() -> str:
     return "exporting" if getattr(torch.compiler, "_is_exporting_flag", False) else "compiled"
 
 
-def _case(xg: Tensor) -> Case:
-    return Case(
-        _mode(),
-        xg.device.type,
-        xg.dtype,
-        dims_of(tuple(xg.shape), xg.stride()) is not None,
-        xg.dim() > 3,
-    )
-
-
 def _decide(case: Case) -> str:
     for mode, device, dtypes, dense, spatial, name in _TABLE:
         if (
@@ -135,7 +125,8 @@ def select(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
         case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3)
         name = _decide(case) if backend == "auto" else backend
     else:
-        case = _case(xg)
+        dense = dims_of(tuple(xg.shape), xg.stride()) is not None
+        case = Case("eager", xg.device.type, xg.dtype, dense, xg.dim() > 3)
         name = _auto(case) if backend == "auto" else backend
     if name != "torch" and backend != "auto":
         _check_case(name, case, layer)
