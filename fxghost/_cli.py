@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from inspect import signature
 from typing import Any
+from unittest import mock
 
 import torch
 from tabulate import tabulate
@@ -85,7 +89,8 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "model",
         metavar="MODEL",
-        help="package.module:callable returning an nn.Module, a torchvision model name "
+        help="package.module:NAME, where NAME is an nn.Module or a callable returning one "
+        "(the current folder is searched first), a torchvision model name "
         "(resnet18, mobilenet_v3_small, ...) or a timm model name (resnet18d, ...), looked up in "
         "that order; torchvision:NAME or timm:NAME picks the source",
     )
@@ -102,6 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time a model's training step, plain vs fxghost",
         description=_userbench.DESCRIPTION,
+        epilog=_userbench.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _userbench.add_arguments(bench)
     return parser
@@ -134,14 +141,46 @@ def _knows(source: str, name: str, names: list[str] | None) -> bool:
     return name in names
 
 
+@contextlib.contextmanager
+def _no_downloads(what: str) -> Iterator[None]:
+    """Refuse torch.hub's downloads (torchvision's and timm's weights go through it) while a
+    model is built by name: inspect and bench only need the architecture, and a download would
+    be slow, or a URLError traceback offline."""
+
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        raise ValueError(
+            f"building {what} tried to download {url}; fxghost builds models by name with "
+            "random weights and never downloads: build it in a package.module:callable of your "
+            "own and pass that"
+        )
+
+    with mock.patch("torch.hub.download_url_to_file", refuse):
+        yield
+
+
 def _create(source: str, name: str) -> nn.Module:
-    if source == "torchvision":
-        import torchvision
+    what = f"{source} model {name!r}"
+    try:
+        with _no_downloads(what):
+            if source == "torchvision":
+                import torchvision
 
-        return torchvision.models.get_model(name, weights=None)
-    import timm
+                builder = torchvision.models.get_model_builder(name)
+                accepted = signature(builder).parameters
+                # weights=None alone still loads ImageNet weights into the backbone of
+                # detection and segmentation models (and freezes its BatchNorm layers).
+                no_weights = {k: None for k in ("weights", "weights_backbone") if k in accepted}
+                return builder(**no_weights)
+            import timm
 
-    return timm.create_model(name, pretrained=False)
+            return timm.create_model(name, pretrained=False)
+    except OSError as err:  # also URLError: a download that did not go through torch.hub
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"building {what} tried to read or download a file and failed ({first}); fxghost "
+            "builds models by name with random weights and never downloads: build it in a "
+            "package.module:callable of your own and pass that"
+        ) from None
 
 
 def _unknown(spec: str, known: dict[str, list[str] | None], *, module_attr: bool) -> ValueError:
@@ -174,11 +213,22 @@ def _load_model(spec: str) -> tuple[nn.Module, str | None]:
         return _checked(spec, _create(source, name)), f"{name}: {source} model"
     if sep:
         module_name, attr = source, name
+        # The console script, unlike `python -m fxghost`, does not put the current folder on
+        # sys.path, and a user's models.py usually lives there.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
+            obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot load {spec!r}: {err}") from None
-        return _checked(spec, factory()), None
+        if isinstance(obj, nn.Module):  # a model instance, used as it is
+            return obj, None
+        if not callable(obj):
+            raise TypeError(
+                f"{spec!r} is a value of type {type(obj).__name__}, not a model: name an "
+                "nn.Module, or a class or function that returns one when called without arguments"
+            )
+        return _checked(spec, obj()), None
     known = {source: _model_names(source) for source in _SOURCES}
     found = [source for source in _SOURCES if _knows(source, spec, known[source])]
     if not found:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,12 +25,20 @@ from torch import Tensor, nn
 from . import _version, report, transform
 from .reference import apply_chunked_ghost_batchnorm
 
-__all__ = ["DESCRIPTION", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "NOTHING_TO_GHOST", "add_arguments", "run"]
 
 DESCRIPTION = """\
 Time training steps (forward, loss, backward, SGD step) of MODEL with plain BatchNorm and with
 fxghost, on random inputs of the given shape, and print their ratio. The loss is the mean square
 of the model's floating-point outputs, so any model that takes one float tensor will do."""
+
+#: The exit status of a bench whose model has no BatchNorm layer that fxghost rewrites: the two
+#: implementations would be the same model, and their ratio would mean nothing.
+NOTHING_TO_GHOST = 3
+
+EPILOG = f"""\
+exit status: 0 timed; 1 the model does not trace; 2 bad arguments; {NOTHING_TO_GHOST} nothing to
+ghost: the model has no BatchNorm layer that fxghost rewrites (nothing is timed)"""
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="as for `fxghost inspect`: package.module:callable, a torchvision "
-        "or a timm model name (torchvision:NAME or timm:NAME picks the source)",
+        help="as for `fxghost inspect`: package.module:NAME (an nn.Module or a callable "
+        "returning one), a torchvision or a timm model name (torchvision:NAME or timm:NAME "
+        "picks the source)",
     )
     parser.add_argument(
         "--shape",
@@ -199,13 +209,26 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    steps, first_s, summary = {}, {}, ""
+    steps, first_s = {}, {}
     for impl in impls:
         model = copy.deepcopy(base)  # each implementation steps its own copy of the weights
         net = _apply(impl, model, g).train()
         if impl == "fxghost":
-            summary = report(net).summary()
+            rep = report(net)
+            if not rep.rewritten:
+                # Both implementations would run the same model: a ratio would be noise.
+                found = (
+                    f"no BatchNorm layer rewritten ({len(rep.skipped)} skipped: "
+                    f"`fxghost inspect {args.model}` says why)"
+                    if rep.skipped
+                    else "no BatchNorm layer found"
+                )
+                sys.stderr.write(
+                    f"fxghost bench: nothing to ghost in {args.model}: {found}; nothing timed\n"
+                )
+                return NOTHING_TO_GHOST
         steps[impl] = make_step(torch.compile(net) if args.compile else net, model)
+    for impl in impls:
         first_s[impl] = timed(steps[impl])
 
     where = (
@@ -223,7 +246,7 @@ def run(args: argparse.Namespace, load_model: Callable[[str], tuple[nn.Module, s
         f"input {shape}, ghost batch size {g} ({-(-shape[0] // g)} ghost batches), {mode}"
         + "".join(f", {e}" for e in extras)
     )
-    print(summary + "\n", flush=True)
+    print(rep.summary() + "\n", flush=True)
 
     for _ in range(args.warmup):
         for impl in impls:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import urllib.error
+from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from torch import nn
 
 from fxghost._cli import main
@@ -160,3 +165,129 @@ def test_build_reports_what_is_ready(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["CPU kernels", "C++ autograd op"]
     assert all(line.endswith(".so") for line in out)
+
+
+#: The console script pip installs, which a user runs (``python -m fxghost`` differs from it:
+#: Python itself puts the current folder on sys.path there).
+SCRIPT = Path(sys.executable).with_name("fxghost")
+
+MYMODELS = """\
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+NET = build()  # an instance, not a factory
+
+
+def no_batchnorm():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+
+SIZE = 3
+"""
+
+
+def _user(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fxghost ARGS`` run from ``cwd`` as a user runs it, with models stored in ``cwd``."""
+    assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e . installs it"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", TORCH_HOME=str(cwd / "torch_home"))
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture
+def user_folder(tmp_path: Path) -> Path:
+    (tmp_path / "mymodels.py").write_text(MYMODELS)
+    return tmp_path
+
+
+def test_script_finds_models_in_the_current_folder(user_folder: Path) -> None:
+    result = _user(user_folder, "inspect", "mymodels:build", "-g", "4")
+    assert result.returncode == 0, result.stderr
+    assert "1 layer(s) rewritten with ghost_batch_size=4" in result.stdout
+
+
+def test_a_module_instance_is_used_as_it_is(user_folder: Path) -> None:
+    result = _user(user_folder, "inspect", "mymodels:NET", "-g", "4")
+    assert result.returncode == 0, result.stderr
+    assert "1 layer(s) rewritten with ghost_batch_size=4" in result.stdout
+    result = _user(user_folder, "inspect", "mymodels:SIZE")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "fxghost: error: 'mymodels:SIZE' is a value of type int, not a model: name an "
+        "nn.Module, or a class or function that returns one when called without arguments"
+    ]
+
+
+def test_bench_without_batchnorm_says_so_and_times_nothing(user_folder: Path) -> None:
+    result = _user(user_folder, "bench", "mymodels:no_batchnorm", "--shape", "8,3,8,8", "-g", "4")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == ""  # no ratio, no table
+    assert result.stderr.splitlines() == [
+        "fxghost bench: nothing to ghost in mymodels:no_batchnorm: no BatchNorm layer found; "
+        "nothing timed"
+    ]
+
+
+def test_bench_help_gives_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 timed; 1 the model does not trace; 2 bad arguments; 3 nothing" in out
+
+
+def test_named_models_are_built_without_downloading(user_folder: Path) -> None:
+    """A detection model's builder loads ImageNet backbone weights unless weights_backbone=None
+    (offline: a URLError traceback); random weights also leave its backbone's BatchNorm layers
+    plain instead of frozen, so they are rewritten."""
+    result = _user(user_folder, "inspect", "fasterrcnn_mobilenet_v3_large_fpn", "-g", "4")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
+    assert rows["backbone.body.0.1"][1:2] + rows["backbone.body.0.1"][-1:] == [
+        "BatchNorm2d",
+        "rewritten",
+    ]
+    downloaded = list((user_folder / "torch_home").rglob("*.pth"))
+    assert not downloaded
+
+
+def _downloads(weights: object = None) -> nn.Module:
+    torch.hub.load_state_dict_from_url("https://download.pytorch.org/models/resnet18-f37072fd.pth")
+    raise AssertionError("unreachable: the download is refused")
+
+
+def _unreachable(weights: object = None) -> nn.Module:
+    raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize(
+    ("builder", "said"),
+    [
+        (_downloads, "tried to download https://download.pytorch.org/models/resnet18-f37072fd"),
+        (_unreachable, "tried to read or download a file and failed (<urlopen error"),
+    ],
+)
+def test_a_builder_that_still_downloads_fails_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    builder: object,
+    said: str,
+) -> None:
+    """Should a builder reach for the network despite weights=None: refused before it
+    downloads anything, or (another route, offline) one line instead of a traceback."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy of the file
+    monkeypatch.setattr(torchvision.models, "get_model_builder", lambda name: builder)
+    code, out, err = _main(capsys, "inspect", "torchvision:resnet18")
+    assert code == 2, out
+    assert len(err.strip().splitlines()) == 1, err
+    assert said in err, err
+    assert "never downloads: build it in a package.module:callable of your own" in err
+    assert not list(tmp_path.rglob("*.pth"))
