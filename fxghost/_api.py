@@ -19,7 +19,13 @@ from ._trace import GhostTracer
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["PartialRewriteWarning", "ghost_batchnorm_pass", "transform"]
+__all__ = [
+    "PartialRewriteWarning",
+    "finish",
+    "ghost_batchnorm_pass",
+    "group_of",
+    "transform",
+]
 
 
 class PartialRewriteWarning(UserWarning):
@@ -123,7 +129,7 @@ def transform(
         process_group=group_of(process_group, backend),
     )
     result = rewrite_module(model, walk, concrete_args=concrete_args)
-    return _finish(result, model, walk)
+    return finish(result, model, walk)
 
 
 def ghost_batchnorm_pass(
@@ -168,7 +174,7 @@ def ghost_batchnorm_pass(
         process_group=group_of(process_group, backend),
     )
     result = rewrite_graph_module(gm, walk, root, prefix)
-    return _finish(result, root if root is not None else gm, walk, stacklevel=3)
+    return finish(result, root if root is not None else gm, walk, stacklevel=3)
 
 
 def group_of(process_group: object, backend: str) -> tuple[int | None, int | None]:
@@ -184,7 +190,7 @@ def group_of(process_group: object, backend: str) -> tuple[int | None, int | Non
     return key, size
 
 
-def _finish(result: Any, model: nn.Module, walk: Walk, stacklevel: int = 3) -> Any:
+def finish(result: Any, model: nn.Module, walk: Walk, stacklevel: int = 3) -> Any:
     """Check ``only``, attach the report (layers in the model's order) and warn, once, about
     the layers not ghosted."""
     walk.selector.check_all_matched(walk.candidates)

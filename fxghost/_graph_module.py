@@ -21,15 +21,129 @@ state-dict keys are the layer's own.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from torch import fx, nn
-from torch.fx.graph_module import _copy_attr
+from torch.fx.graph_module import _copy_attr, _forward_from_src
 
-__all__ = ["DualGraphModule", "GhostGraphModule", "LayerGraphModule"]
+__all__ = [
+    "HOOK_REGISTRIES",
+    "SOURCE_ATTR",
+    "DualGraphModule",
+    "GhostGraphModule",
+    "LayerGraphModule",
+    "SharedMode",
+    "has_hooks",
+    "is_transform_result",
+    "share_hooks",
+    "shared_mode_copy",
+]
+
+#: The attribute naming the user's module that a rewritten module stands for (not a submodule:
+#: it adds no state).
+SOURCE_ATTR = "_fxghost_source"
 
 
-class GhostGraphModule(fx.GraphModule):
+def _get_training(self: nn.Module) -> bool:
+    source = self.__dict__.get(SOURCE_ATTR)
+    if source is not None:
+        return bool(source.training)
+    return bool(self.__dict__.get("_fxghost_training", True))
+
+
+def _set_training(self: nn.Module, mode: bool) -> None:
+    source = self.__dict__.get(SOURCE_ATTR)
+    if source is not None:
+        source.training = mode
+    else:  # while the module is built, before it has a source
+        self.__dict__["_fxghost_training"] = mode
+
+
+class SharedMode:
+    """Mixed into the modules fxghost builds to stand for a user's module (the GraphModules
+    ``transform`` returns, and the copies of modules kept as Python): their ``training`` flag *is*
+    the user's module's, read and written through. So ``model.eval()`` and ``gm.eval()`` are one
+    switch: neither can leave the other in another mode, and a ``self.training`` branch in the
+    model's code follows whichever was called."""
+
+    training = property(_get_training, _set_training)
+
+
+#: A module's hook registries, as ``nn.Module.__call__`` reads them.
+HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+_BACKWARD_REGISTRIES = ("_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks that ``nn.Module.__call__`` runs."""
+    return any(getattr(module, r, None) for r in HOOK_REGISTRIES)
+
+
+def share_hooks(source: nn.Module, target: nn.Module, *, backward_only: bool = False) -> None:
+    """Make ``target`` run ``source``'s hooks when called: the same registries, so a hook
+    registered or removed on either is on both."""
+    names = _BACKWARD_REGISTRIES if backward_only else (*HOOK_REGISTRIES, "_is_full_backward_hook")
+    for registry in names:
+        if registry in source.__dict__:
+            target.__dict__[registry] = source.__dict__[registry]
+
+
+def is_transform_result(module: nn.Module) -> bool:
+    """Whether ``module`` was built by ``fxghost.transform`` to stand for a user's module."""
+    return SOURCE_ATTR in module.__dict__
+
+
+@functools.cache
+def _shared_mode_class(cls: type[nn.Module]) -> type[nn.Module]:
+    # Same name, module and qualified name as the user's class: reprs, error messages and
+    # isinstance checks read as before.
+    return type(
+        cls.__name__,
+        (SharedMode, cls),
+        {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__reduce_ex__": _reduce,
+            "_fxghost_base": cls,
+        },
+    )
+
+
+def _reduce(self: nn.Module, protocol: int) -> Any:
+    # The class is made at run time, so copies and pickles name the user's class and re-make it.
+    base = type(self)._fxghost_base  # type: ignore[attr-defined]
+    return (_new_shared_mode, (base,), dict(self.__dict__))
+
+
+def _new_shared_mode(base: type[nn.Module]) -> nn.Module:
+    return object.__new__(_shared_mode_class(base))  # type: ignore[arg-type,no-any-return]
+
+
+def shared_mode_copy(module: nn.Module) -> nn.Module:
+    """A new module standing for ``module``: an instance of its class (with :class:`SharedMode`
+    mixed in) sharing its parameters, buffers, children, hooks and mode, with registries of its
+    own, so that replacing a child of the copy leaves ``module`` unchanged."""
+    source = module.__dict__.get(SOURCE_ATTR, module)
+    new = _new_shared_mode(getattr(type(module), "_fxghost_base", type(module)))
+    new.__dict__.update(module.__dict__)
+    new.__dict__.pop("training", None)
+    new.__dict__[SOURCE_ATTR] = source
+    new._modules = dict(module._modules)  # type: ignore[assignment]
+    new._parameters = dict(module._parameters)  # type: ignore[assignment]
+    new._buffers = dict(module._buffers)  # type: ignore[assignment]
+    return new
+
+
+class GhostGraphModule(SharedMode, fx.GraphModule):
     """A GraphModule whose copies (``copy.deepcopy``, pickling) keep every attribute: all
     submodules, parameters and buffers in the model's order, buffer persistence, ``_version``,
     state-dict hooks and fxghost's report.
@@ -46,7 +160,7 @@ class GhostGraphModule(fx.GraphModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            source = self.__dict__.get("_fxghost_source")
+            source = self.__dict__.get(SOURCE_ATTR)
             if source is None or name.startswith("__"):
                 raise
             value = getattr(source, name)
@@ -103,7 +217,12 @@ def _rebuild(
 
 class DualGraphModule(GhostGraphModule):
     """``train_graph`` runs in training mode, ``eval_graph`` in eval mode; they share every
-    submodule, parameter and buffer, so there is one ``state_dict``."""
+    submodule, parameter and buffer, so there is one ``state_dict``.
+
+    ``forward`` chooses the graph at each call from ``training`` (the user's model's flag, see
+    :class:`SharedMode`), so ``model.eval()`` switches it as ``gm.eval()`` does. ``graph`` and
+    ``code`` show the graph of the mode last set through ``train()``/``eval()``.
+    """
 
     def __init__(
         self,
@@ -119,12 +238,32 @@ class DualGraphModule(GhostGraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self._mode_graph_is_train = True
+        self.recompile()
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        train_graph, eval_graph = self.__dict__.get("train_graph"), self.__dict__.get("eval_graph")
+        if train_graph is None or eval_graph is None:  # inside __init__
+            return code
+        cls = type(self)
+        shown = cls.forward
+        other_graph = eval_graph if self._graph is train_graph else train_graph
+        other_code = other_graph.python_code(root_module="self")
+        other = _forward_from_src(other_code.src, other_code.globals, {})
+        train_fn, eval_fn = (shown, other) if self._graph is train_graph else (other, shown)
+
+        @functools.wraps(shown)
+        def forward(self: DualGraphModule, *args: Any, **kwargs: Any) -> Any:
+            return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+
+        cls.forward = forward  # type: ignore[method-assign]
+        return code
 
     def train(self, mode: bool = True) -> DualGraphModule:
-        # Swap (and recompile) only when the mode changes.
+        # Swap what graph/code show (and recompile) only when the mode changes.
         if mode != self._mode_graph_is_train:
-            self.graph = self.train_graph if mode else self.eval_graph
             self._mode_graph_is_train = mode
+            self.graph = self.train_graph if mode else self.eval_graph
         return super().train(mode)  # type: ignore[return-value]
 
     def _graphs(self) -> dict[str, fx.Graph]:
@@ -172,7 +311,7 @@ def layer_graph_module(
     buffers and submodules of ``state`` (default: ``layer``'s own)."""
     state = layer if state is None else state
     gm = LayerGraphModule(nn.Module(), fx.Graph(), class_name)
-    object.__setattr__(gm, "_fxghost_source", layer)  # not a submodule: no state of its own
+    object.__setattr__(gm, SOURCE_ATTR, layer)  # not a submodule: no state of its own
     gm._parameters.update(state._parameters)
     gm._buffers.update(state._buffers)
     gm._non_persistent_buffers_set.update(state._non_persistent_buffers_set)

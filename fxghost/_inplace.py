@@ -2,47 +2,76 @@
 
 ``transform`` returns a new module, which is right for a plain loop and for ``torch.compile``. A
 training framework, though, keeps *its* object (a ``LightningModule``, a ``ComposerModel``, a
-``PreTrainedModel``) and calls its methods; it cannot be handed a GraphModule instead. So
-:func:`apply_ghost_batchnorm` keeps ``model`` and rewrites what is under it: each child that holds
-a BatchNorm is replaced by its rewritten form (the same rewrite ``transform`` applies to a model,
-so a child that traces becomes a GraphModule, one that does not is kept as Python with its own
-children rewritten). :func:`revert_ghost_batchnorm` puts the original children back.
+``PreTrainedModel``) and calls its methods and its submodules; it cannot be handed a GraphModule
+instead. So :func:`apply_ghost_batchnorm` changes no module of ``model``'s tree: it gives each
+BatchNorm object its ghost forward (an instance attribute, as ``functools.partial`` over
+:func:`ghost_forward`, which is how ``torch.compile`` expects a patched forward), and
+:func:`revert_ghost_batchnorm` takes it away.
+
+Every module keeps its type, its place and its identity, so aliases held by user code stay live,
+containers index and iterate as before, and hooks of every kind (on the BatchNorm itself, on a
+block, backward hooks included) run through ``nn.Module.__call__`` as they always did. The model's
+own Python (``self.training`` branches, activation checkpointing, data-dependent code) runs
+unchanged: nothing is traced.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from . import backends
-from ._api import _finish, _timm_rules, group_of
-from ._graph_module import GhostGraphModule, LayerGraphModule
-from ._pass import holds_candidates, is_batchnorm_like, layer_record, skip_reason
+from . import backends, ops
+from ._api import finish, group_of
+from ._graph_module import is_transform_result
+from ._pass import Records, is_batchnorm_like, layer_record, skip_reason
 from ._plan import check_ghost_batch_size
-from ._report import _META_KEY
-from ._scope import Walk, rewrite_module
+from ._report import detach
+from ._scope import Walk
 from ._select import LayerSelector, rule_for
 from ._trace import GhostTracer
 
-__all__ = ["apply_ghost_batchnorm", "revert_ghost_batchnorm"]
+__all__ = ["apply_ghost_batchnorm", "ghost_forward", "is_applied", "revert_ghost_batchnorm"]
 
-#: The plain attribute of ``model`` recording an in-place rewrite (not a submodule: the
-#: original children it keeps must not appear in ``state_dict`` or ``parameters()``).
-_STATE = "_fxghost_inplace"
+#: The plain attribute of ``model`` recording an in-place rewrite (not a submodule or buffer: it
+#: must not appear in ``state_dict`` or ``modules()``).
+_APPLIED_ATTR = "_fxghost_inplace"
 
-# Forward hooks the replacement of a child must keep firing: a rewritten child is a GraphModule,
-# a new object, and hooks live in the module object's own registries. BatchNorm layers' own hooks
-# are excluded: the rewritten graph already calls them (see ``fxghost.ops``).
-_HOOK_REGISTRIES = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
+
+def ghost_forward(
+    layer: nn.Module,
+    ghost_batch_size: int,
+    name: str,
+    backend: str,
+    process_group: int | None,
+    after: tuple[str, ...],
+    input: Tensor,
+) -> Tensor:
+    """The forward that :func:`apply_ghost_batchnorm` gives a BatchNorm ``layer``: the same three
+    ops a traced model's rewritten graph calls (:mod:`fxghost.ops`), then the layer's ``after``
+    submodules (timm's ``BatchNormAct2d`` runs ``drop`` and ``act``)."""
+    group = {} if process_group is None else {"process_group": process_group}
+    norm_kwargs = {**({} if backend == "auto" else {"backend": backend}), **group}
+    groups = ops.ghost_view(input, layer, ghost_batch_size, name, **group)
+    y = ops.ghost_unview(ops.ghost_norm(groups, layer, ghost_batch_size, name, **norm_kwargs), name)
+    for sub in after:
+        y = getattr(layer, sub)(y)
+    return y
+
+
+def _ghost_extra_repr(layer: nn.Module, ghost_batch_size: int) -> str:
+    # Printing the model shows which layers are ghosted, and with what.
+    return f"{type(layer).extra_repr(layer)}, ghost_batch_size={ghost_batch_size}"
+
+
+def _patched_forward(layer: nn.Module) -> functools.partial[Any] | None:
+    forward = layer.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is ghost_forward:
+        return forward
+    return None
 
 
 @dataclass
@@ -52,8 +81,13 @@ class _Applied:
     backend: str = "auto"
     #: The process group's registry key (None: each process's own batch).
     group: int | None = None
-    #: Child name -> (the original child, the rewritten child put in its place).
-    children: dict[str, tuple[nn.Module, nn.Module]] = field(default_factory=dict)
+    #: The layers given a ghost forward, by qualified name.
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether :func:`apply_ghost_batchnorm` has ghosted ``model`` (and it was not reverted)."""
+    return _APPLIED_ATTR in model.__dict__
 
 
 def _only_key(only: Iterable[str] | str | None) -> tuple[str, ...] | None:
@@ -73,16 +107,22 @@ def _settings(applied: _Applied) -> str:
     return text
 
 
-def _check_model(model: nn.Module, what: str) -> None:
+def _unwrap(model: nn.Module, what: str) -> nn.Module:
+    """The module to work on: ``model``, or the one a ``torch.compile``, DDP or DataParallel
+    wrapper calls (they call its submodules' forwards, so ghosting under them works, and DDP's
+    buckets hold the same Parameters)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxghost: {what} takes a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        type(model).__name__ == "FullyShardedDataParallel"
-    ):
+    if type(model).__name__ == "FullyShardedDataParallel":
         raise TypeError(
-            f"fxghost: {what} was given a {type(model).__name__}; apply it to the model before "
-            "wrapping (DDP's buckets and buffer lists are built from the module it wraps)"
+            f"fxghost: {what} was given a FullyShardedDataParallel; apply it to the model before "
+            "wrapping (FSDP flattens the layers' parameters)"
         )
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper, not imported here
+        return _unwrap(model._modules["_orig_mod"], what)  # type: ignore[arg-type]
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return _unwrap(model.module, what)
+    return model
 
 
 def apply_ghost_batchnorm(
@@ -91,100 +131,81 @@ def apply_ghost_batchnorm(
     optimizers: Any = None,
     *,
     only: Iterable[str] | str | None = None,
-    leaf_modules: Iterable[type[nn.Module] | str] = (),
-    autowrap_functions: Iterable[Any] = (),
-    strict: bool = False,
     process_group: Any = None,
     backend: str = "auto",
 ) -> nn.Module:
-    """Ghost every BatchNorm under ``model``, in place, and return ``model``.
+    """Ghost every BatchNorm of ``model``, in place, and return ``model``.
 
-    ``model`` itself is kept: its class, attributes, methods, hooks and forward. What changes is
-    below it: each child holding a BatchNorm is replaced by its rewrite (a GraphModule where the
-    child traces; where it does not, a copy kept as Python whose children are rewritten, down to
-    each BatchNorm), as :func:`fxghost.transform` rewrites a model. Every Parameter and buffer is
-    shared with the original children and ``state_dict`` keys are unchanged, so checkpoints load
-    into the plain model with ``strict=True``, and an optimizer built before keeps working.
+    No module is replaced: each BatchNorm layer (``nn.BatchNorm1d/2d/3d``, timm's
+    ``BatchNormAct2d`` and classes taught with :func:`fxghost.register_batchnorm`) gets a ghost
+    forward of its own, so every module keeps its type, its place in the tree and its identity.
+    Containers index as before, aliases stay live, hooks on any module fire as before (backward
+    hooks too), ``state_dict`` keys are unchanged, and an optimizer built before keeps working.
+    The model's own code runs unchanged: nothing is traced. Printing the model shows
+    ``ghost_batch_size=`` on each ghosted layer.
 
     The name and the first three arguments are Composer's ``apply_ghost_batchnorm``, so that
     switching is one import. ``optimizers`` is accepted for that reason and not used: Composer's
     module surgery creates new parameters that optimizers must be re-bound to; here the
     parameters are the same objects, so there is nothing to re-bind.
 
-    Applying again with the same settings (``ghost_batch_size``, ``only``, ``backend``,
-    ``process_group``) does nothing; with others, it raises ``ValueError``: call
-    :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)``
-    lists every layer, and one :class:`fxghost.PartialRewriteWarning` counts those not ghosted.
-    Given the wrapper that ``torch.compile`` returns, it rewrites under the module it compiles.
+    Applying again with the same settings does nothing; with others, it raises ``ValueError``:
+    call :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)`` lists every layer, and
+    one :class:`fxghost.PartialRewriteWarning` counts those not ghosted (BatchNorm subclasses not
+    taught with :func:`fxghost.register_batchnorm`, ``SyncBatchNorm``). Given the wrapper that
+    ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` returns, it ghosts the
+    module inside.
 
     Args:
-        model: the module whose submodules to rewrite (not a DistributedDataParallel: apply
-            first, then wrap).
+        model: the module whose BatchNorm layers to ghost (it may itself be one).
         ghost_batch_size: samples per ghost batch, a positive int.
         optimizers: ignored (see above).
-        only: qualified layer names or glob patterns to rewrite (default: all).
-        leaf_modules, autowrap_functions, strict, process_group, backend: as for
-            :func:`fxghost.transform`.
+        only: qualified layer names or glob patterns to ghost (default: all).
+        process_group: as for :func:`fxghost.transform`.
+        backend: as for :func:`fxghost.transform`.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: a bad ``ghost_batch_size``, ``only`` matching no layer, a module already
+            ghosted with other settings (by this model or another sharing the layer), or one
+            made by :func:`fxghost.transform`.
+        TypeError: ``model`` is not a module, or is wrapped in FullyShardedDataParallel.
 
     >>> import torch, fxghost
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
     >>> fxghost.apply_ghost_batchnorm(model, ghost_batch_size=4) is model
     True
-    >>> fxghost.report(model).rewritten_names
-    ['1']
+    >>> type(model[1]).__name__, repr(model[1]).endswith("ghost_batch_size=4)")
+    ('BatchNorm1d', True)
     >>> _ = model(torch.randn(10, 4))            # ghost batches of 4, 4 and 2 samples
     >>> int(model[1].num_batches_tracked)
     3
-    >>> type(fxghost.revert_ghost_batchnorm(model)[1]).__name__
-    'BatchNorm1d'
+    >>> "ghost" in repr(fxghost.revert_ghost_batchnorm(model)[1])
+    False
     """
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
-    _apply(
-        model,
-        ghost_batch_size,
-        only,
-        leaf_modules,
-        autowrap_functions,
-        strict,
-        process_group=process_group,
-        backend=backend,
-    )
+    apply_in_place(model, ghost_batch_size, only=only, process_group=process_group, backend=backend)
     return model
 
 
-def _apply(
+def apply_in_place(
     model: nn.Module,
     ghost_batch_size: int,
-    only: Iterable[str] | str | None,
-    leaf_modules: Iterable[type[nn.Module] | str],
-    autowrap_functions: Iterable[Any],
-    strict: bool,
-    stacklevel: int = 4,
+    *,
+    only: Iterable[str] | str | None = None,
     process_group: Any = None,
     backend: str = "auto",
+    stacklevel: int = 4,
 ) -> None:
-    """:func:`apply_ghost_batchnorm`; ``stacklevel`` makes the warning name its caller."""
-    _check_model(model, "apply_ghost_batchnorm")
+    """:func:`apply_ghost_batchnorm`; ``stacklevel`` makes the warning name the user's line
+    (the trainer integrations call this with their own depth)."""
+    model = _unwrap(model, "apply_ghost_batchnorm")
     g = check_ghost_batch_size(ghost_batch_size)
-    orig_mod = _compiled(model)
-    if orig_mod is not None:
-        # torch.compile's wrapper calls the module it compiled: rewrite under that one; dynamo
-        # recompiles on the changed submodules.
-        _apply(
-            orig_mod,
-            g,
-            only,
-            leaf_modules,
-            autowrap_functions,
-            strict,
-            stacklevel + 1,
-            process_group,
-            backend,
-        )
-        return
     group, group_size = group_of(process_group, backends.check(backend))
     wanted = _Applied(g, _only_key(only), backend, group)
-    applied: _Applied | None = model.__dict__.get(_STATE)
+    applied: _Applied | None = model.__dict__.get(_APPLIED_ATTR)
     if applied is not None:
         same = (applied.ghost_batch_size, applied.only, applied.backend, applied.group)
         if same == (g, wanted.only, backend, group):
@@ -194,63 +215,80 @@ def _apply(
             f"{_settings(applied)}, not with {_settings(wanted)}; call "
             "fxghost.revert_ghost_batchnorm(model) first to apply other settings"
         )
-    if rule_for(model) is not None or isinstance(model, LayerGraphModule):
-        raise ValueError(
-            f"fxghost: apply_ghost_batchnorm rewrites the submodules of a model, and this "
-            f"{type(model).__name__} is itself a BatchNorm layer; use fxghost.transform(layer), "
-            "which returns a new module"
-        )
-    if isinstance(model, GhostGraphModule) or "_" + _META_KEY in model.__dict__:
+    if is_transform_result(model):
         raise ValueError(
             "fxghost: this module was produced by fxghost.transform and is already ghosted; "
             "apply_ghost_batchnorm to the original model instead"
         )
 
-    timm_leaves, timm_functions = _timm_rules(model)
-    leaves = [*leaf_modules, *timm_leaves]
-    functions = [*autowrap_functions, *timm_functions]
-    walk = Walk(
-        g,
-        LayerSelector(only),
-        lambda: GhostTracer(leaves, functions),
-        strict=strict,
-        process_group=(group, group_size),
-        backend=backend,
-    )
-    state = wanted
-    done: dict[int, nn.Module] = {}  # a child registered under two names is rewritten once
-    for name, child in model._modules.items():
-        if child is None or not holds_candidates(child):
+    selector = LayerSelector(only)
+    records = Records()
+    candidates: list[str] = []
+    chosen: dict[str, nn.Module] = {}
+    seen: set[nn.Module] = set()
+    for name, layer in model.named_modules():
+        shown = name or type(layer).__name__
+        rule = rule_for(layer)
+        if rule is None:
+            if is_batchnorm_like(layer):
+                records.replace(layer_record(shown, layer, False, skip_reason(layer), None))
             continue
-        new = done.get(id(child))
-        if new is None:
-            new = done[id(child)] = rewrite_module(child, walk, name)
-            if new is not child:
-                _keep_hooks(child, new)
-        if new is not child:
-            state.children[name] = (child, new)
-    for name, sub in model.named_modules():
-        # BatchNorm-like layers in children left alone (SyncBatchNorm, subclasses), for the
-        # report and the warning, as transform records them.
-        if name and name not in walk.records and is_batchnorm_like(sub):
-            walk.records.replace(layer_record(name, sub, False, skip_reason(sub), None))
-    # The report and the one warning, as transform gives them; the layers in the model's order,
-    # read before any child is replaced.
-    _finish(model, model, walk, stacklevel=stacklevel)
-    for name, (_, new) in state.children.items():
-        model._modules[name] = new
-    object.__setattr__(model, _STATE, state)
+        candidates.append(name)
+        if not selector.selects(name):
+            reason = f"not selected by {selector.describe()}"
+            records.replace(layer_record(shown, layer, False, reason, None, warn=False))
+            continue
+        if layer in seen:  # a layer registered under two names is ghosted once
+            continue
+        seen.add(layer)
+        patched = _patched_forward(layer)
+        if patched is not None and patched.args[1:5] != (g, shown, backend, group):
+            raise ValueError(
+                f"fxghost: layer '{shown}' ({type(layer).__name__}) is already ghosted with "
+                f"ghost_batch_size={patched.args[1]}, through another model sharing it; revert "
+                "that model first (fxghost.revert_ghost_batchnorm)"
+            )
+        if "forward" in layer.__dict__ and patched is None:
+            reason = (
+                "its forward was replaced on the instance by other code, which fxghost keeps; "
+                "restore BatchNorm's forward (del layer.forward) to ghost it"
+            )
+            records.replace(layer_record(shown, layer, False, reason, None))
+            continue
+        chosen[name] = layer
+        records.replace(layer_record(shown, layer, True, "", g, group_size=group_size))
+    walk = Walk(g, selector, GhostTracer, backend=backend, process_group=(group, group_size))
+    walk.records.update(records)
+    walk.candidates += candidates
+    # The report and the one warning, as transform gives them; checks `only` before any change.
+    finish(model, model, walk, stacklevel=stacklevel)
+    for name, layer in chosen.items():
+        shown = name or type(layer).__name__
+        rule = rule_for(layer)
+        after = tuple(s for s in rule.after if not isinstance(getattr(layer, s), nn.Identity))  # type: ignore[union-attr]
+        layer.__dict__["forward"] = functools.partial(
+            ghost_forward, layer, g, shown, backend, group, after
+        )
+        layer.__dict__["extra_repr"] = functools.partial(_ghost_extra_repr, layer, g)
+        wanted.layers[name] = layer
+    object.__setattr__(model, _APPLIED_ATTR, wanted)
 
 
 def revert_ghost_batchnorm(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_ghost_batchnorm`: put the original submodule objects back under
-    ``model`` and return it, for export and deployment.
+    """Undo :func:`apply_ghost_batchnorm`: give each ghosted layer back BatchNorm's own forward,
+    and return ``model``, for export and deployment.
 
-    The originals come back holding the current state: where the rewritten modules hold other
-    tensors than the originals (after ``model.to(device)`` or ``model.double()``, which replace
-    buffers, or a ``load_state_dict`` with ``assign=True``), the rewritten modules' tensors are put
-    into the originals at the same names, as are their train/eval flags. A child that was replaced
-    since by something else is left as it is.
+    Nothing else changes: the layers are the same objects, holding the trained weights and
+    running statistics.
+
+    Args:
+        model: a module given to :func:`apply_ghost_batchnorm` (or its compile/DDP wrapper).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: ``model`` has no ghost BatchNorm applied in place.
 
     >>> import torch, fxghost
     >>> bn = torch.nn.BatchNorm2d(3)
@@ -259,57 +297,18 @@ def revert_ghost_batchnorm(model: nn.Module) -> nn.Module:
     >>> fxghost.revert_ghost_batchnorm(model)[1] is bn, bn.running_mean.dtype
     (True, torch.float64)
     """
-    _check_model(model, "revert_ghost_batchnorm")
-    orig_mod = _compiled(model)
-    if orig_mod is not None:
-        revert_ghost_batchnorm(orig_mod)
-        return model
-    applied: _Applied | None = model.__dict__.get(_STATE)
+    inner = _unwrap(model, "revert_ghost_batchnorm")
+    applied: _Applied | None = inner.__dict__.get(_APPLIED_ATTR)
     if applied is None:
         raise ValueError(
-            f"fxghost: {type(model).__name__} has no ghost BatchNorm applied in place; "
+            f"fxghost: {type(inner).__name__} has no ghost BatchNorm applied in place; "
             "revert_ghost_batchnorm undoes fxghost.apply_ghost_batchnorm (a module from "
             "fxghost.transform is a separate object: use the original model)"
         )
-    for name, (original, new) in applied.children.items():
-        if model._modules.get(name) is not new:
-            continue
-        _copy_state_back(new, original)
-        model._modules[name] = original
-    del model.__dict__[_STATE]
-    model.__dict__.pop("_" + _META_KEY, None)
+    for layer in applied.layers.values():
+        if _patched_forward(layer) is not None:
+            del layer.__dict__["forward"]
+            layer.__dict__.pop("extra_repr", None)
+    del inner.__dict__[_APPLIED_ATTR]
+    detach(inner)
     return model
-
-
-def _compiled(model: nn.Module) -> nn.Module | None:
-    """The module that ``torch.compile`` wrapped in ``model``, if it is such a wrapper (its
-    class is not imported here: that would import dynamo for every user)."""
-    orig_mod = model.__dict__.get("_modules", {}).get("_orig_mod")
-    return orig_mod if type(model).__name__ == "OptimizedModule" else None
-
-
-def _keep_hooks(child: nn.Module, new: nn.Module) -> None:
-    """Let ``new`` fire the forward hooks registered on ``child`` (the same registries, so a
-    handle removes a hook from both)."""
-    if isinstance(new, LayerGraphModule):
-        return  # a BatchNorm's hooks are calls in its rewritten graph
-    for registry in _HOOK_REGISTRIES:
-        hooks = getattr(child, registry, None)
-        if hooks:
-            setattr(new, registry, hooks)
-
-
-def _copy_state_back(new: nn.Module, original: nn.Module) -> None:
-    """Make every module of ``original`` hold the tensors and training flag that its
-    counterpart at the same path in ``new`` holds now (usually already the same objects)."""
-    targets = dict(original.named_modules(remove_duplicate=False))
-    for path, module in new.named_modules(remove_duplicate=False):
-        target = targets.get(path)
-        if target is None or target is module:
-            continue
-        target.training = module.training
-        for registry in ("_parameters", "_buffers"):
-            mine, theirs = getattr(module, registry), getattr(target, registry)
-            for key, tensor in mine.items():
-                if key in theirs and theirs[key] is not tensor:
-                    theirs[key] = tensor

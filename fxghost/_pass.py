@@ -10,11 +10,22 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _distributed, ops
-from ._graph_module import DualGraphModule, GhostGraphModule, LayerGraphModule
+from ._graph_module import (
+    SOURCE_ATTR,
+    DualGraphModule,
+    GhostGraphModule,
+    LayerGraphModule,
+    has_hooks,
+)
 from ._report import LayerRecord
 from ._select import LayerRule, LayerSelector, rule_for
 
 __all__ = [
+    "BACKWARD_HOOKS",
+    "HOLDS_HOOKS",
+    "KEPT_AS_PYTHON",
+    "PASSED",
+    "TRACER_LEAF",
     "Records",
     "Rewrite",
     "emit_ghost_subgraph",
@@ -25,6 +36,14 @@ __all__ = [
     "rewrite",
     "skip_reason",
 ]
+
+# Why a submodule of a graph is rewritten on its own (Rewrite.opaque's values): the first three
+# are called as black boxes, so their own forward is kept as Python.
+TRACER_LEAF = "a tracer leaf"
+HOLDS_HOOKS = "it has hooks"
+BACKWARD_HOOKS = "a BatchNorm with backward hooks"
+PASSED = "passed as an argument"
+KEPT_AS_PYTHON = (TRACER_LEAF, HOLDS_HOOKS)
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
 #: The ops that take a rewritten layer as an argument.
@@ -216,13 +235,11 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
         # graph, not of the model, so they stay out of state_dict.
         if bname not in source._buffers:
             target._non_persistent_buffers_set.add(bname)
+    # The model's own submodules, not the empty containers GraphModule makes for the paths its
+    # graph reads: `gm.layer1[0]` indexes, and `gm.train()` reaches every module of the model.
+    # Where a part is rewritten on its own, the containers on its path are copied then.
     for cname, child in source.named_children():
-        existing = target._modules.get(cname)
-        if existing is None:
-            target.add_module(cname, child)
-        elif existing is not child:
-            existing.training = child.training
-            _mirror_state(child, existing)
+        target._modules[cname] = child
     # The model's order, so that parameters() and state_dict() enumerate as the model's do (an
     # optimizer's state_dict maps parameters by position).
     for registry, reference in (
@@ -235,13 +252,6 @@ def _mirror_state(source: nn.Module, target: nn.Module) -> None:
         ordered.update((k, v) for k, v in current.items() if k not in ordered)
         current.clear()
         current.update(ordered)
-
-
-def hook_note(module: nn.Module) -> str:
-    """What the rewrite of ``module`` cannot keep: backward hooks (forward hooks are kept)."""
-    if module._backward_hooks or module._backward_pre_hooks:
-        return "its backward hooks do not fire (forward hooks and pre-hooks do)"
-    return ""
 
 
 def full_name(prefix: str, name: str) -> str:
@@ -294,7 +304,7 @@ def rewrite(
     else:
         new_gm = GhostGraphModule(gm, graph, class_name=gm.__class__.__name__)
     _mirror_state(source, new_gm)
-    object.__setattr__(new_gm, "_fxghost_source", source)  # not a submodule: no state
+    object.__setattr__(new_gm, SOURCE_ATTR, source)  # not a submodule: no state
     new_gm.meta.update(gm.meta)
     new_gm.recompile()
     # Only the top-level flag (and graph): recursing would flip the caller's shared layers.
@@ -338,6 +348,13 @@ def _rewrite_graph(
         if module is not None and rule is not None:
             name = full_name(prefix, str(node.target))
             candidates.append(name)
+            if selector.selects(name) and (module._backward_hooks or module._backward_pre_hooks):
+                # Backward hooks need nn.Module.__call__: the layer is rewritten as a module of
+                # its own that shares them (see _scope).
+                called.add(str(node.target))
+                opaque[str(node.target)] = BACKWARD_HOOKS
+                env[node] = graph.node_copy(node, lambda n: env[n])
+                continue
             if selector.selects(name):
                 x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
                 target = str(node.target)
@@ -356,9 +373,7 @@ def _rewrite_graph(
                     backend=backend,
                     process_group=key,
                 )
-                records.add(
-                    layer_record(name, module, True, hook_note(module), g, group_size=group_size)
-                )
+                records.add(layer_record(name, module, True, "", g, group_size=group_size))
                 continue
             reason = f"not selected by {selector.describe()}"
             records.add(layer_record(name, module, False, reason, None, warn=False))
@@ -366,12 +381,12 @@ def _rewrite_graph(
             name = full_name(prefix, str(node.target))
             records.add(layer_record(name, module, False, skip_reason(module), None))
         elif module is not None and holds_candidates(module):
-            opaque[str(node.target)] = "a tracer leaf"
+            opaque[str(node.target)] = HOLDS_HOOKS if has_hooks(module) else TRACER_LEAF
         elif node.op == "get_attr" and not all(u.target in GHOST_OPS for u in node.users):
             value = _attr(gm, str(node.target))
             if isinstance(value, nn.Module) and holds_candidates(value):
                 called.add(str(node.target))
-                opaque[str(node.target)] = "passed as an argument"
+                opaque[str(node.target)] = PASSED
         elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
             records.add(
                 LayerRecord(

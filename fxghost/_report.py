@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from . import _distributed, backends
 
-__all__ = ["GhostReport", "LayerRecord", "report"]
+__all__ = ["GhostReport", "LayerRecord", "attach", "detach", "report"]
 
 _META_KEY = "fxghost_report"
 
@@ -159,3 +159,8 @@ def attach(gm: torch.nn.Module, rep: GhostReport) -> None:
     # A plain attribute (not a submodule, not state): it survives pickling a GraphModule, which
     # re-creates ``meta`` empty.
     object.__setattr__(gm, "_" + _META_KEY, rep)
+
+
+def detach(module: torch.nn.Module) -> None:
+    """Take the report off ``module`` (:func:`fxghost.revert_ghost_batchnorm`)."""
+    module.__dict__.pop("_" + _META_KEY, None)

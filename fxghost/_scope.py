@@ -10,7 +10,6 @@ runs is ghosted, and the model's own Python (its checkpointing, its data-depende
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ from typing import Any
 from torch import fx, nn
 
 from . import ops
-from ._graph_module import LayerGraphModule, layer_graph_module
+from ._graph_module import LayerGraphModule, layer_graph_module, share_hooks, shared_mode_copy
 from ._pass import (
+    KEPT_AS_PYTHON,
     Records,
     emit_ghost_subgraph,
     full_name,
     holds_candidates,
-    hook_note,
     is_batchnorm_like,
     layer_record,
     rewrite,
@@ -67,34 +66,25 @@ class Walk:
     untraced: list[UntracedPart] = field(default_factory=list)
 
 
-def shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object sharing parameters, buffers and children, with its own registries,
-    so that replacing a child does not touch the caller's model."""
-    new = copy.copy(module)
-    new._modules = dict(module._modules)  # type: ignore[assignment]
-    new._parameters = dict(module._parameters)  # type: ignore[assignment]
-    new._buffers = dict(module._buffers)  # type: ignore[assignment]
-    return new
-
-
 def rewrite_module(
     module: nn.Module,
     walk: Walk,
     prefix: str = "",
     concrete_args: dict[str, Any] | None = None,
     *,
-    leaf: bool = False,
+    kept: str = "",
 ) -> nn.Module:
-    """``module`` rewritten: a GraphModule where it traces (unless it is a tracer ``leaf``), else
-    a shallow copy whose children are rewritten; ``module`` itself is left unchanged."""
+    """``module`` rewritten: a GraphModule where it traces (unless ``kept`` says why its own
+    forward is kept: a tracer leaf, or a module with hooks), else a copy whose children are
+    rewritten; ``module`` itself is left unchanged. The result runs ``module``'s hooks."""
     if isinstance(module, LayerGraphModule):  # rewritten before: again, from the same layer
         layer = module._fxghost_source
         return _rewrite_layer(layer, rule_for(layer) or LayerRule(), walk, prefix, module)
     rule = rule_for(module)
     if rule is not None:
         return _rewrite_layer(module, rule, walk, prefix)
-    if leaf:
-        walk.untraced.append(UntracedPart(prefix, "a tracer leaf"))
+    if kept:
+        walk.untraced.append(UntracedPart(prefix, kept))
     else:
         try:
             traced = trace(module, tracer=walk.make_tracer(), concrete_args=concrete_args)
@@ -103,8 +93,10 @@ def rewrite_module(
                 raise
             walk.untraced.append(UntracedPart(prefix, err))
         else:
-            return rewrite_graph_module(traced, walk, module, prefix)
-    new = shallow_copy(module)
+            result = rewrite_graph_module(traced, walk, module, prefix)
+            share_hooks(module, result)
+            return result
+    new = shared_mode_copy(module)
     for child_name, child in module.named_children():
         if holds_candidates(child):
             new._modules[child_name] = rewrite_module(child, walk, full_name(prefix, child_name))
@@ -126,7 +118,9 @@ def rewrite_graph_module(
     source = root if root is not None else gm
     for path, why in result.opaque.items():
         sub = source.get_submodule(path)
-        new_sub = rewrite_module(sub, walk, full_name(prefix, path), leaf=why == "a tracer leaf")
+        new_sub = rewrite_module(
+            sub, walk, full_name(prefix, path), kept=why if why in KEPT_AS_PYTHON else ""
+        )
         _set_submodule(result.gm, path, new_sub, source)
     return result.gm
 
@@ -140,7 +134,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module, source: nn.Module
         walked = full_name(walked, atom)
         child = parent._modules[atom]
         if child is source.get_submodule(walked):
-            child = parent._modules[atom] = shallow_copy(child)
+            child = parent._modules[atom] = shared_mode_copy(child)
         parent = child  # type: ignore[assignment]
     parent._modules[attr] = new
 
@@ -184,19 +178,22 @@ def _rewrite_layer(
         process_group=walk.process_group[0],
     )
     graph.output(out)
-    note = hook_note(module)
+    note = ""
     if old_g is not None and old_g != walk.g:
         note = f"ghost_batch_size changed from {old_g}"
     gm = layer_graph_module(
         module, graph, f"Ghost{type(module).__name__}", state=module if before is None else before
     )
+    # Its graph runs the layer's forward hooks and pre-hooks as ops; backward hooks need
+    # nn.Module.__call__ to wrap the call, so this module shares them.
+    share_hooks(module, gm, backward_only=True)
     record = layer_record(
         name,
         module,
         True,
         note,
         walk.g,
-        warn=bool(hook_note(module)),
+        warn=False,
         group_size=walk.process_group[1],
     )
     walk.records.replace(dataclasses.replace(record, layer_id=id(gm)))  # the ops' layer

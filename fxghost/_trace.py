@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import fx, nn
 
 from . import ops
-from ._graph_module import DualGraphModule
+from ._graph_module import DualGraphModule, has_hooks
 
 __all__ = ["GhostTracer", "TracingError", "trace"]
 
@@ -60,6 +60,9 @@ class GhostTracer(fx.Tracer):
     branch into the graph (eval would then silently use batch statistics), and its input checks
     branch on tensor shapes that tracing cannot follow. ``+=``, ``-=``, ``*=`` and ``/=`` stay
     in-place operators in the graph, as the model wrote them (plain FX makes them out-of-place).
+
+    A module with hooks (forward, pre-, backward) is a leaf too, so that its hooks run at each
+    call with real tensors.
 
     ``torch.utils.checkpoint.checkpoint(submodule, ...)`` stays a checkpoint call, with the
     submodule as its argument (a ``get_attr`` node): tracing through it would drop the
@@ -113,6 +116,10 @@ class GhostTracer(fx.Tracer):
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
+        if has_hooks(m):
+            # Called as a module, its hooks run as nn.Module.__call__ runs them, with real
+            # tensors; traced into, they would run now, on proxies, and never again.
             return True
         if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self.leaf_names):
             return True

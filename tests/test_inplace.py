@@ -1,6 +1,6 @@
-"""The in-place API: ``fxghost.apply_ghost_batchnorm(model, g)`` rewrites what is under ``model``
-and keeps ``model`` itself; ``fxghost.revert_ghost_batchnorm(model)`` puts the original children
-back. Training through the applied model equals the chunked reference in float64."""
+"""The in-place API: ``fxghost.apply_ghost_batchnorm(model, g)`` gives each BatchNorm of ``model``
+its ghost forward and replaces no module; ``fxghost.revert_ghost_batchnorm(model)`` takes it away.
+Training through the applied model equals the chunked reference in float64."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ REL = 1e-9
 
 
 class Branchy(nn.Module):
-    """A forward that branches on a tensor's value, so it does not trace: its children are
-    rewritten instead (the BatchNorm it calls becomes a module of its own)."""
+    """A forward that branches on a tensor's value, so it does not trace (nothing is traced in
+    place: its BatchNorm is ghosted all the same)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +91,7 @@ def test_trains_like_the_reference_with_an_optimizer_built_before() -> None:
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), G)
     params = list(model.parameters())
     keys = list(model.state_dict())
+    modules = dict(model.named_modules())
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
 
@@ -100,7 +101,7 @@ def test_trains_like_the_reference_with_an_optimizer_built_before() -> None:
     assert list(model.state_dict()) == keys
     rep = fxghost.report(model)
     assert rep.rewritten_names == ["stem.1", "block.bn", "head.2"], rep.table()
-    assert [p.name for p in rep.untraced] == ["block"]
+    assert dict(model.named_modules()) == modules  # the same objects at the same paths
 
     train(model, opt)
     train(reference, ref_opt)
@@ -114,28 +115,29 @@ def test_trains_like_the_reference_with_an_optimizer_built_before() -> None:
     assert model.predict(x).shape == (1,)
 
 
-def test_revert_puts_back_the_same_objects_with_the_current_state() -> None:
+def test_revert_leaves_every_module_in_place_with_the_current_state() -> None:
     model = make_net().float()
-    children = dict(model.named_children())
+    modules = dict(model.named_modules())
+    types = {name: type(m) for name, m in modules.items()}
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     fxghost.apply_ghost_batchnorm(model, G)
-    assert model.stem is not children["stem"] and model.block is not children["block"]
-    # .double() replaces every buffer tensor of the rewritten children (as Lightning's 64-bit
-    # precision and .to(device) do); training then updates those.
+    assert dict(model.named_modules()) == modules
+    assert {name: type(m) for name, m in model.named_modules()} == types
+    # .double() replaces every buffer tensor (as Lightning's 64-bit precision and .to(device)
+    # do); training then updates those.
     model.double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     train(model, opt, steps=2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    training = [m.training for m in model.modules()]
 
     model.eval()
     assert fxghost.revert_ghost_batchnorm(model) is model
-    assert all(model._modules[name] is child for name, child in children.items())
-    assert [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == bns
+    assert dict(model.named_modules()) == modules
+    assert not any("forward" in bn.__dict__ or "extra_repr" in bn.__dict__ for bn in bns)
     assert not model.training and not any(m.training for m in model.modules())
     for key, value in model.state_dict().items():
         assert value.dtype == state[key].dtype and torch.equal(value, state[key]), key
-    assert training[0] and int(bns[0].num_batches_tracked) == 6  # 2 steps of 3 ghost batches
+    assert int(bns[0].num_batches_tracked) == 6  # 2 steps of 3 ghost batches
     with pytest.raises(ValueError, match="carries no fxghost report"):
         fxghost.report(model)
     with pytest.raises(ValueError, match="no ghost BatchNorm applied"):
@@ -164,9 +166,7 @@ def test_applying_twice() -> None:
     assert int(model.head[2].num_batches_tracked) == 1  # plain again: one batch, not three
 
 
-def test_refused_models() -> None:
-    with pytest.raises(ValueError, match="itself a BatchNorm layer; use fxghost.transform"):
-        fxghost.apply_ghost_batchnorm(nn.BatchNorm1d(3), G)
+def test_refused_and_unwrapped_models() -> None:
     with pytest.raises(ValueError, match="produced by fxghost.transform"):
         fxghost.apply_ghost_batchnorm(fxghost.transform(make_net(), G), G)
     with pytest.raises(TypeError, match="takes a torch.nn.Module"):
@@ -174,11 +174,20 @@ def test_refused_models() -> None:
     with pytest.raises(ValueError, match="ghost_batch_size"):
         fxghost.apply_ghost_batchnorm(make_net(), 0)
     model = make_net()
-    with pytest.raises(TypeError, match="before wrapping"):
-        fxghost.apply_ghost_batchnorm(nn.DataParallel(model), G)
     with pytest.raises(ValueError, match="matches no rewritable"):
         fxghost.apply_ghost_batchnorm(model, G, only=["nothing.*"])
-    assert "_fxghost_inplace" not in model.__dict__ and isinstance(model.stem, nn.Sequential)
+    assert "_fxghost_inplace" not in model.__dict__ and "forward" not in model.stem[1].__dict__
+    # A BatchNorm itself, and a DataParallel wrapper (its module is ghosted: no module is
+    # replaced, so what the wrapper holds stays valid).
+    bn = nn.BatchNorm1d(3)
+    assert fxghost.apply_ghost_batchnorm(bn, 2) is bn
+    bn(torch.randn(4, 3))
+    assert int(bn.num_batches_tracked) == 2
+    wrapped = nn.DataParallel(model)
+    fxghost.apply_ghost_batchnorm(wrapped, G)
+    assert fxghost.report(model).rewritten_names == ["stem.1", "block.bn", "head.2"]
+    fxghost.revert_ghost_batchnorm(wrapped)
+    assert "forward" not in model.stem[1].__dict__
 
 
 def test_only_hooks_and_shared_children() -> None:
@@ -188,16 +197,16 @@ def test_only_hooks_and_shared_children() -> None:
     handle = model.stem.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     fxghost.apply_ghost_batchnorm(model, G, only=["stem.*", "head.*"])
     assert fxghost.report(model).rewritten_names == ["stem.1", "head.2"]
-    assert model.alias is model.head and not isinstance(model.head, nn.Sequential)
-    assert isinstance(model.block, Branchy)  # not selected: untouched
+    assert model.alias is model.head and isinstance(model.head, nn.Sequential)
+    assert "forward" not in model.block.bn.__dict__  # not selected: untouched
     x, _ = batch(0)
     model(x)
-    assert seen == [(10, 4, 5, 5)]  # a hook on a replaced child still fires
+    assert seen == [(10, 4, 5, 5)]  # a hook on a container fires once per call
     handle.remove()
     model(x)
     assert len(seen) == 1
     head = fxghost.revert_ghost_batchnorm(model).head
-    assert model.alias is head and isinstance(head, nn.Sequential)
+    assert model.alias is head and "forward" not in head[2].__dict__
 
 
 def test_copies_and_checkpoints_between_plain_and_applied() -> None:

@@ -381,7 +381,7 @@ def test_leaf_modules_and_custom_tracer() -> None:
     assert rep.rewritten_names == ["inner.bn", "bn"]
     assert rep.skipped == []
     assert any(n.op == "call_module" and n.target == "inner" for n in gm.graph.nodes)
-    assert type(gm.inner) is _Branchy and gm.inner is not model.inner
+    assert isinstance(gm.inner, _Branchy) and gm.inner is not model.inner
     assert isinstance(gm.inner.bn, torch.fx.GraphModule) and type(model.inner.bn) is nn.BatchNorm1d
     assert [p.name for p in rep.untraced] == ["inner"]
     gm2 = fxghost.transform(model, 4, tracer=fxghost.GhostTracer(leaf_modules=["inner"]))
