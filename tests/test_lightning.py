@@ -2,7 +2,9 @@
 chunked reference in a plain loop (float64, ``precision="64-true"``), validates with plain
 BatchNorm eval at any batch size, writes checkpoints that load into the plain module with
 ``strict=True``, works on a ``torch.compile``\\ d module, and under the ``ddp`` strategy (two CPU
-processes on gloo) equals the per-shard reference.
+processes on gloo) equals the per-shard reference. A training loader whose last batch is smaller
+than the ghost size is refused before the first step (its arithmetic per process, under DDP's
+sampler too, is tested against real loaders in ``test_loader.py``).
 
 The DDP test runs this file as a script: Lightning's ``ddp`` strategy starts the other process
 by running the same command again, which a pytest process cannot be.
@@ -194,6 +196,52 @@ def test_layers_built_in_configure_model_and_settings_checked(one_thread: None) 
         trainer(max_steps=1, callbacks=[GhostBatchNorm(5)]).fit(
             lit, DataLoader(data(BATCH), batch_size=BATCH)
         )
+
+
+class CountingNet(LitNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_short_last_batch_fails_before_the_first_step(one_thread: None) -> None:
+    # 200 samples in batches of 32: six of 32, then one of 8, below the ghost size of 16.
+    train_set = data(200)
+    lit = CountingNet()
+    with pytest.raises(ValueError) as raised:
+        trainer(max_epochs=1, callbacks=[GhostBatchNorm(16)]).fit(
+            lit, DataLoader(train_set, batch_size=32)
+        )
+    assert lit.steps == 0
+    message = str(raised.value)
+    for part in ["3 BatchNorm layer(s)", "ghost_batch_size=16", "200 samples", "batch_size=32"]:
+        assert part in message
+    assert "holds 8 sample(s)" in message and "drop_last=True" in message
+    with pytest.raises(ValueError):  # reverted: a plain module carries no fxghost report
+        fxghost.report(lit)
+
+    # The fixes it names train the whole epoch: drop_last=True (six steps), and a batch size
+    # whose last batch holds at least the ghost size (four of 46, then 16).
+    for loader, steps in [
+        (DataLoader(train_set, batch_size=32, drop_last=True), 6),
+        (DataLoader(train_set, batch_size=46), 5),
+    ]:
+        lit = CountingNet()
+        trainer(max_epochs=1, callbacks=[GhostBatchNorm(16)]).fit(lit, loader)
+        assert lit.steps == steps
+
+    # Training that stops before the short batch is not refused: limit_train_batches ends the
+    # epoch before it, max_steps the fit.
+    for limit in [{"limit_train_batches": 6}, {"max_steps": 6}]:
+        lit = CountingNet()
+        trainer(max_epochs=1, callbacks=[GhostBatchNorm(16)], **limit).fit(
+            lit, DataLoader(train_set, batch_size=32)
+        )
+        assert lit.steps == 6
 
 
 # --- DDP: two processes started by Lightning's own launcher -------------------------------------
