@@ -15,15 +15,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ._inplace import apply_ghost_batchnorm
+from ._loader import check_batches, loader_shape
 from ._plan import check_ghost_batch_size
 from ._report import report
 
 try:
-    from composer.core import Algorithm, Event
+    from composer.core import Algorithm, Event, TimeUnit
 except ImportError:  # pragma: no cover - without Composer the class cannot be used
     Algorithm = object  # type: ignore[assignment,misc]
-    Event = None  # type: ignore[assignment,misc]
+    Event = TimeUnit = None  # type: ignore[assignment,misc]
 
 __all__ = ["FxGhostBatchNorm", "GhostBatchNorm"]
 
@@ -40,6 +43,17 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
     and applies *its own* algorithm of a recorded name if that algorithm is required on load, as
     Composer's ``GhostBatchNorm`` is: a checkpoint of this algorithm would then get Composer's
     module surgery. This one is not required on load: its checkpoints are a plain model's.
+
+    A training batch smaller than the ghost size raises, as the chunked reference does; so that
+    an epoch's short last batch does not raise after a whole epoch of training, the algorithm
+    also runs at ``Event.FIT_START``, before the first training step, and checks the training
+    dataloader: if the last batch on each device (from the dataset's length, ``batch_size``,
+    ``drop_last`` and a ``DistributedSampler``'s sharding), or the smallest microbatch that
+    ``device_train_microbatch_size`` splits a batch into, is smaller than the ghost size and
+    training reaches it (within ``train_subset_num_batches`` and a ``max_duration`` in batches),
+    a ``ValueError`` names the sizes and the fixes (``drop_last=True``, a smaller ghost size,
+    another batch or microbatch size). A dataloader without that arithmetic (a custom batch
+    sampler, an ``IterableDataset``) is not checked.
 
     Args:
         ghost_batch_size: samples per ghost batch, a positive int; it must not exceed the
@@ -65,9 +79,12 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
         return False  # plain state_dict keys: nothing to redo before loading a checkpoint
 
     def match(self, event: Any, state: Any) -> bool:
-        return bool(event == Event.INIT)
+        return bool(event in (Event.INIT, Event.FIT_START))
 
     def apply(self, event: Any, state: Any, logger: Any = None) -> None:
+        if event == Event.FIT_START:
+            self._check_loader(state)
+            return
         if state.model is None:
             raise ValueError("fxghost.composer.GhostBatchNorm: the Trainer's state has no model")
         apply_ghost_batchnorm(
@@ -82,6 +99,41 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
         )
         if logger is not None:
             logger.log_hyperparameters({"FxGhostBatchNorm/num_ghosted_layers": rewritten})
+
+    def _check_loader(self, state: Any) -> None:
+        model = state.model
+        if isinstance(model, DistributedDataParallel):
+            model = model.module  # wrapped after INIT, where the report was attached
+        try:
+            layers = len(report(model).rewritten)
+        except ValueError:
+            return  # not ghosted: every batch size trains
+        if not layers:
+            return
+        shape = loader_shape(state.dataloader)
+        microbatch = state.device_train_microbatch_size
+        if shape is None or not isinstance(microbatch, int):
+            # A float microbatch size is sequence parallelism's fraction of a sample.
+            log.debug("%r: cannot tell the training batch sizes in advance", self)
+            return
+        batches = shape.num_batches
+        if state.dataloader_len is not None and int(state.dataloader_len) < batches:
+            return  # train_subset_num_batches ends each epoch before its last batch
+        stamp = state.timestamp
+        if state.max_duration is not None and state.max_duration.unit == TimeUnit.BATCH:
+            last = int(stamp.batch) + batches - 1 - int(stamp.batch_in_epoch)
+            if last >= state.max_duration.value:
+                return  # training stops before the epoch's last batch
+        check_batches(
+            shape,
+            self.ghost_batch_size,
+            owner="fxghost.composer.GhostBatchNorm",
+            layers=layers,
+            # Auto microbatching starts at the whole batch and halves it on running out of
+            # memory, at sizes that cannot be known here: check the whole batches.
+            microbatch_size=None if state.auto_microbatching else microbatch,
+            microbatch_name="device_train_microbatch_size",
+        )
 
 
 GhostBatchNorm = FxGhostBatchNorm

@@ -1,7 +1,9 @@
 """MosaicML Composer: ``Trainer(algorithms=[fxghost.composer.GhostBatchNorm(g)])`` trains like the
 chunked reference (float64), and like Composer's own ``GhostBatchNorm`` algorithm, whose place it
 takes: checkpoints keep plain keys and load into a plain model through Composer's own loading,
-and eval runs at a batch smaller than the ghost size, where Composer's algorithm raises.
+and eval runs at a batch smaller than the ghost size, where Composer's algorithm raises. A
+training dataloader whose last batch (or microbatch) is smaller than the ghost size is refused at
+``Event.FIT_START``, before the first step.
 
 Composer pins an older torch, so these tests run in their own environment: ``make test-composer``.
 """
@@ -205,3 +207,81 @@ def test_readme_block() -> None:
     assert fxghost.report(model).ghost_batch_size == README_G
     bn = model.get_submodule("module.1")
     assert int(bn.num_batches_tracked) == 4  # two steps of two ghost batches
+
+
+class Steps(Callback):
+    """Counts the training forwards (one per microbatch)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_forward(self, state: Any, logger: Any) -> None:
+        self.count += 1
+
+
+def fit_loader(
+    loader: DataLoader, g: int, steps: Steps | None = None, **kwargs: Any
+) -> tuple[ComposerClassifier, int]:
+    model, counter = classifier(make_net()), steps or Steps()
+    options: dict[str, Any] = {"max_duration": "1ep", **kwargs}
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        optimizers=torch.optim.SGD(model.parameters(), lr=LR),
+        algorithms=[fxghost.composer.GhostBatchNorm(g)],
+        callbacks=[counter],
+        device="cpu",
+        precision="fp32",
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+        seed=0,
+        **options,
+    )
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return model, counter.count
+
+
+def test_short_last_batch_or_microbatch_fails_before_the_first_step() -> None:
+    # 200 samples in batches of 32: six of 32, then one of 8, below the ghost size of 16.
+    train_set = data(200)
+    steps = Steps()
+    with pytest.raises(ValueError) as raised:
+        fit_loader(DataLoader(train_set, batch_size=32), 16, steps)
+    assert steps.count == 0
+    message = str(raised.value)
+    for part in ["2 BatchNorm layer(s)", "ghost_batch_size=16", "200 samples", "batch_size=32"]:
+        assert part in message
+    assert "holds 8 sample(s)" in message and "drop_last=True" in message
+
+    # Microbatches of 12 split each batch of 32 into 12, 12 and 8.
+    with pytest.raises(ValueError, match="device_train_microbatch_size=12") as raised:
+        fit_loader(
+            DataLoader(train_set, batch_size=32, drop_last=True),
+            16,
+            device_train_microbatch_size=12,
+        )
+    assert "microbatch of 8 sample(s)" in str(raised.value)
+
+    # The fixes it names train the whole epoch: drop_last=True (six batches), a batch size whose
+    # last batch holds at least the ghost size (four of 46, then 16), microbatches of 16.
+    for loader, kwargs, forwards in [
+        (DataLoader(train_set, batch_size=32, drop_last=True), {}, 6),
+        (DataLoader(train_set, batch_size=46), {}, 5),
+        (
+            DataLoader(train_set, batch_size=32, drop_last=True),
+            {"device_train_microbatch_size": 16},
+            12,
+        ),
+    ]:
+        model, count = fit_loader(loader, 16, **kwargs)
+        assert count == forwards
+        assert fxghost.report(model).ghost_batch_size == 16
+
+    # Training that stops before the short batch is not refused: train_subset_num_batches ends
+    # the epoch before it, a max_duration of 6 batches the fit.
+    for kwargs in [{"train_subset_num_batches": 6}, {"max_duration": "6ba"}]:
+        assert fit_loader(DataLoader(train_set, batch_size=32), 16, **kwargs)[1] == 6
