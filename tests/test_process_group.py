@@ -7,19 +7,18 @@ gradient, the parameter gradients (summed over the group, or as DDP averages the
 processes), and the buffers, which must also be bitwise the same on every process of the group.
 
 All cases run in one spawn of four processes (starting them costs seconds); each rank records
-per-case results that the tests below read.
+per-case results that the tests below read. The README's recipe runs apart, as its own script
+under torchrun with two processes, as the README says to run it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
-import io
 import json
 import os
-import socket
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import STATS32_TOL, assert_close, assert_ulp_close, run_ranks
+from test_torchrun import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -95,7 +95,7 @@ SPECIAL = (
     "one_process_fails_input_check",
     "report",
 )
-SCENARIOS = (*CASES, *SPECIAL, "readme")
+SCENARIOS = (*CASES, *SPECIAL)
 
 
 def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
@@ -449,52 +449,24 @@ def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
         raise ValueError(name)
 
 
-def readme_block() -> str:
-    """The training script of the README's section on process groups."""
+def readme_section() -> str:
+    """The README's section on process groups."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = text.index("## Ghost batches across processes")
-    section = text[start : text.index("\n## ", start)]
-    blocks = section.split("```python\n")[1:]
+    return text[start : text.index("\n## ", start)]
+
+
+def readme_block() -> str:
+    """The training script of the README's section on process groups."""
+    blocks = readme_section().split("```python\n")[1:]
     return next(b.split("```")[0] for b in blocks if "init_process_group" in b)
 
 
-def _readme(rank: int, port: int, f: _Failures) -> None:
-    """The README's script as torchrun would run it (env:// rendezvous), with a small model and
-    two batches of 8 samples per process: one ghost batch of 32 over the four processes."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 10),
-    )
-    gen = torch.Generator().manual_seed(rank)
-    loader = [
-        (torch.randn(8, 3, 5, 5, generator=gen), torch.randint(0, 10, (8,), generator=gen))
-        for _ in range(2)
-    ]
-    scope: dict[str, Any] = {"model": model, "loader": loader}
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            exec(compile(readme_block(), "README.md", "exec"), scope)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    rows = fxghost.report(scope["gm"]).rows()
-    layout = "N=32 (8+8+8+8): 32 on ranks 0-3"
-    f.require([r["group"] for r in rows] == [4], f"groups {rows}")
-    f.require(rows[0]["ghost batches (last batch)"] == layout, f"layout {rows}")
-    f.require(layout in printed.getvalue(), f"printed {printed.getvalue()!r}")
-    f.require(int(model[1].num_batches_tracked) == 2, "not two ghost batches")
+def readme_command() -> list[str]:
+    """The first command line that the README gives for running that script."""
+    blocks = readme_section().split("```bash\n")[1:]
+    commands = next(b.split("```")[0] for b in blocks if "train.py" in b)
+    return commands.splitlines()[0].partition("#")[0].split()
 
 
 def _record(name: str, rank: int, out_dir: str, fn: Callable[[_Failures], None]) -> None:
@@ -514,7 +486,7 @@ def _record(name: str, rank: int, out_dir: str, fn: Callable[[_Failures], None])
     Path(out_dir, f"{name}.rank{rank}.json").write_text(json.dumps(result, default=str))
 
 
-def _worker(rank: int, init_file: str, out_dir: str, names: list[str], port: int) -> None:
+def _worker(rank: int, init_file: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)  # four processes on a small CPU: no oversubscription
     dist.init_process_group(
         "gloo",
@@ -526,8 +498,6 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str], port: int
     try:
         groups = Groups()
         for name in names:
-            if name == "readme":
-                continue
             if name in CASES:
                 scenario = functools.partial(_run_case, CASES[name], rank, groups)
             else:
@@ -536,20 +506,12 @@ def _worker(rank: int, init_file: str, out_dir: str, names: list[str], port: int
             dist.barrier()  # realign the ranks before the next scenario's collectives
     finally:
         dist.destroy_process_group()
-    if "readme" in names:  # it starts its own process group, as torchrun's script would
-        _record("readme", rank, out_dir, lambda f: _readme(rank, port, f))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(names: list[str], tmp: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Run the scenarios ``names`` in four processes; each (scenario, rank)'s recorded result."""
     missing = {"failures": [], "error": "no result recorded", "notes": {}, "seconds": 0.0}
-    args = (str(tmp / "init"), str(tmp), names, _free_port())
+    args = (str(tmp / "init"), str(tmp), names)
     return run_ranks(_worker, args, WORLD, names, tmp, JOIN_TIMEOUT_S, missing)
 
 
@@ -655,10 +617,41 @@ def test_group_of_one_reports_its_size(results: dict[tuple[str, int], dict[str, 
     assert all(r["backend (last call)"] != "torch (process group)" for r in rows)
 
 
-def test_readme_recipe_runs(results: dict[tuple[str, int], dict[str, Any]]) -> None:
-    """The README's training script, under env:// rendezvous as torchrun starts it: one ghost
-    batch of 32 over four processes of 8 samples, reported as such."""
-    _assert_ok(results, "readme")
+def test_readme_recipe_runs_as_written(tmp_path: Path) -> None:
+    """The README's train.py, run by its first command line: two processes on CPU, one group of
+    two holding one ghost batch of 16 (8 + 8) per step."""
+    command = readme_command()
+    assert command == ["torchrun", "--standalone", "--nproc_per_node=2", "train.py"]
+    (tmp_path / "train.py").write_text(readme_block())
+    # On CPU whatever the machine has: the command names two processes, and a machine with one
+    # GPU would give the second a device it does not have.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [*torchrun(), *command[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOIN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r.split() for r in proc.stdout.splitlines() if r.split()[:2] == ["1", "BatchNorm2d"]]
+    assert len(rows) == 1, proc.stdout  # printed by rank 0 only
+    (row,) = rows
+    assert row[1:2] + row[6:] == [
+        "BatchNorm2d",
+        "torch",
+        "(process",
+        "group)",
+        "2",
+        "N=16",
+        "(8+8):",
+        "16",
+        "on",
+        "ranks",
+        "0-1",
+    ], proc.stdout
+    assert "1 layer(s) rewritten with ghost_batch_size=16, 0 skipped" in proc.stdout
 
 
 def test_arguments_are_checked() -> None:
