@@ -37,16 +37,18 @@ class GhostBatchNorm(Callback):  # type: ignore[misc]
 
     At ``setup`` for fitting (before Lightning converts the module's precision, moves it to the
     device, wraps it in DDP and builds the optimizers), :func:`fxghost.apply_ghost_batchnorm`
-    rewrites the BatchNorm-holding submodules of the module in place: the ``LightningModule``
-    stays the same object, with the same Parameters, buffers and ``state_dict`` keys. So training
+    gives each BatchNorm layer of the module its ghost forward, in place: every module stays the
+    same object of the same type (``configure_optimizers`` may index containers), with the same
+    Parameters, buffers and ``state_dict`` keys. So training
     steps use ghost BatchNorm, validation, test and predict use plain BatchNorm eval (at any batch
     size), checkpoints written by ``ModelCheckpoint`` load into the plain module with
     ``strict=True``, and ``torch.compile`` and the ``ddp`` strategy work as without it (under DDP
     each process forms ghost batches from its own shard). Layers that ``configure_model`` creates
     are ghosted at ``on_fit_start``.
 
-    When fitting ends (or fails), the original submodules are put back, holding the trained
-    weights and statistics, so the module is plain again for ``validate``, ``test`` or export.
+    When fitting ends (or fails), the layers get BatchNorm's own forward back, holding the
+    trained weights and statistics, so the module is plain again for ``validate``, ``test`` or
+    export.
     ``fxghost.report(pl_module)`` during fitting lists the layers ghosted.
 
     A training batch smaller than the ghost size raises, as the chunked reference does; so that

@@ -77,6 +77,7 @@ class Spy(L.Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.report = fxghost.report(pl_module)
         self.stem = pl_module.net.stem
+        self.ghosted = "forward" in pl_module.net.stem[1].__dict__
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self.grads = [p.grad.clone() for p in pl_module.parameters()]
@@ -126,8 +127,9 @@ def test_fit_validate_and_checkpoint(tmp_path: Path, one_thread: None) -> None:
         DataLoader(val_set, batch_size=3),  # batches of 3 and 2 samples, below the ghost size
     )
     assert spy.report.rewritten_names == ["net.stem.1", "net.block.bn", "net.head.2"]
-    assert spy.stem is not children["stem"]  # ghosted while training...
-    assert all(lit.net._modules[k] is v for k, v in children.items())  # ...plain afterwards
+    assert spy.stem is children["stem"] and spy.ghosted  # the same modules, ghosted in training...
+    assert all(lit.net._modules[k] is v for k, v in children.items())
+    assert "forward" not in lit.net.stem[1].__dict__  # ...and plain afterwards
 
     reference = reference_loop(start, list(DataLoader(train_set, batch_size=BATCH)))
     spy.restore_grads(lit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +319,52 @@ def test_lightning_configure_optimizers_indexes_containers() -> None:
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
     assert module.steps == 2 and module.net.stem[1] is bn
     assert int(bn.num_batches_tracked) == 2 * 16 // G  # ghosted: four ghost batches per step
+
+
+# The README's first example runs as written, and validates and deploys the objects it says.
+
+
+def _readme_usage_block() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Usage") :]
+    return section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+
+
+def test_readme_usage_example_trains_validates_and_deploys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Small(nn.Module):  # a stand-in for resnet18 that reads self.training, like many do
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.features(x).mean((2, 3))
+            return self.fc(F.dropout(y, 0.5, training=self.training))
+
+    built: list[nn.Module] = []
+    monkeypatch.setattr(torchvision.models, "resnet18", lambda: built.append(Small()) or built[0])
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="aot_eager"))
+    monkeypatch.chdir(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 10, (64,))) for _ in "ab"]
+    validated: list[bool] = []
+
+    def validate(step: nn.Module, val_loader: list[torch.Tensor]) -> None:
+        model = built[0]
+        assert not model.training and not model.features[1].training
+        with torch.no_grad():
+            for x in val_loader:  # a batch below the ghost size: plain eval
+                torch.testing.assert_close(step(x), model(x), rtol=0, atol=0)
+        validated.append(True)
+
+    scope = {"loader": loader, "val_loader": [torch.randn(3, 3, 8, 8)], "epochs": 2}
+    scope["validate"] = validate
+    exec(compile(_readme_usage_block(), "README.md (Usage)", "exec"), scope)
+    model = built[0]
+    assert validated == [True, True]
+    assert int(model.features[1].num_batches_tracked) == 2 * 2 * 64 // 32  # ghosted training
+    saved = torch.load(tmp_path / "resnet18.pt")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
