@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _math, backends
-from ._plan import GhostPlan, _check_input, chunk_split
-from .backends._common import Scratch
+from ._plan import GhostPlan, check_layer_input, chunk_split
+from .backends._common import Scratch, param_dtypes, param_grads
 
 __all__ = ["check_input", "ghost_norm", "last_layout", "register", "size_of"]
 
@@ -276,7 +276,7 @@ def check_input(layer: nn.Module, name: str, x: Tensor, key: int) -> None:
     instead of waiting until the collective times out. (Under torch.compile the checks run
     while tracing, and the error stays on that process.)"""
     try:
-        _check_input(layer, name, x)
+        check_layer_input(layer, name, x)
     except (ValueError, TypeError):
         if not torch.compiler.is_compiling():
             _header(x, _group(key, f"'{name}'"), ok=False)
@@ -319,13 +319,7 @@ def _stats(
         )
     total = sum(sizes)
     sizes_text = f"{'+'.join(map(str, sizes))} in the processes of its group"
-    if training and total == 0:
-        raise ValueError(
-            f"fxghost: layer {label} got an empty training batch (N=0: {sizes_text}, "
-            f"ghost_batch_size={g}); BatchNorm cannot compute statistics of no samples. "
-            "Skip empty batches in training (eval accepts them)."
-        )
-    if training and total < g:
+    if training and 0 < total < g:
         raise ValueError(
             f"fxghost: layer {label} got a training batch of N={total} samples ({sizes_text}), "
             f"smaller than ghost_batch_size={g}. Ghost BatchNorm needs at least one full ghost "
@@ -336,7 +330,7 @@ def _stats(
     channels = x.shape[1]
     capacity = _capacity(x.shape[0], g)
     sizes_tensor = torch.tensor(sizes, dtype=torch.int64)
-    if total == 0:  # eval without running statistics, and every process's batch is empty
+    if total == 0:  # every process's batch is empty: no ghost batch, nothing to update
         empty = x.new_zeros((capacity, channels), dtype=dtype)
         return empty, empty.clone(), sizes_tensor
     layout = _layout(sizes, g)
@@ -581,7 +575,8 @@ _backward_op.register_fake(_norm_backward_fake)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, _bias, piece_mean, piece_rstd, sizes, ctx.g, ctx.key = inputs
+    x, weight, bias, piece_mean, piece_rstd, sizes, ctx.g, ctx.key = inputs
+    ctx.param_dtypes = param_dtypes(weight, bias)
     ctx.save_for_backward(x, weight, piece_mean, piece_rstd, sizes)
 
 
@@ -593,12 +588,8 @@ def _backward_rule(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         )
     x, weight, piece_mean, piece_rstd, sizes = ctx.saved_tensors
     dx, dweight, dbias = _backward_op(dy, x, weight, piece_mean, piece_rstd, sizes, ctx.g, ctx.key)
-    needs = ctx.needs_input_grad
-    grad_w = grad_b = None
-    if weight is not None:
-        grad_w = _math.cast(dweight, weight.dtype) if needs[1] else None
-        grad_b = _math.cast(dbias, weight.dtype) if needs[2] else None
-    return (dx if needs[0] else None), grad_w, grad_b, None, None, None, None, None
+    grad_w, grad_b = param_grads(ctx, dweight, dbias)
+    return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, None, None, None
 
 
 _norm_op.register_autograd(_backward_rule, setup_context=_setup)

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "bessel",
     "cast",
     "channel_shape",
+    "cumulative_coefficients",
     "differentiable_backward",
     "ema_coefficients",
+    "no_ghost_batch",
     "normalized",
     "reduce_dims",
     "scale_shift",
@@ -59,11 +62,13 @@ def affine_coefficients(
 def scale_shift(
     mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    if weight is None:
-        return rstd, -mean * rstd
+    """``y = x * scale + shift``. Either parameter may be missing (``bias=False``, or one set to
+    ``None``), as BatchNorm allows: then it is 1 or 0."""
     shape = channel_shape(mean.dim(), mean.shape[2])
-    scale = rstd * weight.to(rstd.dtype).view(shape)
-    return scale, bias.to(rstd.dtype).view(shape) - mean * scale  # type: ignore[union-attr]
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype).view(shape)
+    if bias is None:
+        return scale, -mean * scale
+    return scale, bias.to(rstd.dtype).view(shape) - mean * scale
 
 
 def differentiable_backward(
@@ -73,12 +78,15 @@ def differentiable_backward(
     eps: float | Tensor,
     needs_input_grad: Sequence[bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(grad_x, grad_weight, grad_bias)`` of ghost normalization for the sample-first incoming
+    """``(grad_x, dweight, dbias)`` of ghost normalization for the sample-first incoming
     gradient ``dy``, in differentiable ops: what the fused paths' backward returns under
     ``create_graph=True``, so that a second derivative (a gradient penalty, a Hessian-vector
     product) can go through it. The statistics are recomputed from ``xg`` rather than taken
     from the forward, where they were computed without autograd: the gradient depends on ``xg``
-    through them too. ``needs_input_grad`` as a Function's ``ctx`` has it (x, weight, bias)."""
+    through them too. ``needs_input_grad`` as a Function's ``ctx`` has it (x, weight, bias;
+    False for a missing parameter). ``dweight`` and ``dbias`` are ``(C,)`` in the statistics
+    dtype: the caller casts them to the parameters' (:func:`fxghost.backends._common.param_grads`
+    does)."""
     dtype = stat_dtype(xg.dtype)
     dims = reduce_dims(xg.dim())
     xs = cast(xg, dtype)
@@ -95,11 +103,19 @@ def differentiable_backward(
         if weight is not None:
             k = rstd * cast(weight, dtype).view(channel_shape(xg.dim(), xg.shape[2]))
         grad_x = cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
-    if weight is not None and needs_input_grad[1]:
-        grad_w = cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
-    if weight is not None and needs_input_grad[2]:
-        grad_b = cast(sum_dy.sum(0).flatten(), weight.dtype)
+    if needs_input_grad[1]:
+        grad_w = sum_dy_xhat.sum(0).flatten()
+    if needs_input_grad[2]:
+        grad_b = sum_dy.sum(0).flatten()
     return grad_x, grad_w, grad_b
+
+
+def no_ghost_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The output for a batch ``x`` without samples (N=0), which forms no ghost batch: plain
+    BatchNorm's, an empty batch of ``x``'s shape that depends on ``x``, the weight and the bias
+    as BatchNorm's output does (so a backward through it works, and gives those zero
+    gradients). Nothing is updated: no running statistics are passed."""
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -143,6 +159,15 @@ def ema_coefficients(
     a = momentum / requested
     build = _cached_ema_weights if cached else _ema_weights
     return build(a, count, dtype, device), (1.0 - a) ** count
+
+
+def cumulative_coefficients(
+    seen: int, count: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, float]:
+    """:func:`ema_coefficients` for ``momentum=None``, BatchNorm's cumulative average, after
+    ``seen`` batches: ``count`` updates leave ``R = (seen R0 + sum_j s_j) / (seen + count)``."""
+    total = seen + count
+    return torch.full((count,), 1.0 / total, dtype=dtype, device=device), seen / total
 
 
 #: ``(mean, var, weights, start, beta, unbias, running_mean, running_var) -> handled``: in place,

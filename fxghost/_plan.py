@@ -17,6 +17,7 @@ __all__ = [
     "GhostPlan",
     "InputDtypeError",
     "check_ghost_batch_size",
+    "check_layer_input",
     "chunk_split",
     "plan_ghost_batches",
     "uses_batch_stats",
@@ -151,7 +152,9 @@ def _check_dtypes(layer: nn.Module, name: str, x: torch.Tensor) -> None:
         raise InputDtypeError(f"fxghost: layer '{name}' ({type(layer).__name__}) {problem}")
 
 
-def _check_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
+def check_layer_input(layer: nn.Module, name: str, x: torch.Tensor) -> None:
+    """BatchNorm's own checks of ``x`` for ``layer``, with the layer named: its number of
+    dimensions and channels (``ValueError``) and its dtype (:class:`InputDtypeError`)."""
     # BatchNorm's own dimension check (ValueError "expected 4D input (got 3D input)"), with the
     # layer named.
     try:
@@ -184,21 +187,18 @@ def plan_ghost_batches(
 ) -> GhostPlan:
     """Validate ``x`` for ``layer`` in batch-statistics mode and return its ghost batches.
 
-    Raises ``ValueError`` naming the layer, ``N`` and ``g`` when a training batch is smaller than
-    the ghost size or a ghost batch would have a single value per channel, and
+    Raises ``ValueError`` naming the layer, ``N`` and ``g`` when a non-empty training batch is
+    smaller than the ghost size or a ghost batch would have a single value per channel, and
     :class:`InputDtypeError` for an input dtype that BatchNorm refuses; both before anything has
-    changed.
+    changed. A batch of no samples (N=0), in training as in eval, forms no ghost batch
+    (``requested == 0``).
     """
-    _check_input(layer, name, x)
+    check_layer_input(layer, name, x)
     g = ghost_batch_size
     n = x.shape[0]
     kind = type(layer).__name__
-    if layer.training and n == 0:
-        raise ValueError(
-            f"fxghost: layer '{name}' ({kind}) got an empty training batch (N=0, "
-            f"ghost_batch_size={g}); BatchNorm cannot compute statistics of no samples. "
-            "Skip empty batches in training (eval accepts them)."
-        )
+    if n == 0:
+        return GhostPlan(requested=0, size=0, full=0, tail=0)
     if layer.training and n < g:
         raise ValueError(
             f"fxghost: layer '{name}' ({kind}) got a training batch of N={n} samples, smaller "
@@ -206,9 +206,6 @@ def plan_ghost_batches(
             f"training: feed batches of at least {g} samples (e.g. DataLoader(drop_last=True)) "
             "or use a smaller ghost_batch_size."
         )
-    if n == 0:
-        # Only reachable in eval without running statistics; handled by the caller.
-        return GhostPlan(requested=0, size=0, full=0, tail=0)
     if n % g == 0:
         # The common case, and the one torch.compile keeps symbolic in N (a divisibility guard):
         # nested ceil-divisions of a symbolic N send sympy's simplifier into minutes of work.

@@ -21,7 +21,6 @@ torch.Size([10, 3])
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -31,7 +30,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _distributed, backends
+from . import _distributed, _math, backends
 from ._plan import plan_ghost_batches, uses_batch_stats
 
 __all__ = [
@@ -127,7 +126,7 @@ def ghost_view(
         _distributed.check_input(layer, name, x, process_group)
         return x.unsqueeze(0), None
     plan = plan_ghost_batches(layer, name, x, ghost_batch_size)
-    if plan.requested == 0:  # empty eval batch without running statistics
+    if plan.requested == 0:  # no samples: no ghost batch
         return x.unsqueeze(0), None
     # view, not unflatten: unflatten makes the same view through one more dispatch per call.
     if not plan.tail:
@@ -150,7 +149,10 @@ def ghost_norm(
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval.
     ``backend`` names where it runs (:mod:`fxghost.backends`; ``"auto"`` chooses per call).
     With a ``process_group``, the ghost batches of the group's concatenated batch
-    (:mod:`fxghost._distributed`); eval with running statistics does not communicate."""
+    (:mod:`fxghost._distributed`); eval with running statistics does not communicate.
+    A batch of no samples (N=0) forms no ghost batch: its output is plain BatchNorm's (empty,
+    differentiable) and nothing is updated, ``num_batches_tracked`` included, as in the chunked
+    reference (plain BatchNorm would count the empty batch as one)."""
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
@@ -168,34 +170,32 @@ def ghost_norm(
         y = _distributed.ghost_norm(main.squeeze(0), layer, ghost_batch_size, name, process_group)
         return y, None
     n = main.shape[0] * main.shape[1] + (tail.shape[1] if tail is not None else 0)
+    weight, bias, eps = layer.weight, layer.bias, layer.eps
     if n == 0:
-        return main.flatten(0, 1) * 1, None
-    requested = (n + ghost_batch_size - 1) // ghost_batch_size
-    per_sample = math.prod(main.shape[3:])
+        return _math.no_ghost_batch(main.flatten(0, 1), weight, bias, eps), None
+    running_mean = layer.running_mean
+    tracks = layer.training and layer.track_running_stats and running_mean is not None
+    if not main.numel():
+        # Samples without values (a dimension of size 0): each ghost batch is an empty batch
+        # to the reference's BatchNorm calls, which count it and have no statistics to update.
+        nbt = layer.num_batches_tracked
+        if tracks and nbt is not None:
+            with torch.no_grad():
+                nbt.add_(main.shape[0] + (tail is not None))
+        y_tail = None if tail is None else _math.no_ghost_batch(tail[0], weight, bias, eps)
+        return _math.no_ghost_batch(main.flatten(0, 1), weight, bias, eps), y_tail
     impl = backends.select(main, backend, name)
     backends.record(layer, impl)
-    if tail is None and layer.training and main.numel():
-        fused = impl.training_norm(main, layer, requested, main.shape[1] * per_sample)
-        if fused is not None:
-            return fused, None
-    weight, bias, eps = layer.weight, layer.bias, layer.eps
-    y_main, mean_m, var_m = impl.norm(main, weight, bias, eps)
-    stats = [(mean_m, var_m, main.shape[1] * per_sample)]
-    y_tail = None
-    if tail is not None:
-        y_tail, mean_t, var_t = impl.norm(tail, weight, bias, eps)
-        stats.append((mean_t, var_t, tail.shape[1] * per_sample))
-    running_mean, running_var = layer.running_mean, layer.running_var
-    if layer.training and layer.track_running_stats and running_mean is not None:
-        impl.update_running_stats(
-            running_mean,
-            cast(Tensor, running_var),  # BatchNorm keeps both or neither
+    update = None
+    if tracks:
+        update = backends.RunningStatsUpdate(
+            cast(Tensor, running_mean),
+            cast(Tensor, layer.running_var),  # BatchNorm keeps both or neither
             layer.num_batches_tracked,
             layer.momentum,
-            requested,
-            stats,
+            (n + ghost_batch_size - 1) // ghost_batch_size,
         )
-    return y_main, y_tail
+    return impl.norm_batch(main, tail, weight, bias, eps, update)
 
 
 @_fx_leaf("ghost_unview")

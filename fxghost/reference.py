@@ -12,6 +12,13 @@ benchmarks compare against it.
 torch.Size([10, 3])
 >>> int(bn.num_batches_tracked)  # chunks of 4, 4 and 2 samples
 3
+
+A training batch of no samples (N=0) forms no ghost batch: its output is plain BatchNorm's (an
+empty batch), and nothing is updated, ``num_batches_tracked`` included (plain BatchNorm counts an
+empty batch as one; here it counts ghost batches).
+
+>>> ghost(torch.randn(0, 3)).shape, int(bn.num_batches_tracked)
+(torch.Size([0, 3]), 3)
 """
 
 from __future__ import annotations
@@ -43,8 +50,17 @@ class ChunkedGhostBatchNorm(nn.Module):
         if not uses_batch_stats(bn):
             return bn(x)
         plan = plan_ghost_batches(bn, self.name, x, self.ghost_batch_size)
-        if plan.requested == 0:  # empty eval batch without running statistics
-            return x * 1
+        if plan.requested == 0:
+            # No samples, no ghost batch: the layer's own output for the empty batch (plain
+            # BatchNorm's, differentiable), with nothing updated. track_running_stats=False
+            # keeps BatchNorm's forward off its buffers, num_batches_tracked included, which
+            # counts ghost batches here (plain BatchNorm would add 1 for an empty batch).
+            tracking = bn.track_running_stats
+            bn.track_running_stats = False
+            try:
+                return bn(x)  # type: ignore[no-any-return]
+            finally:
+                bn.track_running_stats = tracking
         momentum = bn.momentum
         if momentum is not None:
             bn.momentum = momentum / plan.requested

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bn_layers import MISSING, init_any, partial_bn
 from conftest import init_bn, run_checks_interpreted
 from torch import Tensor, nn
 
 import fxghost
+from fxghost import backends
 from fxghost.backends import cpu, torch_ops, triton
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
@@ -58,6 +60,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "1d_no_affine": (lambda: nn.BatchNorm1d(3, affine=False), (3,), False),
     "2d": (lambda: nn.BatchNorm2d(2), (2, 2, 2), False),
     "2d_channels_last": (lambda: nn.BatchNorm2d(2), (2, 2, 2), True),
+    # A weight and no bias (bias=False), a bias and no weight (the weight set to None).
+    "1d_no_bias": (lambda: nn.BatchNorm1d(3, bias=False), (3,), False),
+    "2d_no_weight": (lambda: partial_bn(nn.BatchNorm2d, 2, "no_weight"), (2, 2, 2), False),
 }
 BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}
 
@@ -65,7 +70,7 @@ BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}
 def _model(name: str) -> nn.Module:
     """``MODELS[name]``'s BatchNorm in float64, in a Sequential."""
     torch.manual_seed(0)
-    return nn.Sequential(init_bn(MODELS[name][0](), torch.float64))
+    return nn.Sequential(init_any(MODELS[name][0](), torch.float64))
 
 
 @pytest.fixture
@@ -77,7 +82,18 @@ def use(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
         if impl == "cpu_function":
             monkeypatch.setattr(cpu, "_ops", lambda: None)
         elif impl == "decomposition":
-            monkeypatch.setattr(torch_ops.EAGER, "norm", torch_ops.ghost_norm_decomposed)
+
+            def decomposed(
+                xg: Tensor,
+                weight: Tensor | None,
+                bias: Tensor | None,
+                eps: float,
+                update: backends.RunningStatsUpdate | None = None,
+            ) -> tuple[Tensor, Tensor, Tensor]:
+                hook = torch_ops.EAGER.update_hook(update, xg)
+                return torch_ops.ghost_norm_decomposed(xg, weight, bias, eps, hook)
+
+            monkeypatch.setattr(torch_ops.EAGER, "norm", decomposed)
         return "cpu" if impl.startswith("cpu") else "torch"
 
     return route
@@ -140,12 +156,19 @@ Penalty = tuple[nn.Module, tuple[int, ...], tuple[int, ...], bool]
 
 
 def _penalty_model(name: str) -> Penalty:
+    """``name``: "1d" or "2d_channels_last", or one of them with a missing parameter
+    ("1d_no_bias", "2d_channels_last_no_weight")."""
     torch.manual_seed(0)
-    if name == "1d":
-        bn = init_bn(nn.BatchNorm1d(3), torch.float32)
+    missing = next((m for m in MISSING if name.endswith(m)), None)
+    cls = nn.BatchNorm1d if name.startswith("1d") else nn.BatchNorm2d
+    bn = init_bn(cls(3), torch.float32) if missing is None else partial_bn(cls, 3, missing)
+    bn = bn.float()
+    if name.startswith("1d"):
         return nn.Sequential(nn.Linear(4, 3, bias=False), bn, nn.Tanh()), (4,), (3,), False
-    bn = init_bn(nn.BatchNorm2d(3), torch.float32)
     return nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), bn), (2, 3, 2), (3, 3, 2), True
+
+
+PENALTY_MODELS = ["1d", "2d_channels_last", "1d_no_bias", "2d_channels_last_no_weight"]
 
 
 def _compare_penalty(
@@ -172,7 +195,7 @@ def _compare_penalty(
 
 
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
-@pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])
+@pytest.mark.parametrize("model_name", PENALTY_MODELS)
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_gradient_penalty_matches_reference(
     use: Callable[[str], str], impl: str, model_name: str, batch: str
@@ -189,7 +212,7 @@ def test_triton_interpreted() -> None:
     run_checks_interpreted(__file__, timeout=600)
 
 
-@pytest.mark.parametrize("model_name", ["1d", "2d_channels_last"])
+@pytest.mark.parametrize("model_name", PENALTY_MODELS)
 @pytest.mark.parametrize("batch", list(BATCHES))
 def check_triton_gradient_penalty(model_name: str, batch: str) -> None:
     """The Triton Function (it takes float32 and 16-bit inputs, not float64) in float32, against
@@ -216,7 +239,7 @@ def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "eager"])
-@pytest.mark.parametrize("model_name", ["1d", "2d"])
+@pytest.mark.parametrize("model_name", ["1d", "2d", "1d_no_bias", "2d_no_weight"])
 @pytest.mark.parametrize("ours", ["auto", pytest.param("cpu", marks=needs_kernels)])
 def test_compiled_double_backward_behaves_as_plain(
     backend: str, model_name: str, ours: str

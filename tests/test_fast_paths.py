@@ -340,15 +340,22 @@ def test_autograd_op_writes_dx_over_a_spent_gradient(
             assert kept_intact, "a kept gradient was overwritten"
 
 
+def _update(bn: torch.nn.Module, xg: torch.Tensor) -> backends.RunningStatsUpdate:
+    """``bn``'s running-statistics update for a training batch of the ghost batches ``xg``."""
+    return backends.RunningStatsUpdate(
+        bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, xg.shape[0]
+    )
+
+
 def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
-    """One training step of ``bn`` on ``xg``, ghost batches of ``xg.shape[1]`` samples: the fused
-    op, or the op and then the Python update (the path taken with a tail ghost batch). Returns
-    y, the gradients and the buffers afterwards."""
+    """One training step of ``bn`` on ``xg``, ghost batches of ``xg.shape[1]`` samples: the op
+    with the update fused, or the op and then the Python update. Returns y, the gradients and
+    the buffers afterwards."""
     x = xg.detach().clone().requires_grad_()
     n = x.numel() // (x.shape[0] * x.shape[2])  # values per channel in each ghost batch
     if fused:
-        y = cpu.EAGER.training_norm(x, bn, x.shape[0], n)
-        assert y is not None
+        y = cpu.EAGER.norm(x, bn.weight, bn.bias, bn.eps, _update(bn, x))[0]
+        assert "fxghost::GhostNorm" in y.grad_fn.name()
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
         cpu.EAGER.update_running_stats(
@@ -409,10 +416,10 @@ def test_fused_running_update_declares_its_mutations() -> None:
 def test_fused_running_update_is_taken_only_where_it_applies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A transformed model's even training batches take the fused op: the Python update never
-    runs, and the running statistics are the chunked reference's. Uneven batches and
-    momentum=None take the general path, and so do buffers in another dtype than the input,
-    untouched by the fused path."""
+    """A transformed model's training batches take the fused op, a tail ghost batch's call
+    and momentum=None included: the Python update never runs, and the running statistics are
+    the chunked reference's. Buffers the kernel cannot take (here not contiguous) take the
+    Python update, inside the ctypes Function."""
     calls = []
     update = _math.update_running_stats
     monkeypatch.setattr(
@@ -420,18 +427,16 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     )
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8)).double()
     run_side_by_side(model, 4, [(12, 6), (8, 6)], [])
-    assert calls == []
     run_side_by_side(model, 4, [(10, 6)], [])  # a tail ghost batch
-    assert len(calls) == 1
     model[1].momentum = None
-    run_side_by_side(model, 4, [(12, 6)], [])
-    assert len(calls) == 2
-    xg = torch.randn(3, 4, 5, dtype=torch.float64)
+    run_side_by_side(model, 4, [(12, 6), (10, 6)], [])
+    assert calls == []
+    xg = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     bn = _bn_for(xg)
-    bn.running_mean = bn.running_mean.float()
-    assert cpu.EAGER.training_norm(xg, bn, 3, 4) is None
-    assert int(bn.num_batches_tracked) == 0
-    assert cpu.EAGER.training_norm(xg, _bn_for(xg), 3, 4) is not None
+    bn.running_mean = torch.zeros(10, dtype=torch.float64)[::2]
+    y = cpu.EAGER.norm(xg, bn.weight, bn.bias, bn.eps, _update(bn, xg))[0]
+    assert type(y.grad_fn).__name__ == "_CpuKernelGhostNormBackward"
+    assert len(calls) == 1 and int(bn.num_batches_tracked) == 3
 
 
 @needs_op
@@ -457,7 +462,6 @@ def test_without_the_autograd_op_the_kernels_run_through_ctypes(
     y = cpu.EAGER.norm(x, None, None, 1e-5)[0]
     assert type(y.grad_fn).__name__ == "_CpuKernelGhostNormBackward"
     assert cpu.EAGER.label == "cpu (ctypes)"
-    assert cpu.EAGER.training_norm(x, torch.nn.BatchNorm1d(4), 2, 3) is None
 
 
 def test_failed_build_is_remembered(

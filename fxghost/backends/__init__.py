@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from . import cpu, torch_ops, triton
-from ._common import Backend
+from ._common import Backend, RunningStatsUpdate
 from ._layout import dims_of
 
-__all__ = ["NAMES", "Backend", "check", "record", "last_run", "select"]
+__all__ = ["NAMES", "Backend", "RunningStatsUpdate", "check", "record", "last_run", "select"]
 
 #: What ``fxghost.transform(..., backend=...)`` takes.
 NAMES = ("auto", "torch", "cpu", "triton")

@@ -4,13 +4,14 @@ backend's kernels as custom ops for ``torch.compile``."""
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from ._layout import dims
@@ -21,13 +22,41 @@ __all__ = [
     "FusedGhostNorm",
     "dense",
     "NormFn",
+    "RunningStatsUpdate",
     "Scratch",
+    "UpdateHook",
     "forward_outputs",
+    "param_dtypes",
     "param_grads",
+    "per_channel",
     "register_norm_ops",
     "standard",
     "totals",
 ]
+
+#: What a Function's forward calls with the ``(G, 1, C, 1...)`` mean and biased variance it
+#: computed, before it returns (and so before autograd saves anything): the running-statistics
+#: update of :meth:`Backend.norm`.
+UpdateHook = Callable[[Tensor, Tensor], None]
+
+
+class RunningStatsUpdate(NamedTuple):
+    """A training call's running-statistics update: the ghost batches of a batch of
+    ``requested`` update the buffers in closed form, one after another, with momentum
+    ``momentum / requested`` each (:func:`fxghost._math.update_running_stats`)."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    requested: int
+
+
+def per_channel(xg: Tensor) -> int:
+    """How many values of each channel a ghost batch of the grouped view ``xg`` holds."""
+    # A product of sizes, not numel() // (G * C): under torch.compile with dynamic shapes the
+    # sizes are symbols, and a product of them simplifies where a division may not.
+    return xg.shape[1] * math.prod(xg.shape[3:])
 
 
 class Backend:
@@ -39,20 +68,58 @@ class Backend:
     label = ""
 
     def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, var)`` of a grouped view: ``y`` sample-first and not a view, the biased
-        variance; statistics ``(G, 1, C, 1...)``."""
+        variance; statistics ``(G, 1, C, 1...)``. With ``update``, these ghost batches, the
+        next ones of the batch, update the running statistics before anything is saved for
+        backward: under activation checkpointing PyTorch ends the recomputation as soon as the
+        last tensor the backward needs is saved again (its default early stop), and an update
+        after that would run in the forward but not in the recomputation, where each
+        BatchNorm call of the chunked reference updates again."""
         raise NotImplementedError
 
-    def training_norm(
-        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
-    ) -> Tensor | None:
-        """``y`` for a training batch of whole ghost batches ``xg`` (no tail) with ``layer``'s
-        running statistics updated in the same call, where this backend can fuse the two;
-        ``None``, with nothing done, where it cannot (the caller then calls :meth:`norm` and
-        :meth:`update_running_stats`)."""
-        return None
+    def norm_batch(
+        self,
+        main: Tensor,
+        tail: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """A batch's ``(y_main, y_tail)``: :meth:`norm` of its whole ghost batches ``main``,
+        then of its shorter last one ``tail`` when there is one, each updating the running
+        statistics with its own ghost batches, as the reference's BatchNorm calls do one after
+        another."""
+        y_main = self.norm(main, weight, bias, eps, update)[0]
+        return y_main, None if tail is None else self.norm(tail, weight, bias, eps, update)[0]
+
+    def apply_update(
+        self, update: RunningStatsUpdate, count: int, mean: Tensor, var: Tensor
+    ) -> None:
+        """``update`` with the statistics ``(G, 1, C, 1...)`` of its next ghost batches, of
+        ``count`` values per channel each."""
+        self.update_running_stats(
+            update.running_mean,
+            update.running_var,
+            update.num_batches_tracked,
+            update.momentum,
+            update.requested,
+            [(mean, var, count)],
+        )
+
+    def update_hook(self, update: RunningStatsUpdate | None, xg: Tensor) -> UpdateHook | None:
+        """:meth:`apply_update` of ``update`` for the ghost batches ``xg``, as the
+        :data:`UpdateHook` of a Function's forward."""
+        if update is None:
+            return None
+        return functools.partial(self.apply_update, update, per_channel(xg))
 
     #: What :meth:`update_running_stats` passes to :func:`fxghost._math.update_running_stats`:
     #: whether it runs under a trace, and a family's kernel for the weighted sums.
@@ -130,39 +197,51 @@ def forward_outputs(
     ctx: Any,
     xg: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     eps: float,
     stats: tuple[Tensor, ...],
     kernels: BackwardKernels,
     extra: Any,
+    update: UpdateHook | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """What every Function's forward ends with: save ``x``, ``weight``, ``eps`` and the
-    per-group ``(mean, rstd)``, and the backward ``kernels`` with their ``extra`` argument, for
-    backward; return ``(mean, var)`` in the standard shape, marked non-differentiable. ``stats``
-    is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
+    """What every Function's forward ends with: the running-statistics ``update`` (before
+    anything is saved, see :meth:`Backend.norm`); save ``x``, ``weight``, ``eps``, the
+    parameters' dtypes and the per-group ``(mean, rstd)``, and the backward ``kernels`` with
+    their ``extra`` argument, for backward; return ``(mean, var)`` in the standard shape, marked
+    non-differentiable. ``stats`` is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
     mean, rstd, var = stats
+    mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
+    if update is not None:
+        update(mean_s, var_s)
     ctx.save_for_backward(xg, weight, mean, rstd)
     # mean and var are not differentiable: no zero gradients need to be made up for them.
     ctx.set_materialize_grads(False)
     ctx.kernels, ctx.extra, ctx.eps = kernels, extra, eps
-    mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
+    ctx.param_dtypes = param_dtypes(weight, bias)
     ctx.mark_non_differentiable(mean_s, var_s)
     return mean_s, var_s
 
 
+def param_dtypes(
+    weight: Tensor | None, bias: Tensor | None
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """What :func:`param_grads` needs to know of the parameters (a Function keeps the bias's
+    dtype, not the bias: its value plays no part in the backward)."""
+    return (None if weight is None else weight.dtype), (None if bias is None else bias.dtype)
+
+
 def param_grads(
-    ctx: Any, weight: Tensor | None, dweight: Tensor, dbias: Tensor
+    ctx: Any, dweight: Tensor | None, dbias: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Weight and bias gradients from the kernels' ``(C,)`` totals, in the parameters' dtype."""
-    if weight is None:
-        return None, None
-    dtype = weight.dtype
-
-    def cast(total: Tensor) -> Tensor:
-        # .to() would return a total already in this dtype too, but through a dispatch.
-        return total if total.dtype == dtype else total.to(dtype)
-
+    """Weight and bias gradients from the ``(C,)`` totals, in the parameters' dtypes
+    (``ctx.param_dtypes``, from :func:`param_dtypes`); ``None`` for a parameter that is missing
+    or needs none."""
     needs_w, needs_b = ctx.needs_input_grad[1:3]
-    return (cast(dweight) if needs_w else None), (cast(dbias) if needs_b else None)
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (
+        _math.cast(dweight, w_dtype) if needs_w and dweight is not None else None,
+        _math.cast(dbias, b_dtype) if needs_b and dbias is not None else None,
+    )
 
 
 def totals(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,20 +261,21 @@ class FusedGhostNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        # One None per non-tensor input (eps, and the Triton Function's running update):
-        # autograd drops trailing Nones beyond a Function's inputs.
+        # One None per non-tensor input (eps, and the running-statistics update): autograd
+        # drops trailing Nones beyond a Function's inputs.
         if dy is None:  # grads are not materialized, and only y is differentiable
             return None, None, None, None, None
         xg, weight, mean, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the result must be differentiable
-            grads = _math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad)
-            return (*grads, None, None)
-        dy = dy.view(*xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
-        grad_x, dweight, dbias = ctx.kernels(
-            dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
-        )
-        grad_w, grad_b = param_grads(ctx, weight, dweight, dbias)
-        return grad_x, grad_w, grad_b, None, None
+            grad_x, dweight, dbias = _math.differentiable_backward(
+                dy, xg, weight, ctx.eps, ctx.needs_input_grad
+            )
+        else:
+            dy = dy.view(*xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
+            grad_x, dweight, dbias = ctx.kernels(
+                dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
+            )
+        return grad_x, *param_grads(ctx, dweight, dbias), None, None
 
 
 _NORM_SCHEMA = (
@@ -227,7 +307,8 @@ def _norm_backward_fake(
 
 
 def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    xg, weight, _bias, ctx.eps = inputs
+    xg, weight, bias, ctx.eps = inputs
+    ctx.param_dtypes = param_dtypes(weight, bias)
     ctx.save_for_backward(xg, weight, output[1], output[3])
 
 
@@ -266,13 +347,12 @@ def register_norm_ops(
         # create_graph=True: reached when dynamo runs the op without AOT autograd (whose traced
         # backward has grad mode off; AOT autograd refuses double backward).
         if torch.is_grad_enabled():
-            return (
-                *_math.differentiable_backward(dy, xg, weight, ctx.eps, ctx.needs_input_grad),
-                None,
+            grad_x, dweight, dbias = _math.differentiable_backward(
+                dy, xg, weight, ctx.eps, ctx.needs_input_grad
             )
-        grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
-        grad_w, grad_b = param_grads(ctx, weight, dweight, dbias)
-        return grad_x, grad_w, grad_b, None
+        else:
+            grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
+        return grad_x, *param_grads(ctx, dweight, dbias), None
 
     fwd.register_autograd(backward_rule, setup_context=_op_setup)
 

@@ -42,11 +42,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from . import torch_ops
-from ._common import Backend, FusedGhostNorm, dense, forward_outputs, register_norm_ops
+from ._common import (
+    Backend,
+    FusedGhostNorm,
+    RunningStatsUpdate,
+    UpdateHook,
+    forward_outputs,
+    per_channel,
+    register_norm_ops,
+)
 from ._layout import Dims, dims_of
 
 __all__ = ["COMPILED", "EAGER", "available", "build_all", "op_available"]
@@ -358,12 +365,17 @@ class _CpuKernelGhostNorm(FusedGhostNorm):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: UpdateHook | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         dims = _dense_dims(xg)
         out, mean, var, rstd = _cpu_forward(xg, weight, bias, eps, dims)
         mean_s, var_s = forward_outputs(
-            ctx, xg, weight, eps, (mean, rstd, var), _cpu_backward, dims
+            ctx, xg, weight, bias, eps, (mean, rstd, var), _cpu_backward, dims, update
         )
         return out, mean_s, var_s
 
@@ -499,53 +511,61 @@ class _Eager(Backend):
         return "cpu (C++ op)" if _ops() is not None else "cpu (ctypes)"
 
     def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        xg = dense(xg)
-        ops = _ops()
-        if ops is not None:
-            d = _dense_dims(xg)
-            return ops.eager_cpu_ghost_norm.default(xg, weight, bias, eps, d)  # type: ignore[no-any-return]
-        return _CpuKernelGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
-
-    def training_norm(
-        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
-    ) -> Tensor | None:
-        # The update fused into the C++ op's call: made from Python, the update cost as much as
-        # the normalization on a tabular layer. Every check here runs once per layer call.
-        momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
-        ops = _ops()
-        if (
-            ops is None
-            or momentum is None
-            or running_mean is None
-            or running_var is None
-            or not layer.track_running_stats
-            or running_mean.dtype != xg.dtype
-            or running_var.dtype != xg.dtype
-            or not (running_mean.is_contiguous() and running_var.is_contiguous())
-        ):
-            return None
         d = dims_of(tuple(xg.shape), xg.stride())
-        if d is None:
-            return None
-        weights, decay = _math.ema_coefficients(
-            momentum, requested, xg.shape[0], xg.dtype, xg.device
-        )
-        out = ops.eager_cpu_ghost_norm_update.default(
+        if d is None:  # not laid out as the kernels read: a contiguous copy
+            xg = xg.contiguous()
+            d = _dense_dims(xg)
+        ops = _ops()
+        if ops is None:
+            return _CpuKernelGhostNorm.apply(xg, weight, bias, eps, self.update_hook(update, xg))  # type: ignore[no-any-return]
+        if update is None:
+            return ops.eager_cpu_ghost_norm.default(xg, weight, bias, eps, d)  # type: ignore[no-any-return]
+        # The update made in the C++ op's call: made from Python, it cost as much as the
+        # normalization on a tabular layer. Every check here runs once per layer call.
+        coefficients = _fused_coefficients(xg, update)
+        if coefficients is None:  # buffers the kernel does not take: the update from Python
+            return _CpuKernelGhostNorm.apply(xg, weight, bias, eps, self.update_hook(update, xg))  # type: ignore[no-any-return]
+        return ops.eager_cpu_ghost_norm_update.default(  # type: ignore[no-any-return]
             xg,
-            layer.weight,
-            layer.bias,
-            layer.eps,
-            running_mean,
-            running_var,
-            layer.num_batches_tracked,
-            weights,
-            decay,
-            _math.bessel(per_channel),
+            weight,
+            bias,
+            eps,
+            update.running_mean,
+            update.running_var,
+            update.num_batches_tracked,
+            *coefficients,
+            _math.bessel(per_channel(xg)),
             d,
         )
-        return out[0]  # type: ignore[no-any-return]
+
+
+def _fused_coefficients(xg: Tensor, update: RunningStatsUpdate) -> tuple[Tensor, float] | None:
+    """``(weights, decay)`` of ``update`` for the C++ op's fused update (its ghost batches
+    weighted, the running statistics decayed), or ``None`` where its buffers are not contiguous
+    tensors in the input's dtype, as the kernel reads them."""
+    running_mean, running_var = update.running_mean, update.running_var
+    if (
+        running_mean.dtype != xg.dtype
+        or running_var.dtype != xg.dtype
+        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+    ):
+        return None
+    if update.momentum is not None:
+        return _math.ema_coefficients(
+            update.momentum, update.requested, xg.shape[0], xg.dtype, xg.device
+        )
+    if update.num_batches_tracked is None:
+        return None  # the Python update says why momentum=None cannot be kept without it
+    return _math.cumulative_coefficients(
+        int(update.num_batches_tracked), xg.shape[0], xg.dtype, xg.device
+    )
 
 
 EAGER: Backend = _Eager()

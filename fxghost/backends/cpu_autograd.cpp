@@ -109,11 +109,24 @@ void check(int failed) {
                      "fxghost: the CPU kernels could not allocate their scratch memory");
 }
 
+/* The running-statistics update of fxghost._math.update_running_stats for the ghost batches of
+   one call: running = beta * running + sum_g ema_weights[g] * stat[g], the variance scaled by
+   unbias, through the same C function the Python path calls, and num_batches_tracked += G. */
+struct RunningUpdate {
+    Tensor running_mean, running_var, ema_weights;
+    std::optional<Tensor> num_batches_tracked;
+    double beta, unbias;
+};
+
 struct GhostNorm : public torch::autograd::Function<GhostNorm> {
+    /* update (not a tensor argument, so not an input autograd sees) is applied before forward
+       returns, and so before autograd saves anything: under activation checkpointing PyTorch
+       ends the recomputation as soon as the last tensor the backward needs is saved again, and
+       an update made after this op would not run again there (fxghost.backends.Backend.norm). */
     static variable_list forward(AutogradContext *ctx, const Tensor &xg,
                                  const std::optional<Tensor> &weight,
                                  const std::optional<Tensor> &bias, double eps,
-                                 c10::IntArrayRef dims) {
+                                 c10::IntArrayRef dims, const RunningUpdate *update) {
         const Dims d = to_dims(dims, xg);
         /* A dense input's strides: y is laid out as xg, sample-first, and not a view. */
         Tensor y = at::empty_like(xg.flatten(0, 1));
@@ -129,9 +142,24 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
                                       rstd.data_ptr<T>(), d[0], d[1], d[2], d[3], eps,
                                       threads(xg.numel())));
         });
+        if (update) {
+            by_dtype(xg, [&](auto zero) {
+                using T = decltype(zero);
+                check(Kernels<T>::running(mean.const_data_ptr<T>(), var.const_data_ptr<T>(),
+                                          update->ema_weights.const_data_ptr<T>(), d[0], d[2],
+                                          update->beta, update->unbias,
+                                          update->running_mean.data_ptr<T>(),
+                                          update->running_var.data_ptr<T>()));
+            });
+            if (update->num_batches_tracked) update->num_batches_tracked->add_(d[0]);
+        }
         ctx->save_for_backward({xg, weight ? *weight : Tensor(), mean, rstd});
         ctx->saved_data["eps"] = eps;
         ctx->saved_data["dims"] = dims;
+        /* The bias's dtype (its gradient's), or -1 without a bias: the backward needs no more
+           of it. The weight's is the saved weight's. */
+        ctx->saved_data["bias_dtype"] =
+            bias && bias->defined() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
         /* mean and var are not differentiable: no zero gradients need to be made up for them. */
         ctx->set_materialize_grads(false);
         Tensor mean_s = standard(mean, xg.dim()), var_s = standard(var, xg.dim());
@@ -139,10 +167,29 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
         return {y, mean_s, var_s};
     }
 
+    /* One gradient per argument of forward: x, weight, bias, then three non-tensors. */
+    static variable_list gradients(const Tensor &dx, const Tensor &dweight, const Tensor &dbias) {
+        return {dx, dweight, dbias, Tensor(), Tensor(), Tensor()};
+    }
+
+    /* The gradient of the weight (i = 1) or the bias (i = 2) from its (C,) total, in the
+       parameter's dtype; undefined where the layer lacks the parameter or it needs none.
+       needs_input_grad counts the tensor inputs autograd saw, and a missing parameter is none
+       of them. */
+    static Tensor param_grad(AutogradContext *ctx, const Tensor &weight, const Tensor &total,
+                             size_t i) {
+        const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+        if (i == 1 ? !weight.defined() || !ctx->needs_input_grad(1)
+                   : bias_dtype < 0 || !ctx->needs_input_grad(weight.defined() ? 2 : 1))
+            return Tensor();
+        const auto dtype = i == 1 ? weight.scalar_type() : static_cast<at::ScalarType>(bias_dtype);
+        return total.scalar_type() == dtype ? total : total.to(dtype);
+    }
+
     /* grads by reference: the engine's own list, so that the incoming gradient's use count
        says whether anything else holds it (a copy of the list would hold it too). */
     static variable_list backward(AutogradContext *ctx, variable_list &grads) {
-        if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        if (!grads[0].defined()) return gradients(Tensor(), Tensor(), Tensor());
         /* create_graph=True: the gradients must be differentiable, which the kernels' are not */
         if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grads[0]);
         variable_list out;
@@ -172,12 +219,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
                                            d[3], threads(xg.numel())));
             });
             /* The totals are in the input's dtype; the gradients go in the parameters'. */
-            auto param_grad = [&](Tensor total, size_t i) {
-                if (!weight.defined() || !ctx->needs_input_grad(i)) return Tensor();
-                return total.scalar_type() == weight.scalar_type() ? total
-                                                                  : total.to(weight.scalar_type());
-            };
-            out = {dx, param_grad(gw, 1), param_grad(gb, 2), Tensor(), Tensor()};
+            out = gradients(dx, param_grad(ctx, weight, gw, 1), param_grad(ctx, weight, gb, 2));
         }
         return out;
     }
@@ -198,7 +240,7 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
         const Tensor xhat = (xg - mean) * rstd;
         const Tensor sum_dy = g.sum(dims, /*keepdim=*/true);
         const Tensor sum_dy_xhat = (g * xhat).sum(dims, /*keepdim=*/true);
-        Tensor dx, gw, gb;
+        Tensor dx;
         if (ctx->needs_input_grad(0)) {
             const int64_t per_group = xg.size(0) * xg.size(2);
             const double count = static_cast<double>(per_group ? xg.numel() / per_group : 0);
@@ -206,11 +248,8 @@ struct GhostNorm : public torch::autograd::Function<GhostNorm> {
             if (weight.defined()) k = rstd * weight.to(xg.scalar_type()).view(channel_shape);
             dx = k * (g - sum_dy / count - xhat * (sum_dy_xhat / count));
         }
-        if (weight.defined() && ctx->needs_input_grad(1))
-            gw = sum_dy_xhat.sum(0).flatten().to(weight.scalar_type());
-        if (weight.defined() && ctx->needs_input_grad(2))
-            gb = sum_dy.sum(0).flatten().to(weight.scalar_type());
-        return {dx, gw, gb, Tensor(), Tensor()};
+        return gradients(dx, param_grad(ctx, weight, sum_dy_xhat.sum(0).flatten(), 1),
+                         param_grad(ctx, weight, sum_dy.sum(0).flatten(), 2));
     }
 
     /* Whether the incoming gradient can be overwritten: nothing else holds the tensor or its
@@ -231,15 +270,13 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm(const Tensor &xg,
                                                         const std::optional<Tensor> &weight,
                                                         const std::optional<Tensor> &bias,
                                                         double eps, c10::IntArrayRef dims) {
-    auto out = GhostNorm::apply(xg, weight, bias, eps, dims);
+    auto out = GhostNorm::apply(xg, weight, bias, eps, dims, nullptr);
     return {out[0], out[1], out[2]};
 }
 
-/* eager_cpu_ghost_norm, then the running-statistics update of fxghost._math.update_running_stats
-   for these ghost batches as the only ones of the batch (no tail): running = beta * running +
-   sum_g ema_weights[g] * stat[g], the variance scaled by unbias, through the same C function the
-   Python path calls, and num_batches_tracked += G. The update is a third of a tabular layer's
-   Python cost when made from Python (a cached-weights lookup, ctypes, an add_). */
+/* eager_cpu_ghost_norm with the running-statistics update of these ghost batches (RunningUpdate),
+   made inside the op. The update is a third of a tabular layer's Python cost when made from
+   Python (a cached-weights lookup, ctypes, an add_). */
 std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
     const Tensor &xg, const std::optional<Tensor> &weight, const std::optional<Tensor> &bias,
     double eps, const Tensor &running_mean, const Tensor &running_var,
@@ -258,16 +295,9 @@ std::tuple<Tensor, Tensor, Tensor> eager_cpu_ghost_norm_update(
                 running_var.numel(), " values for ", channels, " channels");
     TORCH_CHECK(ema_weights.numel() >= groups, "fxghost: ", ema_weights.numel(),
                 " update weights for ", groups, " ghost batches");
-    auto out = GhostNorm::apply(xg, weight, bias, eps, dims);
-    at::NoGradGuard no_grad;
-    by_dtype(xg, [&](auto zero) {
-        using T = decltype(zero);
-        /* mean and var are (G, 1, C, 1...) views of contiguous (G, C) values */
-        check(Kernels<T>::running(out[1].const_data_ptr<T>(), out[2].const_data_ptr<T>(),
-                                  ema_weights.const_data_ptr<T>(), groups, channels, beta, unbias,
-                                  running_mean.data_ptr<T>(), running_var.data_ptr<T>()));
-    });
-    if (num_batches_tracked) num_batches_tracked->add_(groups);
+    const RunningUpdate update{running_mean, running_var, ema_weights, num_batches_tracked, beta,
+                               unbias};
+    auto out = GhostNorm::apply(xg, weight, bias, eps, dims, &update);
     return {out[0], out[1], out[2]};
 }
 

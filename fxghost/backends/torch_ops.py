@@ -22,7 +22,19 @@ import torch
 from torch import Tensor
 
 from .. import _math
-from ._common import Backend, FusedGhostNorm, NormFn, Scratch, forward_outputs, totals
+from ._common import (
+    Backend,
+    FusedGhostNorm,
+    NormFn,
+    RunningStatsUpdate,
+    Scratch,
+    UpdateHook,
+    forward_outputs,
+    param_dtypes,
+    param_grads,
+    per_channel,
+    totals,
+)
 
 __all__ = ["COMPILED", "EAGER", "EXPORTING", "ghost_norm_compiled", "ghost_norm_decomposed"]
 
@@ -71,7 +83,12 @@ class _TorchOpsGhostNorm(FusedGhostNorm):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: UpdateHook | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         layout = _Layout(xg)
         x = layout.canon(xg)
@@ -87,12 +104,11 @@ class _TorchOpsGhostNorm(FusedGhostNorm):
         torch.sub(x, mean, out=y)
         var = layout.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
         rstd = torch.rsqrt(var + eps)
-        if weight is None:
-            y.mul_(rstd)
-        else:
-            y.mul_(rstd * layout.per_channel(weight)).add_(layout.per_channel(bias))  # type: ignore[arg-type]
+        y.mul_(rstd if weight is None else rstd * layout.per_channel(weight))
+        if bias is not None:
+            y.add_(layout.per_channel(bias))
         mean_s, var_s = forward_outputs(
-            ctx, xg, weight, eps, (mean, rstd, var), _torch_ops_backward, count
+            ctx, xg, weight, bias, eps, (mean, rstd, var), _torch_ops_backward, count, update
         )
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
             out.copy_(layout.uncanon(y))
@@ -131,7 +147,11 @@ def _torch_ops_norm(
 
 
 def ghost_norm_decomposed(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: UpdateHook | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost-normalize ``xg`` in plain differentiable ops.
 
@@ -139,9 +159,12 @@ def ghost_norm_decomposed(
     ops), except for CPU inputs with spatial dims, and the fallback where no fused path applies.
     Returns ``(y, mean, var)``: ``y`` in the input dtype and layout, sample-first
     (``xg.flatten(0, 1)``'s shape), ``mean`` and biased ``var`` of shape ``(G, 1, C, 1...)``.
+    ``update`` runs on the statistics before the ops that normalize (and save their inputs).
     """
     xs = xg.to(_math.stat_dtype(xg.dtype))
     var, mean = torch.var_mean(xs, dim=_math.reduce_dims(xg.dim()), correction=0, keepdim=True)
+    if update is not None:
+        update(mean.detach(), var.detach())
     _, scale, shift = _math.affine_coefficients(mean, var, weight, bias, eps)
     return _math.normalized(xs, scale, shift).to(xg.dtype), mean, var
 
@@ -174,6 +197,7 @@ class _CompiledGhostNorm(torch.autograd.Function):
     ) -> Tensor:
         scale, shift = _math.scale_shift(mean, rstd, weight, bias)
         ctx.save_for_backward(xg, weight, mean, rstd)
+        ctx.param_dtypes = param_dtypes(weight, bias)
         return _math.cast(_math.normalized(xg.to(mean.dtype), scale, shift), xg.dtype)
 
     @staticmethod
@@ -191,11 +215,10 @@ class _CompiledGhostNorm(torch.autograd.Function):
                 keepdim=True,
             )
             eps = rstd.pow(-2) - var
-            return (
-                *_math.differentiable_backward(dy, xg, weight, eps, ctx.needs_input_grad),
-                None,
-                None,
+            grad_x, dweight, dbias = _math.differentiable_backward(
+                dy, xg, weight, eps, ctx.needs_input_grad
             )
+            return grad_x, *param_grads(ctx, dweight, dbias), None, None
         dims = _math.reduce_dims(xg.dim())
         g = dy.view(xg.shape).to(mean.dtype)  # sample-first to grouped: a view
         xhat = (xg.to(mean.dtype) - mean) * rstd
@@ -208,12 +231,9 @@ class _CompiledGhostNorm(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _math.cast(k * (g - sum_dy / count - xhat * (sum_dy_xhat / count)), xg.dtype)
-        grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = _math.cast(sum_dy_xhat.sum(0).flatten(), weight.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            grad_b = _math.cast(sum_dy.sum(0).flatten(), weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        dweight = sum_dy_xhat.sum(0).flatten() if ctx.needs_input_grad[1] else None
+        dbias = sum_dy.sum(0).flatten() if ctx.needs_input_grad[2] else None
+        return grad_x, *param_grads(ctx, dweight, dbias), None, None
 
 
 def ghost_norm_compiled(
@@ -317,20 +337,77 @@ class _Eager(Backend):
     label = "torch"
 
     def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # The Function's in-place steps and canonical layouts are written for float32/float64;
         # 16-bit inputs, whose statistics are float32, take the decomposition.
+        hook = self.update_hook(update, xg)
         if xg.dtype in (torch.float32, torch.float64):
-            return _TorchOpsGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
-        return ghost_norm_decomposed(xg, weight, bias, eps)
+            return _TorchOpsGhostNorm.apply(xg, weight, bias, eps, hook)  # type: ignore[no-any-return]
+        return ghost_norm_decomposed(xg, weight, bias, eps, hook)
 
 
-class _Compiled(Backend):
+class _Traced(Backend):
+    """A backend under ``torch.compile`` or ``torch.export``: :meth:`traced_norm`, then one
+    update for all of a batch's ghost batches (one node in dynamo's graph). The order does not
+    matter here: a compiled checkpointed region's recomputation is AOT autograd's, which repeats
+    no buffer update (the compiled reference's BatchNorm calls update once too)."""
+
+    def traced_norm(
+        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def norm(
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var = self.traced_norm(xg, weight, bias, eps)
+        if update is not None:
+            self.apply_update(update, per_channel(xg), mean, var)
+        return y, mean, var
+
+    def norm_batch(
+        self,
+        main: Tensor,
+        tail: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        y_main, mean, var = self.traced_norm(main, weight, bias, eps)
+        groups = [(mean, var, per_channel(main))]
+        y_tail = None
+        if tail is not None:
+            y_tail, mean_t, var_t = self.traced_norm(tail, weight, bias, eps)
+            groups.append((mean_t, var_t, per_channel(tail)))
+        if update is not None:
+            self.update_running_stats(
+                update.running_mean,
+                update.running_var,
+                update.num_batches_tracked,
+                update.momentum,
+                update.requested,
+                groups,
+            )
+        return y_main, y_tail
+
+
+class _Compiled(_Traced):
     name = "torch"
     label = "torch (compiled)"
 
-    def norm(
+    def traced_norm(
         self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return _composite_ghost_norm(xg, weight, bias, eps)
@@ -339,25 +416,25 @@ class _Compiled(Backend):
         _composite_update(*args)
 
 
-class _Exporting(Backend):
+class _Exporting(_Traced):
     name = "torch"
     label = "torch (exported)"
     traced_update = True
 
-    def norm(
+    def traced_norm(
         self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return ghost_norm_compiled(xg, weight, bias, eps)
 
 
-class CustomOpCompiled(Backend):
+class CustomOpCompiled(_Traced):
     """A kernel family under ``torch.compile``: its kernels as a custom op (``norm``), and the
     running-statistics update as the torch backend's composite op."""
 
     def __init__(self, name: str, label: str, norm: NormFn) -> None:
         self.name, self.label, self._norm = name, label, norm
 
-    def norm(
+    def traced_norm(
         self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self._norm(xg, weight, bias, eps)

@@ -40,11 +40,19 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _math
 from . import torch_ops
-from ._common import Backend, FusedGhostNorm, dense, forward_outputs, register_norm_ops
+from ._common import (
+    Backend,
+    FusedGhostNorm,
+    RunningStatsUpdate,
+    UpdateHook,
+    dense,
+    forward_outputs,
+    per_channel,
+    register_norm_ops,
+)
 from ._layout import dims_of
 
 try:
@@ -242,7 +250,8 @@ def _stats_finish_kernel(
     eps,
     decay,
     bessel,
-    HAS_AFFINE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPDATE: tl.constexpr,
     BG: tl.constexpr,
     BS: tl.constexpr,
@@ -260,8 +269,9 @@ def _stats_finish_kernel(
     pid = tl.program_id(0)
     ch = pid * BCH + tl.arange(0, BCH)
     cmask = ch < C
-    if HAS_AFFINE:
+    if HAS_WEIGHT:
         w = tl.load(weight_ptr + ch, mask=cmask, other=0.0)[None, :]
+    if HAS_BIAS:
         b = tl.load(bias_ptr + ch, mask=cmask, other=0.0)[None, :]
     acc_mean = tl.zeros([BCH], tl.float32)
     acc_var = tl.zeros([BCH], tl.float32)
@@ -272,12 +282,14 @@ def _stats_finish_kernel(
         n, mean, m2 = _merge_partials(part_ptr, g, gmask, ch, cmask, G, C, SPLIT, BG, BS, BCH)
         var = m2 / tl.maximum(n, 1.0)
         rstd = tl.rsqrt(var + eps)
-        if HAS_AFFINE:
+        if HAS_WEIGHT:
             scale = rstd * w
-            shift = b - mean * scale
         else:
             scale = rstd
-            shift = -mean * rstd
+        if HAS_BIAS:
+            shift = b - mean * scale
+        else:
+            shift = -mean * scale
         out = g[:, None] * C + ch[None, :]
         mask = gmask[:, None] & cmask[None, :]
         tl.store(mean_ptr + out, mean, mask=mask)
@@ -795,9 +807,9 @@ def forward_stats(
     var = torch.empty((G, C), dtype=torch.float32, device=device)
     rstd = torch.empty((G, C), dtype=torch.float32, device=device)
     coef = torch.empty((2, G, C), dtype=torch.float32, device=device)
-    affine = weight is not None
+    # A missing parameter's pointer is never read: any float32 tensor will do.
     w = _f32(weight) if weight is not None else mean
-    b = _f32(bias) if bias is not None else (torch.zeros_like(w) if affine else mean)
+    b = _f32(bias) if bias is not None else mean
     if update is not None:
         if update.weights.numel() != G:
             raise ValueError(
@@ -843,7 +855,12 @@ def forward_stats(
                 decay,
                 bessel,
             ),
-            (("HAS_AFFINE", affine), ("UPDATE", update is not None), *lp.finish_blocks),
+            (
+                ("HAS_WEIGHT", weight is not None),
+                ("HAS_BIAS", bias is not None),
+                ("UPDATE", update is not None),
+                *lp.finish_blocks,
+            ),
             4,
         )
     return mean, var, rstd, coef[0], coef[1]
@@ -980,12 +997,16 @@ class _TritonGhostNorm(FusedGhostNorm):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
-        update: RunningUpdate | None = None,
+        update: RunningUpdate | UpdateHook | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, update)
+        """``update``: made by the kernels (a :class:`RunningUpdate`), or a hook called with
+        the statistics; either way before anything is saved for backward."""
+        fused = update if isinstance(update, RunningUpdate) else None
+        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, fused)
         count = xg.numel() // (xg.shape[0] * xg.shape[2])
+        hook = None if isinstance(update, RunningUpdate) else update
         mean_s, var_s = forward_outputs(
-            ctx, xg, weight, eps, (mean, rstd, var), _triton_backward, count
+            ctx, xg, weight, bias, eps, (mean, rstd, var), _triton_backward, count, hook
         )
         return y, mean_s, var_s
 
@@ -1061,38 +1082,41 @@ class _Eager(Backend):
     label = "triton"
 
     def norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _TritonGhostNorm.apply(dense(xg), weight, bias, eps)  # type: ignore[no-any-return]
+        xg = dense(xg)
+        fused = None if update is None else _fused_update(xg, update)
+        hook = fused if fused is not None else self.update_hook(update, xg)
+        return _TritonGhostNorm.apply(xg, weight, bias, eps, hook)  # type: ignore[no-any-return]
 
-    def training_norm(
-        self, xg: Tensor, layer: _BatchNorm, requested: int, per_channel: int
-    ) -> Tensor | None:
-        # The update in the launch that finishes the statistics: on a GPU in eager mode the
-        # small torch ops of the update cost more CPU time than the kernels' GPU time.
-        momentum, running_mean, running_var = layer.momentum, layer.running_mean, layer.running_var
-        nbt = layer.num_batches_tracked
-        if (
-            momentum is None
-            or running_mean is None
-            or running_var is None
-            or not layer.track_running_stats
-            or nbt is None
-            or running_mean.dtype != torch.float32
-            or running_var.dtype != torch.float32
-            or running_mean.device != xg.device
-            or not (running_mean.is_contiguous() and running_var.is_contiguous())
-            or _geometry(xg) is None
-        ):
-            return None
-        weights, decay = _math.ema_coefficients(
-            momentum, requested, xg.shape[0], torch.float32, xg.device
-        )
-        update = RunningUpdate(
-            running_mean, running_var, nbt, weights, decay, _math.bessel(per_channel)
-        )
-        y, _, _ = _TritonGhostNorm.apply(xg, layer.weight, layer.bias, layer.eps, update)
-        return y  # type: ignore[no-any-return]
+
+def _fused_update(xg: Tensor, update: RunningStatsUpdate) -> RunningUpdate | None:
+    """``update`` made in the launch that finishes the statistics, where the kernel can (an
+    exponential average of float32 buffers on the input's device): on a GPU in eager mode the
+    small torch ops of the update cost more CPU time than the kernels' GPU time."""
+    running_mean, running_var = update.running_mean, update.running_var
+    nbt = update.num_batches_tracked
+    if (
+        update.momentum is None
+        or nbt is None
+        or running_mean.dtype != torch.float32
+        or running_var.dtype != torch.float32
+        or running_mean.device != xg.device
+        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        or _geometry(xg) is None
+    ):
+        return None
+    weights, decay = _math.ema_coefficients(
+        update.momentum, update.requested, xg.shape[0], torch.float32, xg.device
+    )
+    return RunningUpdate(
+        running_mean, running_var, nbt, weights, decay, _math.bessel(per_channel(xg))
+    )
 
 
 EAGER: Backend = _Eager()
