@@ -85,6 +85,13 @@ CASES: dict[str, Case] = {
     "inplace_api": Case("2d", 2, (3, 5, 2, 2), 4, inplace=True, steps=1),
     # A group of one process: each process's own batch, as without a group.
     "group_of_one": Case("2d", 1, (5, 4, 6, 4), 4, steps=1),
+    # Layers without a bias (bias=False) and without a weight (set to None); N=8 (5+3) -> 4, 4
+    # and N=8 (4+4) -> 4, 4, a ghost batch straddling ranks 0-1.
+    "missing_parameters": Case("partial", 2, (5, 3, 4, 4), 4),
+    "missing_parameters_compiled": Case("partial", 2, (3, 5, 2, 2), 4, mode="aot_eager", steps=1),
+    # Group 1 trains on an empty batch (N=0: 0+0): no ghost batch, an empty output, nothing
+    # updated, as the reference on the empty concatenated batch.
+    "empty_group_in_training": Case("partial", 2, (5, 3, 0, 0), 4),
 }
 SPECIAL = (
     "bfloat16",
@@ -103,8 +110,9 @@ def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = momentum
-                if m.affine:
+                if m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
                     m.bias.uniform_(-0.5, 0.5)
                 if m.track_running_stats:
                     m.running_mean.uniform_(-0.2, 0.2)
@@ -139,7 +147,22 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (2, 2, 3, 2),
     ),
     "bn1d": (lambda: nn.Sequential(nn.BatchNorm1d(6)), (6,)),
+    "partial": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 6, bias=False),
+            nn.BatchNorm1d(6, bias=False),
+            nn.ReLU(),
+            nn.Linear(6, 4, bias=False),
+            _without_weight(nn.BatchNorm1d(4)),
+        ),
+        (5,),
+    ),
 }
+
+
+def _without_weight(bn: nn.Module) -> nn.Module:
+    bn.weight = None  # a bias only, as BatchNorm allows
+    return bn
 
 
 def _net(kind: str, momentum: float | None = 0.1, channels_last: bool = False) -> nn.Module:

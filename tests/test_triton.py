@@ -8,6 +8,7 @@ runs them in a fresh pytest subprocess with the variable set, and fails with tha
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -16,8 +17,20 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DEVICE, run_checks_interpreted
-from torch import Tensor
+from bn_layers import MISSING, init_any, partial_bn
+from conftest import (
+    BN_SHAPES,
+    DEVICE,
+    assert_state_scaled,
+    input_shape,
+    run_checks_interpreted,
+    run_side_by_side,
+)
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import fxghost
+from fxghost.reference import apply_chunked_ghost_batchnorm
 
 pytest.importorskip("triton")
 
@@ -338,3 +351,83 @@ def check_supported() -> None:
     assert not _triton.supported(torch.empty(0, 4, 5))
     with pytest.raises(ValueError, match="unsupported"):
         _triton.stats(strided.view(2, 4, 5, 4, 3))
+
+
+@pytest.mark.parametrize("missing", ["weight", "bias"])
+def check_missing_parameter_kernels(missing: str) -> None:
+    """The statistics' finishing launch with a bias and no weight, or a weight and no bias
+    (each 1 or 0 where missing), and the input gradient without a weight."""
+    from fxghost.backends import triton as _triton
+
+    xg = _grouped("nhwc", 2, 3, torch.float32)
+    C = xg.shape[2]
+    weight = None if missing == "weight" else torch.rand(C) + 0.5
+    bias = None if missing == "bias" else torch.randn(C)
+    _, _, rstd, scale, shift = _triton.forward_stats(xg, weight, bias, EPS)
+    var_ref, mean_ref = torch.var_mean(xg.double(), dim=_dims(xg), correction=0)
+    scale_ref = torch.rsqrt(var_ref + EPS) * (1.0 if weight is None else weight.double())
+    shift_ref = (0.0 if bias is None else bias.double()) - mean_ref * scale_ref
+    _close(scale, scale_ref, STATS_TOL, "scale")
+    _close(shift, shift_ref, (1e-5, 1e-4), "shift")
+
+
+def _require_triton_path() -> None:
+    from fxghost import backends
+
+    x = torch.zeros(1, 2, 3, device=DEVICE)
+    if backends.select(x, "triton") is not backends.triton.EAGER:
+        pytest.fail(f"the Triton backend cannot take a float32 tensor on {DEVICE}")
+
+
+@pytest.mark.parametrize("missing", MISSING)
+@pytest.mark.parametrize("kind", ["1d_NC", "2d"])
+def check_missing_parameter_matches_reference(kind: str, missing: str) -> None:
+    """A layer without its weight or its bias through the Triton Function, whole and uneven
+    batches, with the update in the kernels (momentum 0.1) and from Python (None)."""
+    _require_triton_path()
+    for momentum in (0.1, None):
+        torch.manual_seed(0)
+        cls, sample = BN_SHAPES[kind]
+        bn = partial_bn(cls, sample[0], missing, torch.float32, momentum=momentum)
+        model = nn.Sequential(bn)
+        shapes = [input_shape(kind, 8), input_shape(kind, 10)]
+        run_side_by_side(model, 4, shapes, dtype=torch.float32, backend="triton")
+
+
+class _Checkpointed(nn.Module):
+    """A checkpointed block that ends in a BatchNorm, whose saved tensors end the
+    recomputation (PyTorch's default early stop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def check_last_batchnorm_of_a_checkpointed_block(momentum: float | None) -> None:
+    """Running statistics and num_batches_tracked are the reference's under the same
+    checkpointing, whole ghost batches and a shorter last one."""
+    _require_triton_path()
+    torch.manual_seed(0)
+    model = _Checkpointed().to(DEVICE)
+    init_any(model.block[1], torch.float32).momentum = momentum
+    reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+    gm = fxghost.transform(model, 4, backend="triton")
+    for n in (8, 10):
+        x = torch.randn(n, 3, 3, 3, device=DEVICE)
+        x_ref = x.clone().requires_grad_()
+        y, y_ref = gm(x.requires_grad_()), reference(x_ref)
+        # A loss that weighs the outputs unevenly: the sum of squares of a normalized batch is
+        # nearly constant in it, and its gradients nearly all rounding.
+        r = torch.randn(y.shape, device=DEVICE)
+        (y * r).sum().backward()
+        (y_ref * r).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        # float32 with few values per channel: each tensor to its own scale
+        assert_state_scaled(model, reference, f"N={n}", 1e-4)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+    assert int(model.block[1].num_batches_tracked) == 2 * (2 + 3)
