@@ -44,14 +44,16 @@ from . import _math, backends
 from ._plan import GhostPlan, check_layer_input, chunk_split
 from .backends._common import Scratch, param_dtypes, param_grads
 
-__all__ = ["check_input", "ghost_norm", "last_layout", "register", "size_of"]
+__all__ = ["LAST_LAYOUT_ATTR", "check_input", "ghost_norm", "last_layout", "register", "size_of"]
 
 # Key -> group. Strong references: ProcessGroup objects do not take weak ones, and a group lives
 # as long as the process uses torch.distributed anyway.
 _GROUPS: dict[int, dist.ProcessGroup] = {}
 
-# The layout of each layer's last batch, by id(layer): what the report shows.
-_LAST_LAYOUT: dict[int, str] = {}
+#: The attribute of a layer holding its last batch's sizes per process and ghost size (what the
+#: report's layout column describes): state of the layer, copied and pickled with it.
+LAST_LAYOUT_ATTR = "_fxghost_last_layout"
+_NOT_RECORDED = "(not recorded under torch.compile)"
 
 
 def register(process_group: object) -> tuple[int | None, int | None]:
@@ -99,9 +101,30 @@ def _group(key: int, label: str) -> dist.ProcessGroup:
         ) from None
 
 
-def last_layout(layer_id: int | None) -> str:
-    """How the last batch of the layer with this id was laid out in ghost batches."""
-    return "" if layer_id is None else _LAST_LAYOUT.get(layer_id, "")
+def last_layout(layer: nn.Module | None) -> str:
+    """How ``layer``'s last batch was laid out in ghost batches (``""`` before any)."""
+    recorded = None if layer is None else layer.__dict__.get(LAST_LAYOUT_ATTR)
+    if recorded is None:
+        return ""
+    if isinstance(recorded, str):
+        return recorded
+    sizes, g = recorded
+    return _layout(tuple(sizes), g).describe()
+
+
+def _record_layout(layer: nn.Module, sizes: Tensor, g: int) -> None:
+    if torch.compiler.is_compiling():
+        _record_layout_while_tracing(layer)
+    else:
+        layer.__dict__[LAST_LAYOUT_ATTR] = (tuple(sizes.tolist()), g)
+
+
+@torch.compiler.assume_constant_result
+def _record_layout_while_tracing(layer: nn.Module) -> bool:
+    # The sizes are known only when the compiled code runs; reading them there would break the
+    # graph, so the compiled model says it does not record them.
+    layer.__dict__[LAST_LAYOUT_ATTR] = _NOT_RECORDED
+    return True
 
 
 @dataclass(frozen=True)
@@ -293,7 +316,6 @@ def _stats(
     g: int,
     key: int,
     training: bool,
-    layer_id: int,
     label: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Each local piece's ghost-batch mean and ``rstd`` (``(capacity, C)``, padded), and the
@@ -382,7 +404,6 @@ def _stats(
             stats,
             compiling=False,
         )
-    _LAST_LAYOUT[layer_id] = layout.describe()
 
     mine_mean = x.new_zeros((capacity, channels), dtype=dtype)
     mine_rstd = torch.ones_like(mine_mean)
@@ -401,7 +422,6 @@ def _stats_fake(
     g: int,
     key: int,
     training: bool,
-    layer_id: int,
     label: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     shape = (_capacity(x.shape[0], g), x.shape[1])
@@ -553,7 +573,7 @@ _stats_op = torch.library.custom_op(
     schema=(
         "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor(c!)? num_batches_tracked, float? momentum, float eps, int g, int key, "
-        "bool training, int layer_id, str label) -> (Tensor, Tensor, Tensor)"
+        "bool training, str label) -> (Tensor, Tensor, Tensor)"
     ),
 )
 _stats_op.register_fake(_stats_fake)
@@ -620,7 +640,7 @@ def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tens
         g,
         key,
         bool(layer.training),
-        id(layer),
         label,
     )
+    _record_layout(layer, sizes, g)
     return _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key)  # type: ignore[no-any-return]

@@ -34,8 +34,11 @@ __all__ = [
     "GhostGraphModule",
     "LayerGraphModule",
     "SharedMode",
+    "TracedModule",
     "has_hooks",
     "is_transform_result",
+    "layer_graph_module",
+    "mode_graphs",
     "share_hooks",
     "shared_mode_copy",
 ]
@@ -95,6 +98,28 @@ def share_hooks(source: nn.Module, target: nn.Module, *, backward_only: bool = F
     for registry in names:
         if registry in source.__dict__:
             target.__dict__[registry] = source.__dict__[registry]
+
+
+class TracedModule(fx.GraphModule):
+    """What fxghost's trace hands to the pass: the traced graph (and ``eval_graph``, the
+    eval-mode graph, where the model's forward branches on ``self.training``) over the model's
+    attributes. Its code is never generated: the pass builds the module that runs, so a
+    transform generates each graph's code once (FX keeps every generated source for the life of
+    the process)."""
+
+    eval_graph: fx.Graph | None = None
+
+    def recompile(self) -> Any:
+        return None
+
+
+def mode_graphs(gm: fx.GraphModule) -> tuple[fx.Graph, fx.Graph | None]:
+    """``gm``'s training-mode graph, and its eval-mode graph where it has another."""
+    if isinstance(gm, DualGraphModule):
+        return gm.train_graph, gm.eval_graph
+    if isinstance(gm, TracedModule):
+        return gm.graph, gm.eval_graph
+    return gm.graph, None
 
 
 def is_transform_result(module: nn.Module) -> bool:
@@ -221,7 +246,8 @@ class DualGraphModule(GhostGraphModule):
 
     ``forward`` chooses the graph at each call from ``training`` (the user's model's flag, see
     :class:`SharedMode`), so ``model.eval()`` switches it as ``gm.eval()`` does. ``graph`` and
-    ``code`` show the graph of the mode last set through ``train()``/``eval()``.
+    ``code`` show the graph of the mode last set through ``train()``/``eval()`` (at first,
+    ``training``'s).
     """
 
     def __init__(
@@ -230,6 +256,8 @@ class DualGraphModule(GhostGraphModule):
         train_graph: fx.Graph,
         eval_graph: fx.Graph,
         class_name: str = "GraphModule",
+        *,
+        training: bool = True,
     ) -> None:
         super().__init__(root, train_graph, class_name)
         for node in eval_graph.nodes:
@@ -237,14 +265,16 @@ class DualGraphModule(GhostGraphModule):
                 _copy_attr(root, self, str(node.target))
         self.train_graph = train_graph
         self.eval_graph = eval_graph
-        self._mode_graph_is_train = True
-        self.recompile()
+        self._mode_graph_is_train = training
+        self.graph = train_graph if training else eval_graph  # generates both forwards
 
     def recompile(self) -> Any:
-        code = super().recompile()
         train_graph, eval_graph = self.__dict__.get("train_graph"), self.__dict__.get("eval_graph")
-        if train_graph is None or eval_graph is None:  # inside __init__
-            return code
+        if train_graph is None or eval_graph is None:
+            # Inside __init__: the code is generated once both graphs are known (FX keeps every
+            # generated source for the life of the process).
+            return None
+        code = super().recompile()
         cls = type(self)
         shown = cls.forward
         other_graph = eval_graph if self._graph is train_graph else train_graph

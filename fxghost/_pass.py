@@ -16,6 +16,7 @@ from ._graph_module import (
     GhostGraphModule,
     LayerGraphModule,
     has_hooks,
+    mode_graphs,
 )
 from ._report import LayerRecord
 from ._select import LayerRule, LayerSelector, rule_for
@@ -102,7 +103,7 @@ def layer_record(
         ghost_batch_size=g,
         momentum=getattr(module, "momentum", None),
         warn=warn,
-        layer_id=id(module) if rewritten else None,
+        layer=module if rewritten else None,
         group_size=group_size if rewritten else None,
     )
 
@@ -283,34 +284,28 @@ def rewrite(
     """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`).
     ``process_group``: the group's ``(key, size)`` from :func:`fxghost._distributed.register`."""
     source = root if root is not None else gm
+    train_graph, eval_graph = mode_graphs(gm)
     graph, records, candidates, opaque = _rewrite_graph(
-        gm, gm.graph, g, selector, source, prefix, backend, process_group
+        gm, train_graph, g, selector, source, prefix, backend, process_group
     )
-    if isinstance(gm, DualGraphModule):
-        other = gm.eval_graph if gm.graph is gm.train_graph else gm.train_graph
+    name = gm.__class__.__name__
+    if eval_graph is not None:
         other_graph, other_records, _, other_opaque = _rewrite_graph(
-            gm, other, g, selector, source, prefix, backend, process_group
+            gm, eval_graph, g, selector, source, prefix, backend, process_group
         )
         for record in other_records.values():
             if record.name not in records:
                 records.add(record)
         opaque.update(other_opaque)
-        train_graph, eval_graph = (
-            (graph, other_graph) if gm.graph is gm.train_graph else (other_graph, graph)
-        )
         new_gm: fx.GraphModule = DualGraphModule(
-            gm, train_graph, eval_graph, class_name=gm.__class__.__name__
+            gm, graph, other_graph, class_name=name, training=gm.training
         )
     else:
-        new_gm = GhostGraphModule(gm, graph, class_name=gm.__class__.__name__)
+        new_gm = GhostGraphModule(gm, graph, class_name=name)
     _mirror_state(source, new_gm)
     object.__setattr__(new_gm, SOURCE_ATTR, source)  # not a submodule: no state
     new_gm.meta.update(gm.meta)
-    new_gm.recompile()
-    # Only the top-level flag (and graph): recursing would flip the caller's shared layers.
-    if isinstance(new_gm, DualGraphModule) and not gm.training:
-        new_gm.graph = new_gm.eval_graph
-        new_gm._mode_graph_is_train = False
+    # Only the top-level flag: recursing would flip the caller's shared layers.
     new_gm.training = gm.training
     return Rewrite(new_gm, records, candidates, opaque)
 

@@ -30,22 +30,23 @@ class LayerRecord:
     #: Whether ``transform``'s warning names this layer: not ghosted although it runs with batch
     #: statistics, or ghosted with something of it not kept.
     warn: bool = False
-    #: ``id`` of the module the rewritten graph passes to the ghost ops (the layer itself, or
-    #: its LayerGraphModule): the key of the backend column.
-    layer_id: int | None = field(default=None, compare=False, repr=False)
+    #: The module the rewritten graph passes to the ghost ops (the layer itself, or its
+    #: LayerGraphModule), which records what ran it: copied and pickled with the model, since
+    #: the report is.
+    layer: torch.nn.Module | None = field(default=None, compare=False, repr=False)
     #: How many processes its ghost batches span (``transform(process_group=...)``), or None.
     group_size: int | None = None
 
     @property
     def backend(self) -> str:
         """Which implementation ran this layer's last call (``""`` before any)."""
-        return backends.last_run(self.layer_id)
+        return backends.last_run(self.layer)
 
     @property
     def group_layout(self) -> str:
         """With a process group: the group's last training batch, its per-process sizes and
         where its ghost batches lay (``""`` before any)."""
-        return _distributed.last_layout(self.layer_id)
+        return _distributed.last_layout(self.layer)
 
     @property
     def status(self) -> str:

@@ -196,7 +196,7 @@ def _rewrite_layer(
         warn=False,
         group_size=walk.process_group[1],
     )
-    walk.records.replace(dataclasses.replace(record, layer_id=id(gm)))  # the ops' layer
+    walk.records.replace(dataclasses.replace(record, layer=gm))  # the ops' layer
     return gm
 
 

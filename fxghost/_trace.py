@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import fx, nn
+from torch.fx.graph_module import _copy_attr
 
 from . import ops
-from ._graph_module import DualGraphModule, has_hooks
+from ._graph_module import TracedModule, has_hooks
 
 __all__ = ["GhostTracer", "TracingError", "trace"]
 
@@ -249,14 +250,12 @@ def trace(
     finally:
         for m, training in flags:  # never leave the caller's modes changed
             m.training = training
-    name = model.__class__.__name__
-    if _same_program(train_graph, eval_graph, tracer.root):
-        gm = fx.GraphModule(tracer.root, train_graph, name)
-    else:
-        gm = DualGraphModule(tracer.root, train_graph, eval_graph, name)
-        if not model.training:
-            gm.graph = eval_graph
-            gm._mode_graph_is_train = False
+    gm = TracedModule(tracer.root, train_graph, model.__class__.__name__)
+    if not _same_program(train_graph, eval_graph, tracer.root):
+        for node in eval_graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                _copy_attr(tracer.root, gm, str(node.target))
+        gm.eval_graph = eval_graph
     gm.training = model.training
     # The tracer stores tensor constants of forward on the root
     # (setattr(root, "_tensor_constantN"));

@@ -3,6 +3,9 @@ many, the layers not ghosted and why, for ``transform`` and the in-place API."""
 
 from __future__ import annotations
 
+import copy
+import gc
+import pickle
 import warnings
 
 import pytest
@@ -109,3 +112,49 @@ def test_no_warning_when_everything_is_ghosted() -> None:
     assert texts == [] and fxghost.report(gm).rewritten_names == ["1", "2"]  # type: ignore[arg-type]
     _, texts = _warned(lambda: fxghost.apply_ghost_batchnorm(model, G))
     assert texts == []
+
+
+# What ran each layer lives with the layer: copies, pickles and new models report their own.
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def test_copies_report_what_they_ran() -> None:
+
+    gm = fxghost.transform(
+        _bn_net(), G, backend="cpu" if fxghost.backends.cpu.available() else "torch"
+    )
+    assert [r.backend for r in fxghost.report(gm).rewritten] == [""]  # never run
+    gm(torch.randn(8, 3, 6, 6))
+    ran = fxghost.report(gm).rewritten[0].backend
+    assert ran
+    duplicate = copy.deepcopy(gm)
+    assert fxghost.report(pickle.loads(pickle.dumps(gm))).rewritten[0].backend == ran
+    # The copy, moved to bfloat16, runs on torch ops: its report says so, the original's not.
+    duplicate = fxghost.transform(duplicate, G, backend="torch").to(torch.bfloat16)
+    duplicate(torch.randn(8, 3, 6, 6, dtype=torch.bfloat16))
+    assert fxghost.report(duplicate).rewritten[0].backend.startswith("torch")
+    assert fxghost.report(gm).rewritten[0].backend == ran
+
+
+def test_new_models_never_report_a_run_and_nothing_grows() -> None:
+    """Reports used to be keyed by id(layer): a new model reused a dropped one's id, and with it
+    its entry, and the table only grew."""
+
+    from torch.fx.graph_module import _loader
+
+    stale = 0
+    for _ in range(50):
+        gm = fxghost.transform(_bn_net(), G)
+        stale += bool(fxghost.report(gm).rewritten[0].backend)
+        gm(torch.randn(8, 3, 6, 6))
+        del gm
+        gc.collect()
+    assert stale == 0
+    before = len(_loader.eval_cache)
+    fxghost.transform(_bn_net(), G)
+    traced = len(_loader.eval_cache) - before
+    torch.fx.symbolic_trace(_bn_net())
+    assert traced <= len(_loader.eval_cache) - before - traced + 1, traced

@@ -171,26 +171,26 @@ def check(backend: object) -> str:
     return backend
 
 
-# Which implementation ran each layer's last call, by id(layer): what the report's backend
-# column shows.
-_LAST_RUN: dict[int, str] = {}
+#: The attribute of the layer passed to the ghost ops that says which implementation ran its
+#: last call: state of the layer, so that copies, pickles and new models report their own.
+LAST_RUN_ATTR = "_fxghost_last_run"
 
 
 def record(layer: torch.nn.Module, implementation: Backend) -> None:
     if torch.compiler.is_compiling():
-        _record_while_tracing(id(layer), implementation.label)
+        _record_while_tracing(layer, implementation.label)
     else:
-        _LAST_RUN[id(layer)] = implementation.label
+        layer.__dict__[LAST_RUN_ATTR] = implementation.label
 
 
 @torch.compiler.assume_constant_result
-def _record_while_tracing(layer_id: int, label: str) -> bool:
-    # Run by dynamo once, while it traces, and not part of the compiled code: a store into a
-    # global dict there would guard on the dict, and its change recompile the model.
-    _LAST_RUN[layer_id] = label
+def _record_while_tracing(layer: torch.nn.Module, label: str) -> bool:
+    # Run by dynamo once, while it traces, and not part of the compiled code: an attribute store
+    # there would be a side effect that the compiled code replays on every call.
+    layer.__dict__[LAST_RUN_ATTR] = label
     return True
 
 
-def last_run(layer_id: int | None) -> str:
-    """The label of the implementation that ran the last call of the layer with this id."""
-    return "" if layer_id is None else _LAST_RUN.get(layer_id, "")
+def last_run(layer: torch.nn.Module | None) -> str:
+    """The label of the implementation that ran ``layer``'s last call (``""`` before any)."""
+    return "" if layer is None else str(layer.__dict__.get(LAST_RUN_ATTR, ""))
