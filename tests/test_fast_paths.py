@@ -13,7 +13,7 @@ import torch
 from conftest import run_side_by_side
 
 from fxghost import _math, backends
-from fxghost.backends import cpu, torch_ops
+from fxghost.backends import _build, cpu, torch_ops
 from fxghost.backends._common import NormFn
 from fxghost.backends._layout import dims
 
@@ -490,7 +490,7 @@ def test_failed_build_is_remembered(
     def no_compile(*args: object) -> None:
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(cpu, "_compile", no_compile)
+    monkeypatch.setattr(_build, "_compile", no_compile)
     assert cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]], **how) is None
 
 
@@ -531,7 +531,8 @@ def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> Non
 
 @needs_kernels
 def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory) -> None:
-    """A fresh cache directory gets one compiled object; a second process reuses it."""
+    """A fresh cache directory gets one compiled object (with its digest and build lock); a
+    second process reuses it."""
     code = "from fxghost.backends import cpu; print(cpu._library_path())"
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
     runs = [
@@ -549,7 +550,9 @@ def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory)
     first_err = runs[0].stderr
     assert paths[0] == paths[1] and runs[1].stderr == ""
     assert os.path.dirname(paths[0]) == str(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(paths[0])]
+    stem = os.path.basename(paths[0]).removesuffix(".so")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"{stem}.lock", f"{stem}.sha256", f"{stem}.so"]
     assert "compiling the CPU kernels" in first_err
 
 

@@ -373,3 +373,54 @@ def test_compiler_that_cannot_run_says_so_once(tmp_path: Path, compiler: str) ->
     (line,) = _lines(done.stderr)
     assert f"cannot run the compiler CC={cc}" in line and "using nothing" in line
     assert not s.cache.exists() or not list(s.cache.iterdir())
+
+
+def test_cpu_backend_verifies_right_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU backend loads neither its kernels (ctypes) nor its C++ op (torch.ops) from a file
+    that fails the checks, whatever gave it that path."""
+    from fxghost.backends import _build, cpu
+
+    monkeypatch.setenv("FXGHOST_CACHE_DIR", str(tmp_path / "cache"))
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("FXGHOST_TEST_MARKER", str(marker))
+    compiler = ("CC", ("cc", "gcc", "clang"))
+    path = _build.build("answer", [_source(tmp_path)], compiler, [["-O0"]], what="a", fallback="b")
+    assert path is not None
+    os.chmod(path, 0o702)
+    monkeypatch.setattr(cpu, "_library_path", lambda: path)
+    monkeypatch.setattr(cpu, "_op_library_path", lambda: path)
+    cpu._kernels.cache_clear()
+    cpu._ops.cache_clear()
+    try:
+        assert cpu._kernels() is None and cpu._ops() is None
+    finally:
+        cpu._kernels.cache_clear()
+        cpu._ops.cache_clear()
+    assert not marker.exists()
+
+
+def test_cpu_kernels_truncated_in_the_cache_are_rebuilt(tmp_path: Path) -> None:
+    """The real kernels, through the CPU backend: a truncated library crashed every later
+    process with SIGBUS."""
+    code = "from fxghost.backends import cpu; print(cpu._library_path(), cpu.available())"
+    env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
+
+    def run() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", code]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    path, available = first.stdout.split()
+    if available != "True":
+        pytest.skip(f"the CPU kernels do not build here: {first.stderr}")
+    size = os.path.getsize(path)
+    os.truncate(path, size // 2)
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == [path, "True"]
+    (line,) = _lines(second.stderr, "not loading")
+    assert "the CPU kernels" in line and path in line and "rebuilding" in line
+    assert os.path.getsize(path) == size and _verifies(Path(path))

@@ -19,24 +19,15 @@ compiler, a torch without headers), the ``autograd.Function`` over ctypes runs i
 
 Both are compiled with the system's compilers (C in about a second, C++ in about half a minute),
 once per source, compiler and CPU, and cached under ``$FXGHOST_CACHE_DIR`` (default
-``~/.cache/fxghost``). A build says so on stderr when it starts and ends; ``python -m fxghost
-build`` builds ahead of time.
+``~/.cache/fxghost``), private to the user and verified before loading (:mod:`._build`). A build
+says so on stderr when it starts and ends; ``python -m fxghost build`` builds ahead of time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +36,7 @@ from torch import Tensor
 
 from .. import _math
 from . import torch_ops
+from ._build import build, say, verified
 from ._common import (
     Backend,
     FusedGhostNorm,
@@ -64,118 +56,6 @@ _OP_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_autograd.cpp", "
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 # Below this many elements a second thread costs more than it saves.
 _PARALLEL_MIN_NUMEL = 1 << 16
-
-
-def _say(message: str) -> None:
-    # stderr, not logging: a first training step that compiles for half a minute must not look
-    # like a hang, whatever the logging configuration.
-    print(f"fxghost: {message}", file=sys.stderr, flush=True)
-
-
-@functools.cache
-def _say_once(message: str) -> None:
-    _say(message)
-
-
-def _cache_dir() -> Path:
-    explicit = os.environ.get("FXGHOST_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fxghost"
-
-
-def _cpu_signature() -> str:
-    # -march=native code must not be reused on another CPU (a shared home directory on a cluster).
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile(cmd: list[str], out: Path) -> str | None:
-    """Run ``cmd`` (a compile command ending in ``-o``) into ``out``; ``None`` on success, else
-    the compiler's message."""
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        done = subprocess.run(
-            [*cmd, str(tmp)], capture_output=True, text=True, timeout=600, check=False
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        return str(e)
-    if done.returncode == 0:
-        os.replace(tmp, out)  # atomic: concurrent processes may build the same object
-        return None
-    tmp.unlink(missing_ok=True)
-    return done.stderr or done.stdout
-
-
-def build(
-    stem: str,
-    sources: Sequence[Path],
-    compiler: tuple[str, tuple[str, ...]],
-    flag_sets: Sequence[Sequence[str]],
-    link: Sequence[str] = (),
-    key: Sequence[str] = (),
-    *,
-    what: str,
-    fallback: str,
-) -> Path | None:
-    """A shared object compiled from ``sources[0]`` (which includes the others), cached under
-    :func:`_cache_dir`; ``None`` when it cannot be built.
-
-    ``compiler`` is ``(environment variable, names to look for)``; each of ``flag_sets`` is tried
-    in turn. The cache key covers the sources, the compiler, the flags, the machine and ``key``.
-    A failed build leaves a ``.failed`` file with the compiler's messages, so that later processes
-    do not try again (delete it to retry). A build says on stderr when it starts and ends; a
-    failure says once (per cache) what runs instead (``fallback``).
-    """
-    env, names = compiler
-    cc = os.environ.get(env) or next((c for c in names if shutil.which(c)), None)
-    if cc is None:
-        _say_once(f"no compiler for {what} ({' or '.join(names)}); using {fallback}")
-        return None
-    try:
-        version = subprocess.run(
-            [cc, "--version"], capture_output=True, text=True, timeout=60, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    texts = [cc, version, platform.machine(), _cpu_signature(), *link, *key]
-    texts += [" ".join(flags) for flags in flag_sets]
-    parts = [p.read_bytes() for p in sources] + [t.encode() for t in texts]
-    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "fxghost"):
-        path = directory / f"{stem}_{digest}.so"
-        failed = path.with_suffix(".failed")
-        if path.exists():
-            return path
-        if failed.exists():
-            return None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        _say(f"compiling {what} (once per machine and version) into {directory} ...")
-        started = time.perf_counter()
-        message = ""
-        for flags in flag_sets:
-            error = _compile([cc, *flags, "-fPIC", "-shared", str(sources[0]), *link, "-o"], path)
-            if error is None:
-                _say(f"compiled {what} in {time.perf_counter() - started:.0f} s")
-                return path
-            message += f"$ {cc} {' '.join(flags)}\n{error}\n"
-        try:
-            failed.write_text(message)
-        except OSError:
-            pass
-        _say(f"could not compile {what} (the compiler's messages: {failed}); using {fallback}")
-        return None
-    return None
 
 
 @functools.cache
@@ -220,7 +100,7 @@ class _Kernels:
 @functools.cache
 def _kernels() -> _Kernels | None:
     path = _library_path()
-    if path is None:
+    if path is None or not verified(path):
         return None
     try:
         return _Kernels(path)
@@ -329,7 +209,7 @@ def _op_library_path() -> Path | None:
 def _ops() -> Any:
     """``torch.ops.fxghost`` with the C++ op library loaded (built if needed), or ``None``."""
     path = _op_library_path()
-    if path is None:
+    if path is None or not verified(path):
         return None
     try:
         torch.ops.load_library(str(path))
@@ -338,7 +218,7 @@ def _ops() -> Any:
         ops.eager_cpu_ghost_norm.default, ops.eager_cpu_ghost_norm_update.default  # noqa: B018
         return ops
     except (OSError, RuntimeError, AttributeError) as e:
-        _say(f"could not load the CPU kernels' C++ op ({e}); using them through ctypes")
+        say(f"could not load the CPU kernels' C++ op ({e}); using them through ctypes")
         return None
 
 
