@@ -17,6 +17,7 @@ code asks a backend to run, never which one it is.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from typing import NamedTuple
 
@@ -178,15 +179,19 @@ LAST_RUN_ATTR = "_fxghost_last_run"
 
 def record(layer: torch.nn.Module, implementation: Backend) -> None:
     if torch.compiler.is_compiling():
-        _record_while_tracing(layer, implementation.label)
+        # The layer's id, not the layer: dynamo in torch 2.4 to 2.7 passes only constants to a
+        # function it runs while tracing (a module there fails the compile).
+        _record_while_tracing(id(layer), implementation.label)
     else:
         layer.__dict__[LAST_RUN_ATTR] = implementation.label
 
 
 @torch.compiler.assume_constant_result
-def _record_while_tracing(layer: torch.nn.Module, label: str) -> bool:
+def _record_while_tracing(layer_id: int, label: str) -> bool:
     # Run by dynamo once, while it traces, and not part of the compiled code: an attribute store
-    # there would be a side effect that the compiled code replays on every call.
+    # there would be a side effect that the compiled code replays on every call. The id names a
+    # live layer here: the module that dynamo traces holds it.
+    layer = ctypes.cast(layer_id, ctypes.py_object).value
     layer.__dict__[LAST_RUN_ATTR] = label
     return True
 
