@@ -114,17 +114,11 @@ def last_layout(layer: nn.Module | None) -> str:
 
 def _record_layout(layer: nn.Module, sizes: Tensor, g: int) -> None:
     if torch.compiler.is_compiling():
-        _record_layout_while_tracing(layer)
+        # The sizes are known only when the compiled code runs; reading them there would break
+        # the graph, so the compiled model says it does not record them.
+        backends.set_while_tracing(layer, LAST_LAYOUT_ATTR, _NOT_RECORDED)
     else:
         layer.__dict__[LAST_LAYOUT_ATTR] = (tuple(sizes.tolist()), g)
-
-
-@torch.compiler.assume_constant_result
-def _record_layout_while_tracing(layer: nn.Module) -> bool:
-    # The sizes are known only when the compiled code runs; reading them there would break the
-    # graph, so the compiled model says it does not record them.
-    layer.__dict__[LAST_LAYOUT_ATTR] = _NOT_RECORDED
-    return True
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,16 @@ from . import cpu, torch_ops, triton
 from ._common import Backend, RunningStatsUpdate
 from ._layout import dims_of
 
-__all__ = ["NAMES", "Backend", "RunningStatsUpdate", "check", "record", "last_run", "select"]
+__all__ = [
+    "NAMES",
+    "Backend",
+    "RunningStatsUpdate",
+    "check",
+    "last_run",
+    "record",
+    "select",
+    "set_while_tracing",
+]
 
 #: What ``fxghost.transform(..., backend=...)`` takes.
 NAMES = ("auto", "torch", "cpu", "triton")
@@ -179,20 +188,24 @@ LAST_RUN_ATTR = "_fxghost_last_run"
 
 def record(layer: torch.nn.Module, implementation: Backend) -> None:
     if torch.compiler.is_compiling():
-        # The layer's id, not the layer: dynamo in torch 2.4 to 2.7 passes only constants to a
-        # function it runs while tracing (a module there fails the compile).
-        _record_while_tracing(id(layer), implementation.label)
+        set_while_tracing(layer, LAST_RUN_ATTR, implementation.label)
     else:
         layer.__dict__[LAST_RUN_ATTR] = implementation.label
 
 
+def set_while_tracing(layer: torch.nn.Module, attr: str, value: str) -> None:
+    """``layer.__dict__[attr] = value`` from code that dynamo traces, done once while it traces
+    and not by the compiled code: an attribute store there would be a side effect that the
+    compiled code replays on every call."""
+    # The layer's id, not the layer: dynamo in torch 2.11 and older passes only constants to a
+    # function marked assume_constant_result (a module there fails the compile).
+    _set_by_id(id(layer), attr, value)
+
+
 @torch.compiler.assume_constant_result
-def _record_while_tracing(layer_id: int, label: str) -> bool:
-    # Run by dynamo once, while it traces, and not part of the compiled code: an attribute store
-    # there would be a side effect that the compiled code replays on every call. The id names a
-    # live layer here: the module that dynamo traces holds it.
-    layer = ctypes.cast(layer_id, ctypes.py_object).value
-    layer.__dict__[LAST_RUN_ATTR] = label
+def _set_by_id(layer_id: int, attr: str, value: str) -> bool:
+    # Runs while dynamo traces, when the id names a live layer: the traced module holds it.
+    ctypes.cast(layer_id, ctypes.py_object).value.__dict__[attr] = value
     return True
 
 
