@@ -214,6 +214,35 @@ def assert_state_scaled(a: nn.Module, b: nn.Module, what: str, rel: float) -> No
         check(ba, bb, f"buffer {name}", buffer_floor)
 
 
+class RecordGraphs:
+    """A ``torch.compile`` backend: aot_eager, keeping AOT autograd's forward and backward graphs
+    to read: ``torch._dynamo.testing.AotEagerAndRecordGraphs``, which torch 2.4 (the declared
+    minimum) lacks."""
+
+    def __init__(self) -> None:
+        self.fw_graphs: list[torch.fx.GraphModule] = []
+        self.bw_graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+
+        def recorder(graphs: list[torch.fx.GraphModule]) -> Callable[..., Any]:
+            def compiler(graph: torch.fx.GraphModule, _: list[torch.Tensor]) -> Any:
+                graphs.append(graph)
+                return make_boxed_func(graph.forward)
+
+            return compiler
+
+        # aot_eager's settings, with recording compilers.
+        return aot_autograd(
+            fw_compiler=recorder(self.fw_graphs),
+            bw_compiler=recorder(self.bw_graphs),
+            partition_fn=min_cut_rematerialization_partition,
+            keep_inference_input_mutations=True,
+        )(gm, inputs)
+
+
 def run_checks_interpreted(test_file: str, timeout: int = 600) -> None:
     """Run ``test_file``'s ``check_*`` functions under the Triton interpreter, in a fresh process:
     ``TRITON_INTERPRET`` only takes effect when set before triton is imported. They must all run

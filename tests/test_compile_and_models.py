@@ -7,9 +7,8 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, assert_same_state, make_bn, run_side_by_side
+from conftest import RecordGraphs, assert_close, assert_same_state, make_bn, run_side_by_side
 from torch import nn
-from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fxghost
 from fxghost.backends import cpu, torch_ops
@@ -72,7 +71,7 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
     torch._dynamo.reset()
     model = _small_net()
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
-    backend = AotEagerAndRecordGraphs()
+    backend = RecordGraphs()
     gm = fxghost.transform(model, 4, backend="cpu")
     compiled = torch.compile(gm, fullgraph=True, backend=backend)
     x = torch.randn(10, 3, 5, 3, dtype=torch.float64)  # uneven: a tail ghost batch of 2
@@ -127,7 +126,7 @@ def test_compiled_backward_uses_the_saved_statistics() -> None:
     variance is recomputed from the input in backward (autograd through var_mean would)."""
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(6, 5), make_bn("1d_NC")).double()
-    backend = AotEagerAndRecordGraphs()
+    backend = RecordGraphs()
     compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
     compiled(torch.randn(16, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
     forward = "\n".join(g.code for g in backend.fw_graphs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bn_layers import MISSING, init_any, partial_bn
+from bn_layers import MISSING, init_any, partial_bn, without_bias
 from conftest import init_bn, run_checks_interpreted
 from torch import Tensor, nn
 
@@ -61,7 +61,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "2d": (lambda: nn.BatchNorm2d(2), (2, 2, 2), False),
     "2d_channels_last": (lambda: nn.BatchNorm2d(2), (2, 2, 2), True),
     # A weight and no bias (bias=False), a bias and no weight (the weight set to None).
-    "1d_no_bias": (lambda: nn.BatchNorm1d(3, bias=False), (3,), False),
+    "1d_no_bias": (lambda: without_bias(nn.BatchNorm1d, 3), (3,), False),
     "2d_no_weight": (lambda: partial_bn(nn.BatchNorm2d, 2, "no_weight"), (2, 2, 2), False),
 }
 BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from bn_layers import without_bias
 from conftest import STATS32_TOL, assert_close, assert_ulp_close, run_ranks
 from test_torchrun import torchrun
 from torch import nn
@@ -150,7 +151,7 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "partial": (
         lambda: nn.Sequential(
             nn.Linear(5, 6, bias=False),
-            nn.BatchNorm1d(6, bias=False),
+            without_bias(nn.BatchNorm1d, 6),
             nn.ReLU(),
             nn.Linear(6, 4, bias=False),
             _without_weight(nn.BatchNorm1d(4)),
