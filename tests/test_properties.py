@@ -378,7 +378,15 @@ def test_transform_does_not_modify_the_model(attempt: Any) -> None:
         _assert_unchanged(before, model)
     else:
         after = _snapshot(model)
-        for key in ("modules", "attributes", "children", "state_keys", "momenta"):
+        # A layer that ran records which implementation ran it, for the report (README, "What
+        # is kept"): that attribute and nothing else.
+        ran = {
+            name: [a for a in attrs if a != fxghost.backends.LAST_RUN_ATTR]
+            for name, attrs in after["attributes"].items()
+        }
+        assert ran == before["attributes"]
+        assert fxghost.backends.LAST_RUN_ATTR in vars(model.features[1])
+        for key in ("modules", "children", "state_keys", "momenta"):
             if key == "modules":  # gm.train() sets the shared layers' flags, as documented
                 assert [x[:3] for x in after[key]] == [x[:3] for x in before[key]]
             else:
