@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from . import backends, ops
 from ._api import finish, group_of
 from ._graph_module import is_transform_result
-from ._pass import Records, is_batchnorm_like, layer_record, skip_reason
+from ._pass import (
+    Records,
+    group_kwarg,
+    is_batchnorm_like,
+    layer_record,
+    norm_kwargs,
+    skip_reason,
+)
 from ._plan import check_ghost_batch_size
 from ._report import detach
 from ._scope import Walk
@@ -45,17 +52,17 @@ def ghost_forward(
     layer: nn.Module,
     ghost_batch_size: int,
     name: str,
-    backend: str,
-    process_group: int | None,
+    view_kwargs: dict[str, Any],
+    norm_kwargs: dict[str, Any],
     after: tuple[str, ...],
     input: Tensor,
 ) -> Tensor:
     """The forward that :func:`apply_ghost_batchnorm` gives a BatchNorm ``layer``: the same three
-    ops a traced model's rewritten graph calls (:mod:`fxghost.ops`), then the layer's ``after``
-    submodules (timm's ``BatchNormAct2d`` runs ``drop`` and ``act``)."""
-    group = {} if process_group is None else {"process_group": process_group}
-    norm_kwargs = {**({} if backend == "auto" else {"backend": backend}), **group}
-    groups = ops.ghost_view(input, layer, ghost_batch_size, name, **group)
+    ops, with the same keyword arguments (:func:`fxghost._pass.group_kwarg`,
+    :func:`fxghost._pass.norm_kwargs`, made once when applied), that a traced model's rewritten
+    graph calls (:mod:`fxghost.ops`), then the layer's ``after`` submodules (timm's
+    ``BatchNormAct2d`` runs ``drop`` and ``act``)."""
+    groups = ops.ghost_view(input, layer, ghost_batch_size, name, **view_kwargs)
     y = ops.ghost_unview(ops.ghost_norm(groups, layer, ghost_batch_size, name, **norm_kwargs), name)
     for sub in after:
         y = getattr(layer, sub)(y)
@@ -242,7 +249,8 @@ def apply_in_place(
             continue
         seen.add(layer)
         patched = _patched_forward(layer)
-        if patched is not None and patched.args[1:5] != (g, shown, backend, group):
+        settings = (g, shown, group_kwarg(group), norm_kwargs(backend, group))
+        if patched is not None and patched.args[1:5] != settings:
             raise ValueError(
                 f"fxghost: layer '{shown}' ({type(layer).__name__}) is already ghosted with "
                 f"ghost_batch_size={patched.args[1]}, through another model sharing it; revert "
@@ -267,7 +275,7 @@ def apply_in_place(
         rule = rule_for(layer)
         after = tuple(s for s in rule.after if not isinstance(getattr(layer, s), nn.Identity))  # type: ignore[union-attr]
         layer.__dict__["forward"] = functools.partial(
-            ghost_forward, layer, g, shown, backend, group, after
+            ghost_forward, layer, g, shown, group_kwarg(group), norm_kwargs(backend, group), after
         )
         layer.__dict__["extra_repr"] = functools.partial(_ghost_extra_repr, layer, g)
         wanted.layers[name] = layer

@@ -31,9 +31,11 @@ __all__ = [
     "Rewrite",
     "emit_ghost_subgraph",
     "full_name",
+    "group_kwarg",
     "holds_candidates",
     "is_batchnorm_like",
     "layer_record",
+    "norm_kwargs",
     "rewrite",
     "skip_reason",
 ]
@@ -189,9 +191,9 @@ def emit_ghost_subgraph(
     if _has_hooks(module, "_forward_pre_hooks"):
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
     view = make(
-        "call_function", ops.ghost_view, (x, layer, g, name), "view", _group_kwarg(process_group)
+        "call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(process_group)
     )
-    chosen = _norm_kwargs(backend, process_group)
+    chosen = norm_kwargs(backend, process_group)
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
@@ -201,12 +203,14 @@ def emit_ghost_subgraph(
     return out
 
 
-def _group_kwarg(process_group: int | None) -> dict[str, Any]:
+def group_kwarg(process_group: int | None) -> dict[str, Any]:
+    """The keyword arguments of ``ghost_view`` for a process group's key (none without one)."""
     return {} if process_group is None else {"process_group": process_group}
 
 
-def _norm_kwargs(backend: str, process_group: int | None) -> dict[str, Any]:
-    return {**({} if backend == "auto" else {"backend": backend}), **_group_kwarg(process_group)}
+def norm_kwargs(backend: str, process_group: int | None) -> dict[str, Any]:
+    """The keyword arguments of ``ghost_norm``: a chosen backend and a process group's key."""
+    return {**({} if backend == "auto" else {"backend": backend}), **group_kwarg(process_group)}
 
 
 def _mirror_state(source: nn.Module, target: nn.Module) -> None:
@@ -401,9 +405,7 @@ def _rewrite_graph(
             env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
             if selector.selects(name):
                 env[node].kwargs = (
-                    _norm_kwargs(backend, key)
-                    if node.target is ops.ghost_norm
-                    else _group_kwarg(key)
+                    norm_kwargs(backend, key) if node.target is ops.ghost_norm else group_kwarg(key)
                 )
             env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
             if node.target is ops.ghost_norm:
