@@ -471,6 +471,7 @@ def _norm(
     sizes: Tensor,
     g: int,
     key: int,
+    label: str,
 ) -> Tensor:
     """``x`` normalized with its ghost batches' statistics from :func:`_stats`."""
     _, _, _, lengths = _local(sizes, g, key)
@@ -490,6 +491,7 @@ def _norm_fake(
     sizes: Tensor,
     g: int,
     key: int,
+    label: str,
 ) -> Tensor:
     return torch.empty_like(x)
 
@@ -576,7 +578,7 @@ _norm_op = torch.library.custom_op(
     "fxghost::group_ghost_norm",
     _norm,
     mutates_args=(),
-    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}) -> Tensor",
+    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}, str label) -> Tensor",
 )
 _norm_op.register_fake(_norm_fake)
 _backward_op = torch.library.custom_op(
@@ -589,7 +591,7 @@ _backward_op.register_fake(_norm_backward_fake)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, piece_mean, piece_rstd, sizes, ctx.g, ctx.key = inputs
+    x, weight, bias, piece_mean, piece_rstd, sizes, ctx.g, ctx.key, ctx.label = inputs
     ctx.param_dtypes = param_dtypes(weight, bias)
     ctx.save_for_backward(x, weight, piece_mean, piece_rstd, sizes)
 
@@ -597,13 +599,16 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _backward_rule(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "fxghost: double backward (create_graph=True) through ghost batches across "
-            "processes is not supported; transform without process_group for it"
+            f"fxghost: layer {ctx.label}: double backward (backward with create_graph=True, "
+            "as gradient penalties take) through ghost batches across processes is not "
+            "supported. Transform without process_group for it (ghost batches within each "
+            "process), or take the second-order term through a model without this layer"
         )
     x, weight, piece_mean, piece_rstd, sizes = ctx.saved_tensors
     dx, dweight, dbias = _backward_op(dy, x, weight, piece_mean, piece_rstd, sizes, ctx.g, ctx.key)
     grad_w, grad_b = param_grads(ctx, dweight, dbias)
-    return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, None, None, None
+    grad_x = dx if ctx.needs_input_grad[0] else None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 _norm_op.register_autograd(_backward_rule, setup_context=_setup)
@@ -637,4 +642,5 @@ def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tens
         label,
     )
     _record_layout(layer, sizes, g)
-    return _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key)  # type: ignore[no-any-return]
+    out = _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key, label)
+    return out  # type: ignore[no-any-return]

@@ -47,6 +47,9 @@ __all__ = [
 #: it adds no state).
 SOURCE_ATTR = "_fxghost_source"
 
+# What a GraphModule's class calls as ``_wrapped_call(self, *args, **kwargs)``: the module call.
+_PLAIN_CALL = staticmethod(nn.Module.__call__)
+
 
 def _get_training(self: nn.Module) -> bool:
     source = self.__dict__.get(SOURCE_ATTR)
@@ -196,6 +199,17 @@ class GhostGraphModule(SharedMode, fx.GraphModule):
                     "original model, which runs plain BatchNorm)"
                 ) from None
             return value
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        # GraphModule calls go through fx's wrapper, whose error handler walks the traceback with
+        # a generator; under torch.compile(fullgraph=True) dynamo (2.8 and newer) refuses that
+        # generator's frame, and a runtime error from the compiled code (a process group's batch
+        # below the ghost size) surfaces as "Attempt to trace generator" instead of itself. The
+        # plain module call raises errors as they are; the traceback still shows the generated
+        # line (fx registers the source with linecache).
+        type(self)._wrapped_call = _PLAIN_CALL  # type: ignore[attr-defined]
+        return code
 
     def _graphs(self) -> dict[str, fx.Graph]:
         return {"_graph": self.graph}

@@ -208,7 +208,11 @@ def test_gradient_penalty_matches_reference(
 
 def test_triton_interpreted() -> None:
     """The check_* functions below, under the Triton interpreter in a fresh process."""
-    pytest.importorskip("triton")
+    triton_module = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton_module.__version__.split(".")[:2]) < (3, 4):
+        # Its interpreter turns program-id arithmetic into 1-element numpy arrays, which numpy 2
+        # refuses as a loop bound; compiled for a GPU, the same kernels take it.
+        pytest.skip("Triton 3.3 (torch 2.7)'s interpreter cannot run the split-reduction kernels")
     run_checks_interpreted(__file__, timeout=600)
 
 

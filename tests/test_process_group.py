@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fxghost
+from fxghost.backends import cpu
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 WORLD = 4
@@ -102,6 +103,8 @@ SPECIAL = (
     "group_smaller_than_g",
     "one_process_fails_input_check",
     "report",
+    "double_backward",
+    "functional_collective_input",
 )
 SCENARIOS = (*CASES, *SPECIAL)
 
@@ -444,8 +447,50 @@ def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
             f.notes["error"] = str(err)
         else:
             f.messages.append("no ValueError")
+        # The same error from the compiled model, whole-graph: decided at run time, inside the
+        # compiled code (dynamo once turned it into "Attempt to trace generator").
+        compiled = torch.compile(gm, fullgraph=True, backend="eager")
+        try:
+            compiled(x)
+        except Exception as err:
+            f.notes["compiled_error"] = f"{type(err).__name__}: {err}"
+        else:
+            f.messages.append("no error when compiled")
         for k, b in _buffers(model).items():
             f.require(torch.equal(b, before[k]), f"{k} was updated")
+    elif name == "double_backward":
+        # create_graph=True through a grouped layer: an error naming the layer, on every process.
+        gm = fxghost.transform(_net("bn1d"), 4, process_group=group4)
+        x = _batch("bn1d", 0, 2, 0).requires_grad_()
+        try:
+            torch.autograd.grad(gm(x).pow(2).sum(), x, create_graph=True)
+        except RuntimeError as err:
+            f.notes["error"] = str(err)
+        else:
+            f.messages.append("no error")
+    elif name == "functional_collective_input":
+        # An un-waited functional collective's result fed straight to a BatchNorm without a
+        # group: "auto" runs it through torch ops (which wait), where the C kernels would read
+        # memory the tensor does not hold; a kernel backend asked for by name says so.
+        from torch.distributed import _functional_collectives as funcol
+
+        model = _init_bn(nn.Sequential(nn.BatchNorm2d(3)).float(), 0.1)
+        ref = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
+        x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(rank))
+        summed = funcol.all_reduce(x, "sum", group4)
+        f.notes["type"] = type(summed).__name__
+        y = fxghost.transform(model, 4)(summed)
+        f.check(assert_close, y, ref(funcol.all_reduce(x, "sum", group4).wait()), "output")
+        try:
+            if not cpu.available():
+                raise ValueError("no C compiler: backend='cpu' not tried")
+            fxghost.transform(copy.deepcopy(model), 4, backend="cpu")(
+                funcol.all_reduce(x, "sum", group4)
+            )
+        except ValueError as err:
+            f.notes["cpu_error"] = str(err)
+        else:
+            f.messages.append("backend='cpu' took the tensor subclass")
     elif name == "one_process_fails_input_check":
         # Rank 2 feeds a float32 batch to a float64 layer: InputDtypeError there, and a
         # ValueError naming it on the others instead of a wait until the timeout.
@@ -604,6 +649,34 @@ def test_same_error_on_every_process_nothing_updated(
     assert len(messages) == 1, messages
     (message,) = messages
     assert "layer '0' (BatchNorm1d)" in message and expected in message, message
+
+
+def test_errors_decided_at_run_time_surface_from_compiled_models(
+    results: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    for rank in range(WORLD):
+        got = results["group_smaller_than_g", rank]["notes"]["compiled_error"]
+        assert got.startswith("ValueError: fxghost: layer '0' (BatchNorm1d) got a training"), got
+
+
+def test_double_backward_error_names_the_layer(
+    results: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    _assert_ok(results, "double_backward")
+    for rank in range(WORLD):
+        got = results["double_backward", rank]["notes"]["error"]
+        assert got.startswith("fxghost: layer '0' (BatchNorm1d): double backward"), got
+        assert "Transform without process_group" in got, got
+
+
+def test_functional_collective_input_runs_on_torch_ops(
+    results: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    _assert_ok(results, "functional_collective_input")
+    notes = results["functional_collective_input", 0]["notes"]
+    assert notes["type"] == "AsyncCollectiveTensor", notes
+    if cpu.available():
+        assert "cannot read AsyncCollectiveTensor, a tensor subclass" in notes["cpu_error"]
 
 
 def test_a_process_failing_its_input_check_fails_the_group(

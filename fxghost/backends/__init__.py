@@ -81,9 +81,24 @@ _FAMILIES = {"torch": torch_ops, "cpu": cpu, "triton": triton}
 def _mode() -> str:
     if not torch.compiler.is_compiling():
         return "eager"
-    # The flag itself, not torch.compiler.is_exporting(): dynamo in torch 2.11 folds that call to
-    # True under torch.compile too. (No flag in older torch: export then takes the compiled ops.)
-    return "exporting" if getattr(torch.compiler, "_is_exporting_flag", False) else "compiled"
+    return "exporting" if _exporting() else "compiled"
+
+
+@torch.compiler.assume_constant_result
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing. Run as Python while dynamo traces (its answer a
+    constant of the graph), so that it reads the process's state, not dynamo's view of it."""
+    # The flag, not torch.compiler.is_exporting(), which dynamo folds to True under
+    # torch.compile too. Torch 2.7 sets the flag only after dynamo's part of a strict export;
+    # there the translator running dynamo says it is exporting.
+    if torch.compiler._is_exporting_flag:
+        return True
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        return bool(InstructionTranslator.current_tx().export)
+    except AttributeError:  # no translator: not under dynamo (a non-strict export says so above)
+        return False
 
 
 def _decide(case: Case) -> str:
@@ -134,6 +149,16 @@ def select(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
         # guards on the strides), and the custom ops make any layout dense themselves.
         case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3)
         name = _decide(case) if backend == "auto" else backend
+    elif type(xg) not in (Tensor, torch.nn.Parameter):
+        # A tensor subclass (an un-waited functional collective, a DTensor) is not memory the
+        # kernels can read; torch ops dispatch through it (waiting for a collective first).
+        if backend in ("cpu", "triton"):
+            raise ValueError(
+                f"fxghost: layer '{layer}' runs with backend='{backend}', whose kernels cannot "
+                f"read {type(xg).__name__}, a tensor subclass; use backend='auto' (or "
+                "'torch'), or pass a plain tensor (wait for a functional collective first)"
+            )
+        return _implementation("torch", "eager")
     else:
         dense = dims_of(tuple(xg.shape), xg.stride()) is not None
         case = Case("eager", xg.device.type, xg.dtype, dense, xg.dim() > 3)

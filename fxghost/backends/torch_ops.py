@@ -295,15 +295,6 @@ def _update_impl(
 _lib.impl("update_running_stats", _update_impl, "CompositeImplicitAutograd")
 
 
-def wanted() -> bool:
-    """Whether the ops here stand in for their Python under tracing: under ``torch.compile``, not
-    under ``torch.export``, whose programs should hold only aten ops (loadable without fxghost,
-    and what they were before these ops existed); export's trace time matters less."""
-    # The flag itself, not torch.compiler.is_exporting(): dynamo in torch 2.11 folds that call to
-    # True under torch.compile too. (No flag in older torch: the ops are used under export too.)
-    return not getattr(torch.compiler, "_is_exporting_flag", False)
-
-
 def _composite_ghost_norm(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
