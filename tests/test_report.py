@@ -7,6 +7,8 @@ import copy
 import gc
 import pickle
 import warnings
+import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -139,22 +141,56 @@ def test_copies_report_what_they_ran() -> None:
     assert fxghost.report(gm).rewritten[0].backend == ran
 
 
-def test_new_models_never_report_a_run_and_nothing_grows() -> None:
+def test_new_models_never_report_a_run() -> None:
     """Reports used to be keyed by id(layer): a new model reused a dropped one's id, and with it
-    its entry, and the table only grew."""
-
-    from torch.fx.graph_module import _loader
-
+    that model's entry (31 to 69 stale reports in 200 models)."""
     stale = 0
-    for _ in range(50):
+    for _ in range(30):
         gm = fxghost.transform(_bn_net(), G)
         stale += bool(fxghost.report(gm).rewritten[0].backend)
         gm(torch.randn(8, 3, 6, 6))
         del gm
-        gc.collect()
+        gc.collect(1)  # frees the dropped model's cycles, so that the next may reuse its ids
     assert stale == 0
-    before = len(_loader.eval_cache)
-    fxghost.transform(_bn_net(), G)
-    traced = len(_loader.eval_cache) - before
-    torch.fx.symbolic_trace(_bn_net())
-    assert traced <= len(_loader.eval_cache) - before - traced + 1, traced
+
+
+def _objects_kept(make: Callable[[], object], models: int) -> tuple[int, int]:
+    """Objects the garbage collector tracks, and FX generated sources, left in the process by
+    making, running, reporting and dropping ``models`` models with ``make``."""
+    from torch.fx.graph_module import _loader
+
+    make()  # first-call caches
+    gc.collect()
+    objects, sources = len(gc.get_objects()), len(_loader.eval_cache)
+    for _ in range(models):
+        make()
+    gc.collect()
+    return len(gc.get_objects()) - objects, len(_loader.eval_cache) - sources
+
+
+def test_transformed_models_leave_no_more_behind_than_fx_traces() -> None:
+    """Transforming, running, reporting and dropping models keeps nothing of them (a
+    process-wide table once kept an entry per layer for good), and FX keeps one generated source
+    per transform, as per trace (three, before)."""
+    x = torch.randn(8, 3, 6, 6)
+    models: list[weakref.ref[nn.Module]] = []
+
+    def ghosted() -> None:
+        model = _bn_net()
+        gm = fxghost.transform(model, G)
+        gm(x)
+        fxghost.report(gm).table()
+        models.extend((weakref.ref(model), weakref.ref(gm)))
+
+    def traced() -> None:
+        torch.fx.symbolic_trace(_bn_net())(x)
+
+    n = 40
+    kept, sources = _objects_kept(ghosted, n)
+    kept -= len(models)  # the weak references are the test's own
+    fx_kept, fx_sources = _objects_kept(traced, n)
+    assert not [r for r in models if r() is not None], "a dropped model is still referenced"
+    assert sources == fx_sources == n, (sources, fx_sources)
+    # FX's per-source linecache entries are the objects both keep; a leak of one object per
+    # model would exceed the slack.
+    assert kept <= fx_kept + n // 4, (kept, fx_kept)
