@@ -22,18 +22,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 import suite  # noqa: E402
 
-
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    # A subprocess: the suite resets torch._dynamo and Inductor's caches, which must not leak
-    # into the other tests of this process.
-    return subprocess.run(
-        [sys.executable, *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+# The suite's quick cases and `fxghost bench` here run small tensors in this process.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(path: Path) -> dict:
@@ -52,12 +42,18 @@ def _by_key(results: list[dict]) -> dict[tuple[str, str, str, int], set[str]]:
     return groups
 
 
-def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
+def test_quick_eager_suite_writes_tables_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every quick case, eager only: in this process, as nothing is compiled (one timed step
+    each, the fewest the suite takes)."""
     out = tmp_path / "quick.json"
-    args = "benchmarks/run.py --quick --no-compile --device cpu --out".split()
+    argv = "--quick --no-compile --device cpu --repeats 1 --warmup 0 --out".split()
     # An allocator setting, which moves CPU results a lot, is recorded with them.
-    result = _run(*args, str(out), env={"MALLOC_TRIM_THRESHOLD_": "33554432"})
-    assert result.returncode == 0, result.stdout + result.stderr
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "33554432")
+    code = suite.main([*argv, str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout + stderr
     data = _load(out)
     assert data["meta"]["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "33554432"
 
@@ -81,17 +77,27 @@ def test_quick_eager_suite_writes_tables_and_json(tmp_path: Path) -> None:
     assert data["meta"]["source_sha256"] == suite.source_digest()
 
     # One table per section on stdout, progress on stderr.
-    assert result.stdout.count("median ms") == 2
+    assert stdout.count("median ms") == 2
     for name in ("plain", "chunked", "fxghost", "vs plain", "samples/s", "faults/step"):
-        assert name in result.stdout
-    assert "[1/" in result.stderr and "layer eager" in result.stderr
+        assert name in stdout
+    assert "[1/" in stderr and "layer eager" in stderr
 
 
 @pytest.mark.slow
 def test_quick_compiled_layer_case(tmp_path: Path) -> None:
+    """The quick compiled case, in a subprocess: the suite resets torch._dynamo and Inductor's
+    caches, which must not leak into the other tests of this process. Compiled mode only (the
+    eager test runs the eager cases), one timed step, and two ghost batches, whose chunked
+    graph compiles faster than the case's own eight."""
     out = tmp_path / "compiled.json"
-    args = "benchmarks/run.py --quick --sections layer --device cpu --out".split()
-    result = _run(*args, str(out))
+    args = "--quick --sections layer --modes compiled --repeats 1 --warmup 0 --ghost-sizes 128"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run.py", *args.split(), "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     compiled = [r for r in _load(out)["results"] if r["mode"] == "compiled"]
     assert {r["impl"] for r in compiled} == {"plain", "chunked", "fxghost"}
@@ -139,9 +145,13 @@ def test_modes_and_cases_select_jobs() -> None:
     assert jobs(["eager"], ["no such case"]) == []
 
 
-def test_a_cases_filter_that_matches_nothing_is_an_error() -> None:
-    result = _run("benchmarks/run.py", "--device", "cpu", "--cases", "(1,2,3)")
-    assert result.returncode == 2 and "no case matches --cases (1,2,3)" in result.stderr
+def test_a_cases_filter_that_matches_nothing_is_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        suite.main(["--device", "cpu", "--cases", "(1,2,3)"])
+    assert exit_.value.code == 2
+    assert "no case matches --cases (1,2,3)" in capsys.readouterr().err
 
 
 def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
@@ -296,7 +306,7 @@ def tiny_net() -> nn.Module:
 
 
 def test_user_bench_times_plain_fxghost_and_chunked(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = "bench test_bench:tiny_net --shape 12,3,8,8 -g 4 --repeats 2 --warmup 0 --chunked"
+    argv = "bench test_bench:tiny_net --shape 12,3,8,8 -g 4 --repeats 1 --warmup 0 --chunked"
     code = _cli.main(argv.split())
     out, err = capsys.readouterr()
     assert code == 0, err
