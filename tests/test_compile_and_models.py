@@ -28,6 +28,15 @@ def _small_net() -> nn.Module:
     ).double()
 
 
+# Torch 2.7's inductor fails to schedule the backward of a Linear then a BatchNorm1d with a
+# symbolic batch size, for plain BatchNorm1d too (KeyError in decide_inplace_update); 2.8 does not.
+_INDUCTOR_2_7 = pytest.mark.xfail(
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 8),
+    reason="torch 2.7's inductor cannot compile Linear -> BatchNorm1d's backward with dynamic=True",
+    strict=True,
+)
+
+
 # aot_eager checks capture (no graph break, autograd through the decomposition) across batch
 # sizes, uneven batches and train/eval; inductor checks generated code on two batch sizes (each
 # inductor compile costs tens of seconds on a 2-core CPU).
@@ -35,7 +44,7 @@ def _small_net() -> nn.Module:
     ("backend", "steps"),
     [
         ("aot_eager", [(16, True), (10, True), (24, True), (3, False)]),
-        ("inductor", [(16, True), (32, True)]),
+        pytest.param("inductor", [(16, True), (32, True)], marks=_INDUCTOR_2_7),
     ],
 )
 def test_compile_fullgraph_batch_sizes(backend: str, steps: list[tuple[int, bool]]) -> None:
