@@ -16,8 +16,10 @@ demo: $(STAMP)
 	$(PY) -m fxghost build
 	$(PY) -m fxghost demo
 
+# One worker per core, each test file in one worker: files share expensive set-up (spawned
+# process groups, compiled models) through module-scoped fixtures.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # Composer pins an older torch (its last release: torch<2.7.1), so its tests get their own venv
 # with the newest torch and torchvision it accepts; inside .venv/ so that git ignores it.
@@ -40,7 +42,7 @@ test-composer: $(COMPOSER_STAMP)
 # released with it, each in a venv of its own with fxghost and pytest only. To bump, set MATRIX_NEW
 # to the newest torch and its torchvision (torchvision's metadata pins the torch it needs); when
 # pyproject.toml's floor moves, set MATRIX_MIN to match. The stamps depend on this Makefile, so a
-# bump reinstalls. Not yet in .ci/run: on torch 2.7.0 three core tests still fail (issue 23).
+# bump reinstalls.
 MATRIX_MIN := torch==2.7.0 torchvision==0.22.0
 MATRIX_NEW := torch==2.15.0 torchvision==0.29.2
 MIN_VENV := .venv/torch-min
@@ -55,7 +57,7 @@ MATRIX_TESTS := tests/test_reference.py tests/test_equivalence.py tests/test_pro
 $(MIN_VENV)/.installed: pyproject.toml Makefile
 	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install --upgrade pip
-	$(MIN_VENV)/bin/python -m pip install $(MATRIX_MIN) -e . 'pytest>=7'
+	$(MIN_VENV)/bin/python -m pip install $(MATRIX_MIN) -e . 'pytest>=7' 'pytest-xdist>=3'
 	echo '$(MATRIX_MIN)' > $@
 
 # This machine's pip configuration caps torch, through a constraint file, at the release cached on
@@ -64,12 +66,13 @@ $(MIN_VENV)/.installed: pyproject.toml Makefile
 $(NEW_VENV)/.installed: pyproject.toml Makefile
 	test -x $(NEW_VENV)/bin/python || $(PYTHON) -m venv $(NEW_VENV)
 	$(NEW_VENV)/bin/python -m pip install --upgrade pip
-	PIP_CONSTRAINT=/dev/null $(NEW_VENV)/bin/python -m pip install $(MATRIX_NEW) -e . 'pytest>=7'
+	PIP_CONSTRAINT=/dev/null $(NEW_VENV)/bin/python -m pip install $(MATRIX_NEW) -e . 'pytest>=7' \
+		'pytest-xdist>=3'
 	echo '$(MATRIX_NEW)' > $@
 
 test-matrix: $(MIN_VENV)/.installed $(NEW_VENV)/.installed
-	$(MIN_VENV)/bin/python -m pytest $(MATRIX_TESTS)
-	$(NEW_VENV)/bin/python -m pytest $(MATRIX_TESTS)
+	$(MIN_VENV)/bin/python -m pytest -n auto --dist loadfile $(MATRIX_TESTS)
+	$(NEW_VENV)/bin/python -m pytest -n auto --dist loadfile $(MATRIX_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -20,6 +20,12 @@ from torch import nn
 import fxghost
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
+# make test runs the tests in pytest-xdist workers, one per core: each worker's torch takes its
+# share of the cores, as two processes each with a thread per core would oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 #: Where run_side_by_side runs: FXGHOST_TEST_DEVICE=cuda checks the CUDA paths on a GPU machine.
 DEVICE = torch.device(os.environ.get("FXGHOST_TEST_DEVICE", "cpu"))
 
