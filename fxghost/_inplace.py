@@ -193,36 +193,21 @@ def apply_ghost_batchnorm(
     False
     """
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
-    apply_in_place(model, ghost_batch_size, only=only, process_group=process_group, backend=backend)
-    return model
-
-
-def apply_in_place(
-    model: nn.Module,
-    ghost_batch_size: int,
-    *,
-    only: Iterable[str] | str | None = None,
-    process_group: Any = None,
-    backend: str = "auto",
-    stacklevel: int = 4,
-) -> None:
-    """:func:`apply_ghost_batchnorm`; ``stacklevel`` makes the warning name the user's line
-    (the trainer integrations call this with their own depth)."""
-    model = _unwrap(model, "apply_ghost_batchnorm")
+    inner = _unwrap(model, "apply_ghost_batchnorm")
     g = check_ghost_batch_size(ghost_batch_size)
     group, group_size = group_of(process_group, backends.check(backend))
     wanted = _Applied(g, _only_key(only), backend, group)
-    applied: _Applied | None = model.__dict__.get(_APPLIED_ATTR)
+    applied: _Applied | None = inner.__dict__.get(_APPLIED_ATTR)
     if applied is not None:
         same = (applied.ghost_batch_size, applied.only, applied.backend, applied.group)
         if same == (g, wanted.only, backend, group):
-            return
+            return model
         raise ValueError(
-            f"fxghost: {type(model).__name__} already has ghost BatchNorm applied with "
+            f"fxghost: {type(inner).__name__} already has ghost BatchNorm applied with "
             f"{_settings(applied)}, not with {_settings(wanted)}; call "
             "fxghost.revert_ghost_batchnorm(model) first to apply other settings"
         )
-    if is_transform_result(model):
+    if is_transform_result(inner):
         raise ValueError(
             "fxghost: this module was produced by fxghost.transform and is already ghosted; "
             "apply_ghost_batchnorm to the original model instead"
@@ -233,7 +218,7 @@ def apply_in_place(
     candidates: list[str] = []
     chosen: dict[str, nn.Module] = {}
     seen: set[nn.Module] = set()
-    for name, layer in model.named_modules():
+    for name, layer in inner.named_modules():
         shown = name or type(layer).__name__
         rule = rule_for(layer)
         if rule is None:
@@ -269,7 +254,8 @@ def apply_in_place(
     walk.records.update(records)
     walk.candidates += candidates
     # The report and the one warning, as transform gives them; checks `only` before any change.
-    finish(model, model, walk, stacklevel=stacklevel)
+    # The warning names the line that called apply_ghost_batchnorm.
+    finish(inner, inner, walk, stacklevel=3)
     for name, layer in chosen.items():
         shown = name or type(layer).__name__
         rule = rule_for(layer)
@@ -279,7 +265,8 @@ def apply_in_place(
         )
         layer.__dict__["extra_repr"] = functools.partial(_ghost_extra_repr, layer, g)
         wanted.layers[name] = layer
-    object.__setattr__(model, _APPLIED_ATTR, wanted)
+    object.__setattr__(inner, _APPLIED_ATTR, wanted)
+    return model
 
 
 def revert_ghost_batchnorm(model: nn.Module) -> nn.Module:

@@ -68,11 +68,15 @@ class _GraphOp:
     generated code, so a re-traced rewritten graph would trace into the op and fail on its
     shape-dependent Python logic. Checking for proxies works under any tracer. Being an object
     also gives the op a readable ``repr`` in ``print_tabular``.
+
+    Attributes:
+        fn: the plain function, which the op calls with real tensors (a test may replace it to
+            observe the calls).
     """
 
     def __init__(self, fn: Callable[..., Any], step: str) -> None:
         functools.update_wrapper(self, fn)
-        self._fn = fn
+        self.fn = fn
         self._step = step
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -91,7 +95,7 @@ class _GraphOp:
                     "step": self._step,
                 }
                 return out
-        return self._fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"{self.__module__}.{self.__name__}"  # type: ignore[attr-defined]

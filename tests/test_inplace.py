@@ -14,6 +14,7 @@ from conftest import assert_state_scaled
 from torch import nn
 
 import fxghost
+from fxghost._inplace import is_applied
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +177,7 @@ def test_refused_and_unwrapped_models() -> None:
     model = make_net()
     with pytest.raises(ValueError, match="matches no rewritable"):
         fxghost.apply_ghost_batchnorm(model, G, only=["nothing.*"])
-    assert "_fxghost_inplace" not in model.__dict__ and "forward" not in model.stem[1].__dict__
+    assert not is_applied(model) and "forward" not in model.stem[1].__dict__
     # A BatchNorm itself, and a DataParallel wrapper (its module is ghosted: no module is
     # replaced, so what the wrapper holds stays valid).
     bn = nn.BatchNorm1d(3)

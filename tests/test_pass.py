@@ -248,19 +248,19 @@ def test_augmented_assignments_stay_in_place() -> None:
     assert "out += x" not in gm.code and "+= x" in gm.code
     # The in-place chain writes into the BatchNorm output itself: keep a handle on it.
     bn_out: list[torch.Tensor] = []
-    real_unview = ops.ghost_unview._fn
+    real_unview = ops.ghost_unview.fn
 
     def keep(*args: object) -> torch.Tensor:
         bn_out.append(real_unview(*args))
         return bn_out[-1]
 
     gm.eval()
-    ops.ghost_unview._fn = keep
+    ops.ghost_unview.fn = keep
     try:
         with torch.no_grad():
             y = gm(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     finally:
-        ops.ghost_unview._fn = real_unview
+        ops.ghost_unview.fn = real_unview
     assert torch.equal(torch.relu(bn_out[0]), y)
     run_side_by_side(model, 4, [(12, 3, 4, 4), (10, 3, 4, 4)], [(2, 3, 4, 4)])
 

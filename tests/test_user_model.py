@@ -17,6 +17,7 @@ from conftest import assert_state_scaled, init_bn
 from torch import nn
 
 import fxghost
+from fxghost._graph_module import SOURCE_ATTR
 from fxghost.reference import apply_chunked_ghost_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -248,7 +249,7 @@ def test_one_train_eval_switch_for_model_and_result() -> None:
 
     # Copies keep the one switch with their own copies of the model.
     for duplicate in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
-        source = duplicate._fxghost_source
+        source = getattr(duplicate, SOURCE_ATTR)
         source.train()
         assert duplicate.training and duplicate.block.training
         duplicate.eval()
