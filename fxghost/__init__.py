@@ -1,12 +1,15 @@
 """fxghost: ghost BatchNorm as a torch.fx graph pass.
 
->>> import torch, fxghost
->>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
->>> gm = fxghost.transform(model, ghost_batch_size=4)
->>> gm(torch.randn(10, 3, 8, 8)).shape      # ghost batches of 4, 4 and 2 samples
-torch.Size([10, 8, 6, 6])
->>> int(model[1].num_batches_tracked)       # the original layer's statistics were updated
-3
+Examples:
+    >>> import torch, fxghost
+    >>> model = torch.nn.Sequential(
+    ...     torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    ... )
+    >>> gm = fxghost.transform(model, ghost_batch_size=4)
+    >>> gm(torch.randn(10, 3, 8, 8)).shape      # ghost batches of 4, 4 and 2 samples
+    torch.Size([10, 8, 6, 6])
+    >>> int(model[1].num_batches_tracked)       # the original layer's statistics were updated
+    3
 """
 
 from __future__ import annotations

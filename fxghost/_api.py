@@ -71,11 +71,12 @@ def transform(
     kept as Python code (a copy of its module tree sharing all parameters and buffers) and its
     children are rewritten instead, down to a BatchNorm called by untraceable code, which
     becomes a GraphModule of its own with the layer's ``state_dict`` keys. ``strict=True``
-    raises :class:`TracingError` instead. Models using timm layers are traced with timm's own
-    rules. A layer's forward hooks and pre-hooks still fire. One
-    :class:`PartialRewriteWarning` counts the layers that could not be ghosted (subclasses of
-    BatchNorm not taught with :func:`fxghost.register_batchnorm`, SyncBatchNorm, functional
-    calls); ``fxghost.report(result)`` says why for each.
+    raises [`TracingError`][fxghost.TracingError] instead. Models using timm layers are traced
+    with timm's own rules. A layer's forward hooks and pre-hooks still fire. One
+    [`PartialRewriteWarning`][fxghost.PartialRewriteWarning] counts the layers that could not be
+    ghosted (subclasses of BatchNorm not taught with
+    [`fxghost.register_batchnorm`][fxghost.register_batchnorm], SyncBatchNorm, functional calls);
+    ``fxghost.report(result)`` says why for each.
 
     Args:
         model: the module to trace (a GraphModule is rewritten without re-tracing).
@@ -86,9 +87,10 @@ def transform(
         autowrap_functions: functions to record as single nodes instead of tracing into them.
         concrete_args: arguments of ``forward`` to fix while tracing (see ``torch.fx``).
         tracer: a ``torch.fx.Tracer`` to use instead of fxghost's.
-        strict: raise :class:`TracingError` rather than rewrite only the traceable parts.
+        strict: raise [`TracingError`][fxghost.TracingError] rather than rewrite only the
+            traceable parts.
         backend: where each layer's calls run: ``"auto"`` (chosen per call, see
-            :mod:`fxghost.backends`), ``"torch"`` (plain torch ops, anywhere), ``"cpu"`` (the
+            ``fxghost.backends``), ``"torch"`` (plain torch ops, anywhere), ``"cpu"`` (the
             compiled C kernels) or ``"triton"``. ``fxghost.report(result)`` shows, after a
             call, which ran.
         process_group: a ``torch.distributed`` process group this process belongs to: each
@@ -96,11 +98,30 @@ def transform(
             order, communicating per-channel statistics only (see the README's "Ghost batches
             across processes"). ``None``: each process's own batch.
 
-    >>> import torch, fxghost
-    >>> model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
-    >>> gm = fxghost.transform(model, ghost_batch_size=16)
-    >>> sorted(gm.state_dict()) == sorted(model.state_dict())
-    True
+    Returns:
+        The rewritten module: a ``torch.fx.GraphModule``, or, where ``model`` does not trace as
+        a whole, a copy of its module tree with its parts rewritten. Its ``training`` flag is
+        ``model``'s.
+
+    Raises:
+        ValueError: ``ghost_batch_size`` is not a positive int, ``backend`` is not one of the
+            names above, ``tracer`` comes with ``leaf_modules`` or ``autowrap_functions``, a
+            name or pattern of ``only`` matches no BatchNorm layer, ``backend`` is not
+            ``"auto"`` with a ``process_group`` of several processes, or this process is not a
+            member of ``process_group``.
+        TypeError: ``leaf_modules`` or ``only`` hold something other than classes and names,
+            or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
+        RuntimeError: ``backend`` names kernels that cannot run here (``"cpu"`` without a C
+            compiler, ``"triton"`` without Triton and a CUDA device).
+        fxghost.TracingError: with ``strict=True``, ``model`` or one of its submodules does not
+            trace.
+
+    Examples:
+        >>> import torch, fxghost
+        >>> model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+        >>> gm = fxghost.transform(model, ghost_batch_size=16)
+        >>> sorted(gm.state_dict()) == sorted(model.state_dict())
+        True
     """
     g = check_ghost_batch_size(ghost_batch_size)
     backends.check(backend)
@@ -143,22 +164,44 @@ def ghost_batchnorm_pass(
     process_group: ProcessGroup | None = None,
 ) -> fx.GraphModule:
     """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
-    with :func:`fxghost.register_batchnorm`) in ``gm`` into ghost BatchNorm, and return a new
-    GraphModule (``gm`` is left unchanged). Submodules that the graph calls as black boxes
-    (tracer leaves) and that hold BatchNorms are rewritten on their own, as ``transform`` does.
+    with [`fxghost.register_batchnorm`][fxghost.register_batchnorm]) in ``gm`` into ghost
+    BatchNorm, and return a new GraphModule (``gm`` is left unchanged). Submodules that the graph
+    calls as black boxes (tracer leaves) and that hold BatchNorms are rewritten on their own, as
+    ``transform`` does.
 
     Use it on a GraphModule you traced yourself (custom tracer, leaf modules, ``concrete_args``)
-    or between other FX passes. ``only`` narrows the rewrite to layers named by qualified name or
-    glob pattern. ``root`` is the module whose parameters, buffers and submodules the result must
-    mirror (default: ``gm``), so that ``state_dict`` keys stay the same. ``prefix`` is ``gm``'s
-    qualified name inside a larger model, for layer names in reports, errors and ``only``.
-    ``backend`` and ``process_group`` as for :func:`transform`.
+    or between other FX passes.
 
-    >>> import torch, fxghost
-    >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
-    >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=8)
-    >>> [n.name for n in gm.graph.nodes]
-    ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
+    Args:
+        gm: the GraphModule to rewrite.
+        ghost_batch_size: samples per ghost batch, a positive int.
+        only: narrows the rewrite to layers named by qualified name or glob pattern (default:
+            all).
+        root: the module whose parameters, buffers and submodules the result must mirror
+            (default: ``gm``), so that ``state_dict`` keys stay the same.
+        prefix: ``gm``'s qualified name inside a larger model, for layer names in reports,
+            errors and ``only``.
+        backend: as for [`transform`][fxghost.transform].
+        process_group: as for [`transform`][fxghost.transform].
+
+    Returns:
+        A new GraphModule with ``gm``'s BatchNorm nodes rewritten.
+
+    Raises:
+        TypeError: ``gm`` is not a ``torch.fx.GraphModule``, ``only`` holds something other
+            than names, or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
+        ValueError: ``ghost_batch_size`` is not a positive int, ``backend`` is not a backend's
+            name, a name or pattern of ``only`` matches no BatchNorm layer, ``backend`` is not
+            ``"auto"`` with a ``process_group`` of several processes, or this process is not a
+            member of ``process_group``.
+        RuntimeError: ``backend`` names kernels that cannot run here.
+
+    Examples:
+        >>> import torch, fxghost
+        >>> traced = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+        >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=8)
+        >>> [n.name for n in gm.graph.nodes]
+        ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
     """
     g = check_ghost_batch_size(ghost_batch_size)
     if not isinstance(gm, fx.GraphModule):

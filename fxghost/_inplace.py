@@ -144,7 +144,8 @@ def apply_ghost_batchnorm(
     """Ghost every BatchNorm of ``model``, in place, and return ``model``.
 
     No module is replaced: each BatchNorm layer (``nn.BatchNorm1d/2d/3d``, timm's
-    ``BatchNormAct2d`` and classes taught with :func:`fxghost.register_batchnorm`) gets a ghost
+    ``BatchNormAct2d`` and classes taught with
+    [`fxghost.register_batchnorm`][fxghost.register_batchnorm]) gets a ghost
     forward of its own, so every module keeps its type, its place in the tree and its identity.
     Containers index as before, aliases stay live, hooks on any module fire as before (backward
     hooks too), ``state_dict`` keys are unchanged, and an optimizer built before keeps working.
@@ -157,40 +158,49 @@ def apply_ghost_batchnorm(
     parameters are the same objects, so there is nothing to re-bind.
 
     Applying again with the same settings does nothing; with others, it raises ``ValueError``:
-    call :func:`revert_ghost_batchnorm` first. ``fxghost.report(model)`` lists every layer, and
-    one :class:`fxghost.PartialRewriteWarning` counts those not ghosted (BatchNorm subclasses not
-    taught with :func:`fxghost.register_batchnorm`, ``SyncBatchNorm``). Given the wrapper that
-    ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` returns, it ghosts the
-    module inside.
+    call [`revert_ghost_batchnorm`][fxghost.revert_ghost_batchnorm] first.
+    ``fxghost.report(model)`` lists every layer, and one
+    [`fxghost.PartialRewriteWarning`][fxghost.PartialRewriteWarning] counts those not ghosted
+    (BatchNorm subclasses not taught with
+    [`fxghost.register_batchnorm`][fxghost.register_batchnorm], ``SyncBatchNorm``). Given the
+    wrapper that ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` returns, it
+    ghosts the module inside.
 
     Args:
         model: the module whose BatchNorm layers to ghost (it may itself be one).
         ghost_batch_size: samples per ghost batch, a positive int.
         optimizers: ignored (see above).
         only: qualified layer names or glob patterns to ghost (default: all).
-        process_group: as for :func:`fxghost.transform`.
-        backend: as for :func:`fxghost.transform`.
+        process_group: as for [`fxghost.transform`][fxghost.transform].
+        backend: as for [`fxghost.transform`][fxghost.transform].
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: a bad ``ghost_batch_size``, ``only`` matching no layer, a module already
-            ghosted with other settings (by this model or another sharing the layer), or one
-            made by :func:`fxghost.transform`.
-        TypeError: ``model`` is not a module, or is wrapped in FullyShardedDataParallel.
+        ValueError: a bad ``ghost_batch_size`` or ``backend``, ``only`` matching no layer, a
+            module already ghosted with other settings (by this model or another sharing the
+            layer), or one made by [`fxghost.transform`][fxghost.transform]; as for
+            [`fxghost.transform`][fxghost.transform], a ``backend`` other than ``"auto"`` with
+            a ``process_group`` of several processes, or a group this process is not a member
+            of.
+        TypeError: ``model`` is not a module, or is wrapped in FullyShardedDataParallel;
+            ``only`` holds something other than names, or ``process_group`` is not a
+            ``torch.distributed.ProcessGroup``.
+        RuntimeError: ``backend`` names kernels that cannot run here.
 
-    >>> import torch, fxghost
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
-    >>> fxghost.apply_ghost_batchnorm(model, ghost_batch_size=4) is model
-    True
-    >>> type(model[1]).__name__, repr(model[1]).endswith("ghost_batch_size=4)")
-    ('BatchNorm1d', True)
-    >>> _ = model(torch.randn(10, 4))            # ghost batches of 4, 4 and 2 samples
-    >>> int(model[1].num_batches_tracked)
-    3
-    >>> "ghost" in repr(fxghost.revert_ghost_batchnorm(model)[1])
-    False
+    Examples:
+        >>> import torch, fxghost
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+        >>> fxghost.apply_ghost_batchnorm(model, ghost_batch_size=4) is model
+        True
+        >>> type(model[1]).__name__, repr(model[1]).endswith("ghost_batch_size=4)")
+        ('BatchNorm1d', True)
+        >>> _ = model(torch.randn(10, 4))            # ghost batches of 4, 4 and 2 samples
+        >>> int(model[1].num_batches_tracked)
+        3
+        >>> "ghost" in repr(fxghost.revert_ghost_batchnorm(model)[1])
+        False
     """
     del optimizers  # same Parameter objects: nothing to re-bind (see the docstring)
     inner = _unwrap(model, "apply_ghost_batchnorm")
@@ -270,27 +280,30 @@ def apply_ghost_batchnorm(
 
 
 def revert_ghost_batchnorm(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_ghost_batchnorm`: give each ghosted layer back BatchNorm's own forward,
-    and return ``model``, for export and deployment.
+    """Undo [`apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm]: give each ghosted layer back
+    BatchNorm's own forward, and return ``model``, for export and deployment.
 
     Nothing else changes: the layers are the same objects, holding the trained weights and
     running statistics.
 
     Args:
-        model: a module given to :func:`apply_ghost_batchnorm` (or its compile/DDP wrapper).
+        model: a module given to [`apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm] (or
+            its compile/DDP wrapper).
 
     Returns:
         ``model`` itself.
 
     Raises:
         ValueError: ``model`` has no ghost BatchNorm applied in place.
+        TypeError: ``model`` is not a module, or is wrapped in FullyShardedDataParallel.
 
-    >>> import torch, fxghost
-    >>> bn = torch.nn.BatchNorm2d(3)
-    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn)
-    >>> _ = fxghost.apply_ghost_batchnorm(model, 8).double()
-    >>> fxghost.revert_ghost_batchnorm(model)[1] is bn, bn.running_mean.dtype
-    (True, torch.float64)
+    Examples:
+        >>> import torch, fxghost
+        >>> bn = torch.nn.BatchNorm2d(3)
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn)
+        >>> _ = fxghost.apply_ghost_batchnorm(model, 8).double()
+        >>> fxghost.revert_ghost_batchnorm(model)[1] is bn, bn.running_mean.dtype
+        (True, torch.float64)
     """
     inner = _unwrap(model, "revert_ghost_batchnorm")
     applied: _Applied | None = inner.__dict__.get(_APPLIED_ATTR)

@@ -17,7 +17,25 @@ _META_KEY = "fxghost_report"
 
 @dataclass(frozen=True)
 class LayerRecord:
-    """One normalization layer (or functional call) the pass looked at."""
+    """One normalization layer (or functional call) the pass looked at.
+
+    Attributes:
+        name: the layer's qualified name in the model (its class name for the model itself).
+        kind: the layer's class name, or ``"<function> call"`` for a functional call.
+        rewritten: whether it was ghosted.
+        reason: why it was not ghosted, or what of it was not kept (``""`` for neither).
+        num_features: the layer's channels, where it has ``num_features``.
+        ghost_batch_size: samples per ghost batch, for a rewritten layer.
+        momentum: the layer's momentum when rewritten (``None``: a cumulative average).
+        calls: how many times the model calls it (a layer shared by several call sites).
+        warn: whether ``transform``'s warning names this layer: not ghosted although it runs
+            with batch statistics, or ghosted with something of it not kept.
+        layer: the module the rewritten graph passes to the ghost ops (the layer itself, or its
+            LayerGraphModule), which records what ran it: copied and pickled with the model,
+            since the report is.
+        group_size: how many processes its ghost batches span
+            (``transform(process_group=...)``), or None.
+    """
 
     name: str
     kind: str
@@ -27,14 +45,8 @@ class LayerRecord:
     ghost_batch_size: int | None = None
     momentum: float | None = None
     calls: int = 1
-    #: Whether ``transform``'s warning names this layer: not ghosted although it runs with batch
-    #: statistics, or ghosted with something of it not kept.
     warn: bool = False
-    #: The module the rewritten graph passes to the ghost ops (the layer itself, or its
-    #: LayerGraphModule), which records what ran it: copied and pickled with the model, since
-    #: the report is.
     layer: torch.nn.Module | None = field(default=None, compare=False, repr=False)
-    #: How many processes its ghost batches span (``transform(process_group=...)``), or None.
     group_size: int | None = None
 
     @property
@@ -50,6 +62,7 @@ class LayerRecord:
 
     @property
     def status(self) -> str:
+        """``"rewritten"`` or ``"skipped"``."""
         return "rewritten" if self.rewritten else "skipped"
 
 
@@ -57,30 +70,47 @@ class LayerRecord:
 class GhostReport:
     """The layers a pass rewrote and those it skipped, with the reason for each.
 
-    >>> import torch, fxghost
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
-    >>> fxghost.report(fxghost.transform(model, ghost_batch_size=16)).rewritten_names
-    ['1']
+    ``str(report)`` is its table and summary.
+
+    Attributes:
+        ghost_batch_size: samples per ghost batch that the pass was given.
+        layers: a [`LayerRecord`][fxghost.LayerRecord] per layer, in the model's order.
+        untraced: submodules left as Python code because they do not trace
+            (``transform(strict=False)``), each an [`UntracedPart`][fxghost.UntracedPart].
+
+    Examples:
+        >>> import torch, fxghost
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        >>> fxghost.report(fxghost.transform(model, ghost_batch_size=16)).rewritten_names
+        ['1']
     """
 
     ghost_batch_size: int
     layers: list[LayerRecord] = field(default_factory=list)
-    #: Submodules left as Python code because they do not trace (``transform(strict=False)``).
     untraced: list[Any] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[LayerRecord]:
+        """The records of the layers ghosted."""
         return [r for r in self.layers if r.rewritten]
 
     @property
     def skipped(self) -> list[LayerRecord]:
+        """The records of the layers not ghosted."""
         return [r for r in self.layers if not r.rewritten]
 
     @property
     def rewritten_names(self) -> list[str]:
+        """The qualified names of the layers ghosted."""
         return [r.name for r in self.rewritten]
 
     def rows(self) -> list[dict[str, object]]:
+        """The table's rows.
+
+        Returns:
+            One dict per layer, its keys the column headers; the backend and process-group
+            columns only where a layer has run, or has a group.
+        """
         ran = any(r.backend for r in self.layers)
         grouped = any(r.group_size for r in self.layers)
         return [
@@ -105,12 +135,24 @@ class GhostReport:
         ]
 
     def table(self, tablefmt: str = "simple") -> str:
-        """The layers as a tabulate table (``tablefmt="github"`` for Markdown)."""
+        """The layers as a tabulate table (``tablefmt="github"`` for Markdown).
+
+        Args:
+            tablefmt: a ``tabulate`` table format.
+
+        Returns:
+            The table, or a line saying that there are no BatchNorm layers.
+        """
         if not self.layers:
             return "(no BatchNorm layers found)"
         return tabulate(self.rows(), headers="keys", tablefmt=tablefmt)
 
     def summary(self) -> str:
+        """How many layers were rewritten and skipped, and the submodules not traced, with why.
+
+        Returns:
+            A line counting the layers, then a line per submodule not traced.
+        """
         text = (
             f"{len(self.rewritten)} layer(s) rewritten with ghost_batch_size="
             f"{self.ghost_batch_size}, {len(self.skipped)} skipped"
@@ -123,7 +165,15 @@ class GhostReport:
 
     def warning(self, model_name: str, shown: int = 3) -> str | None:
         """The text of ``transform``'s one warning: how many layers were ghosted, and the first
-        few that need attention with why; ``None`` when there are none."""
+        few that need attention with why.
+
+        Args:
+            model_name: the model's name, for the first line.
+            shown: how many of the layers that need attention to name.
+
+        Returns:
+            The warning's text; ``None`` when no layer needs attention.
+        """
         flagged = [r for r in self.layers if r.warn]
         if not flagged:
             return None
@@ -146,7 +196,25 @@ class GhostReport:
 
 
 def report(gm: torch.nn.Module) -> GhostReport:
-    """The :class:`GhostReport` of the pass that produced ``gm``."""
+    """The [`GhostReport`][fxghost.GhostReport] of the pass that produced ``gm``.
+
+    Args:
+        gm: a module returned by [`fxghost.transform`][fxghost.transform] or
+            [`fxghost.ghost_batchnorm_pass`][fxghost.ghost_batchnorm_pass], or ghosted by
+            [`fxghost.apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm].
+
+    Returns:
+        Its report (the same object at each call).
+
+    Raises:
+        ValueError: ``gm`` carries no fxghost report.
+
+    Examples:
+        >>> import torch, fxghost
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        >>> fxghost.report(fxghost.transform(model, ghost_batch_size=16)).summary()
+        '1 layer(s) rewritten with ghost_batch_size=16, 0 skipped'
+    """
     found = getattr(gm, "_" + _META_KEY, None)
     if found is None:
         raise ValueError(

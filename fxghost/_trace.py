@@ -27,7 +27,17 @@ _CHECKPOINT = torch.utils.checkpoint.checkpoint
 
 
 class TracingError(RuntimeError):
-    """Symbolic tracing of the model failed; the message names the failing line and the ways out."""
+    """Symbolic tracing of the model failed; the message names the failing line and the ways out.
+
+    Args:
+        message: the error's text.
+        location: where the model's own code failed, as
+            ``"file:line, in function: source line"``, when known.
+
+    Attributes:
+        location: where the model's own code failed (``None`` when no frame outside torch and
+            fxghost was found).
+    """
 
     def __init__(self, message: str, location: str | None = None) -> None:
         super().__init__(message)
@@ -70,6 +80,27 @@ class GhostTracer(fx.Tracer):
     recomputation, so the rewritten model would store every activation of the block. A checkpoint
     of anything but a submodule fails to trace, so that the module calling it is kept as Python
     code and rewritten below.
+
+    Args:
+        leaf_modules: module classes (subclasses included) or qualified names (glob patterns
+            allowed) to keep as leaves.
+        autowrap_functions: functions to record as single nodes instead of tracing into them.
+
+    Attributes:
+        leaf_types: the module classes kept as leaves.
+        leaf_names: the qualified names and patterns kept as leaves.
+
+    Raises:
+        TypeError: ``leaf_modules`` holds something other than classes and names.
+
+    Examples:
+        >>> import torch, fxghost
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+        >>> tracer = fxghost.GhostTracer(leaf_modules=["0"])
+        >>> traced = torch.fx.GraphModule(model, tracer.trace(model))
+        >>> gm = fxghost.ghost_batchnorm_pass(traced, ghost_batch_size=4, root=model)
+        >>> fxghost.report(gm).rewritten_names
+        ['1']
     """
 
     def __init__(

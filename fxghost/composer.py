@@ -6,8 +6,9 @@ checkpoints keep plain BatchNorm keys (Composer's module surgery adds ``.batchno
 load into a plain model and need no algorithm on load; eval is plain BatchNorm eval at any batch
 size (Composer's raises for an eval batch smaller than the ghost size); each layer runs all of
 its ghost batches at once instead of one BatchNorm call per ghost batch. In a plain loop,
-``composer.functional.apply_ghost_batchnorm`` becomes :func:`fxghost.apply_ghost_batchnorm`, with
-the same arguments. It needs Composer (``pip install 'fxghost[composer]'``).
+``composer.functional.apply_ghost_batchnorm`` becomes
+[`fxghost.apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm], with the same arguments. It
+needs Composer (``pip install 'fxghost[composer]'``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
     """A Composer ``Algorithm`` that ghosts every BatchNorm of ``state.model`` at
-    ``Event.INIT``, with :func:`fxghost.apply_ghost_batchnorm`: the model keeps its object, its
-    Parameters (optimizers need no re-binding) and its ``state_dict`` keys.
+    ``Event.INIT``, with [`fxghost.apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm]: the
+    model keeps its object, its Parameters (optimizers need no re-binding) and its
+    ``state_dict`` keys.
 
     Importable as ``fxghost.composer.GhostBatchNorm``. Its class is named otherwise because
     Composer records algorithms in checkpoints by class name and, when loading one, re-creates
@@ -59,7 +61,17 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
         ghost_batch_size: samples per ghost batch, a positive int; it must not exceed the
             per-device microbatch.
         only: qualified layer names or glob patterns to rewrite (default: all), as for
-            :func:`fxghost.transform`.
+            [`fxghost.transform`][fxghost.transform].
+
+    Attributes:
+        ghost_batch_size: samples per ghost batch.
+        only: the layers to rewrite (``None``: all).
+
+    Raises:
+        ImportError: Composer is not installed.
+        ValueError: ``ghost_batch_size`` is not a positive int; and, at ``Event.FIT_START``, a
+            training batch or microbatch that the dataloader will give is smaller than it (see
+            above).
     """
 
     def __init__(self, ghost_batch_size: int = 32, *, only: Any = None) -> None:
@@ -137,3 +149,5 @@ class FxGhostBatchNorm(Algorithm):  # type: ignore[misc]
 
 
 GhostBatchNorm = FxGhostBatchNorm
+"""[`FxGhostBatchNorm`][fxghost.composer.FxGhostBatchNorm], under the name of Composer's own
+algorithm, so that switching is one import."""

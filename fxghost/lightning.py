@@ -36,15 +36,15 @@ class GhostBatchNorm(Callback):  # type: ignore[misc]
     """A Lightning ``Callback`` that trains the ``LightningModule`` with ghost BatchNorm.
 
     At ``setup`` for fitting (before Lightning converts the module's precision, moves it to the
-    device, wraps it in DDP and builds the optimizers), :func:`fxghost.apply_ghost_batchnorm`
-    gives each BatchNorm layer of the module its ghost forward, in place: every module stays the
-    same object of the same type (``configure_optimizers`` may index containers), with the same
-    Parameters, buffers and ``state_dict`` keys. So training
-    steps use ghost BatchNorm, validation, test and predict use plain BatchNorm eval (at any batch
-    size), checkpoints written by ``ModelCheckpoint`` load into the plain module with
-    ``strict=True``, and ``torch.compile`` and the ``ddp`` strategy work as without it (under DDP
-    each process forms ghost batches from its own shard). Layers that ``configure_model`` creates
-    are ghosted at ``on_fit_start``.
+    device, wraps it in DDP and builds the optimizers),
+    [`fxghost.apply_ghost_batchnorm`][fxghost.apply_ghost_batchnorm] gives each BatchNorm layer
+    of the module its ghost forward, in place: every module stays the same object of the same
+    type (``configure_optimizers`` may index containers), with the same Parameters, buffers and
+    ``state_dict`` keys. So training steps use ghost BatchNorm, validation, test and predict use
+    plain BatchNorm eval (at any batch size), checkpoints written by ``ModelCheckpoint`` load into
+    the plain module with ``strict=True``, and ``torch.compile`` and the ``ddp`` strategy work as
+    without it (under DDP each process forms ghost batches from its own shard). Layers that
+    ``configure_model`` creates are ghosted at ``on_fit_start``.
 
     When fitting ends (or fails), the layers get BatchNorm's own forward back, holding the
     trained weights and statistics, so the module is plain again for ``validate``, ``test`` or
@@ -65,7 +65,16 @@ class GhostBatchNorm(Callback):  # type: ignore[misc]
         ghost_batch_size: samples per ghost batch, a positive int; it must not exceed the
             per-process training batch.
         only: qualified layer names or glob patterns to rewrite (default: all), as for
-            :func:`fxghost.transform`.
+            [`fxghost.transform`][fxghost.transform].
+
+    Attributes:
+        ghost_batch_size: samples per ghost batch.
+        only: the layers to rewrite (``None``: all).
+
+    Raises:
+        ImportError: neither ``lightning`` nor ``pytorch_lightning`` is installed.
+        ValueError: ``ghost_batch_size`` is not a positive int; and, at ``on_train_start``, a
+            training batch that the loader will give is smaller than it (see above).
     """
 
     def __init__(self, ghost_batch_size: int = 32, *, only: Any = None) -> None:

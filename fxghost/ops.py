@@ -9,13 +9,14 @@ are the module's own tensors, so they are shared with the original model.
 The ops are leaves for FX: when a rewritten GraphModule is traced again they are recorded as
 single nodes, not traced through.
 
->>> import torch, fxghost.ops as ops
->>> bn = torch.nn.BatchNorm1d(3)
->>> groups = ops.ghost_view(torch.randn(10, 3), bn, 4, "bn")
->>> [tuple(t.shape) for t in groups if t is not None]
-[(2, 4, 3), (1, 2, 3)]
->>> ops.ghost_unview(ops.ghost_norm(groups, bn, 4, "bn"), "bn").shape
-torch.Size([10, 3])
+Examples:
+    >>> import torch, fxghost.ops as ops
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> groups = ops.ghost_view(torch.randn(10, 3), bn, 4, "bn")
+    >>> [tuple(t.shape) for t in groups if t is not None]
+    [(2, 4, 3), (1, 2, 3)]
+    >>> ops.ghost_unview(ops.ghost_norm(groups, bn, 4, "bn"), "bn").shape
+    torch.Size([10, 3])
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ __all__ = [
     "ghost_view",
 ]
 
-#: ``(main, tail)``. From :func:`ghost_view`: ``main`` a ``(G, c, C, *spatial)`` view of the full
-#: ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of the shorter last one, or ``None`` when
-#: ``c`` divides ``N``. From :func:`ghost_norm`: the normalized samples, sample-first
-#: (``(G * c, C, ...)`` and ``(r, C, ...)``).
 GhostGroups = tuple[Tensor, Tensor | None]
+"""``(main, tail)``. From [`ghost_view`][fxghost.ops.ghost_view]: ``main`` a
+``(G, c, C, *spatial)`` view of the full ghost batches, ``tail`` a ``(1, r, C, *spatial)`` view of
+the shorter last one, or ``None`` when ``c`` divides ``N``. From
+[`ghost_norm`][fxghost.ops.ghost_norm]: the normalized samples, sample-first (``(G * c, C, ...)``
+and ``(r, C, ...)``)."""
 
 
 def _find_proxy(args: tuple[Any, ...] | list[Any]) -> torch.fx.Proxy | None:
@@ -120,9 +122,29 @@ def ghost_view(
 
     When ``layer`` normalizes with running statistics (eval mode), the whole batch is one group and
     nothing is checked beyond BatchNorm's own input checks: any ``N`` works. With a
-    ``process_group`` (a key of :mod:`fxghost._distributed`) the ghost batches span the group's
+    ``process_group`` (a key of ``fxghost._distributed``) the ghost batches span the group's
     processes: ``x`` is one group here, checked only locally (the group's ``N`` counts, and is
-    known in :func:`ghost_norm`).
+    known in [`ghost_norm`][fxghost.ops.ghost_norm]).
+
+    Args:
+        x: the layer's input, ``(N, C, *spatial)``.
+        layer: the BatchNorm module; its training flag and running statistics are read now.
+        ghost_batch_size: samples per ghost batch.
+        name: the layer's qualified name, for error messages and the graph node's name.
+        process_group: the key of the process group the ghost batches span (as
+            ``fxghost.transform(process_group=...)`` registers it), or ``None``: this process's
+            batch alone.
+
+    Returns:
+        The [`GhostGroups`][fxghost.ops.GhostGroups] views of ``x``; ``(x.unsqueeze(0), None)``
+        in eval mode, with a process group, or for a batch of no samples.
+
+    Raises:
+        ValueError: ``x``'s dimensions or channels do not fit ``layer``; or, in training, ``x``
+            holds fewer than ``ghost_batch_size`` samples, or would leave a ghost batch with a
+            single value per channel.
+        fxghost.InputDtypeError: BatchNorm refuses ``x``'s dtype with ``layer``'s parameters
+            and running statistics.
     """
     if not uses_batch_stats(layer):
         return x.unsqueeze(0), None
@@ -151,12 +173,33 @@ def ghost_norm(
 ) -> GhostGroups:
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval.
-    ``backend`` names where it runs (:mod:`fxghost.backends`; ``"auto"`` chooses per call).
+    ``backend`` names where it runs (``fxghost.backends``; ``"auto"`` chooses per call).
     With a ``process_group``, the ghost batches of the group's concatenated batch
-    (:mod:`fxghost._distributed`); eval with running statistics does not communicate.
+    (``fxghost._distributed``); eval with running statistics does not communicate.
     A batch of no samples (N=0) forms no ghost batch: its output is plain BatchNorm's (empty,
     differentiable) and nothing is updated, ``num_batches_tracked`` included, as in the chunked
-    reference (plain BatchNorm would count the empty batch as one)."""
+    reference (plain BatchNorm would count the empty batch as one).
+
+    Args:
+        groups: [`ghost_view`][fxghost.ops.ghost_view]'s views of the layer's input.
+        layer: the BatchNorm module whose parameters, running statistics, momentum and eps are
+            used (and whose running statistics are updated).
+        ghost_batch_size: samples per ghost batch.
+        name: the layer's qualified name, for error messages and the graph node's name.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``, as for
+            [`fxghost.transform`][fxghost.transform].
+        process_group: as for [`ghost_view`][fxghost.ops.ghost_view].
+
+    Returns:
+        The normalized samples as [`GhostGroups`][fxghost.ops.GhostGroups], sample-first, for
+        [`ghost_unview`][fxghost.ops.ghost_unview].
+
+    Raises:
+        ValueError: ``backend`` names kernels that cannot take this input; or, with a process
+            group, the group's training batch is smaller than ``ghost_batch_size``, leaves a
+            ghost batch with a single value per channel, or failed another process's input
+            checks; or ``layer`` has ``momentum=None`` but no ``num_batches_tracked``.
+    """
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
@@ -204,9 +247,17 @@ def ghost_norm(
 
 @_fx_leaf("ghost_unview")
 def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
-    """The normalized batch ``(N, C, *spatial)`` from :func:`ghost_norm`'s pieces: the main one
-    itself, not a view of it (so that in-place ops after it cost nothing extra in backward), or
-    it and the tail concatenated."""
+    """The normalized batch ``(N, C, *spatial)`` from [`ghost_norm`][fxghost.ops.ghost_norm]'s
+    pieces: the main one itself, not a view of it (so that in-place ops after it cost nothing extra
+    in backward), or it and the tail concatenated.
+
+    Args:
+        groups: [`ghost_norm`][fxghost.ops.ghost_norm]'s output.
+        name: the layer's qualified name, for the graph node's name.
+
+    Returns:
+        The normalized batch, in the input's memory format.
+    """
     flat, tail = groups
     if tail is None:
         return flat
@@ -222,7 +273,16 @@ def ghost_unview(groups: GhostGroups, name: str) -> Tensor:
 @_fx_leaf("pre_hooks")
 def ghost_pre_hooks(x: Tensor, layer: nn.Module, name: str) -> Tensor:
     """``layer``'s forward pre-hooks, run on its input as ``nn.Module.__call__`` runs them (a hook
-    may replace the input). Emitted only for layers that had such hooks when rewritten."""
+    may replace the input). Emitted only for layers that had such hooks when rewritten.
+
+    Args:
+        x: the layer's input.
+        layer: the module whose hooks run (those registered when called, in order).
+        name: the layer's qualified name, for the graph node's name.
+
+    Returns:
+        The input the hooks leave: ``x``, or what a hook returned in its place.
+    """
     args: tuple[Any, ...] = (x,)
     for hook_id, hook in tuple(layer._forward_pre_hooks.items()):
         if hook_id in layer._forward_pre_hooks_with_kwargs:
@@ -239,7 +299,17 @@ def ghost_pre_hooks(x: Tensor, layer: nn.Module, name: str) -> Tensor:
 @_fx_leaf("hooks")
 def ghost_hooks(y: Tensor, x: Tensor, layer: nn.Module, name: str) -> Tensor:
     """``layer``'s forward hooks, run on its input ``x`` and output ``y`` as
-    ``nn.Module.__call__`` runs them (a hook may replace the output)."""
+    ``nn.Module.__call__`` runs them (a hook may replace the output).
+
+    Args:
+        y: the layer's output.
+        x: the layer's input, as the hooks see it.
+        layer: the module whose hooks run (those registered when called, in order).
+        name: the layer's qualified name, for the graph node's name.
+
+    Returns:
+        The output the hooks leave: ``y``, or what a hook returned in its place.
+    """
     for hook_id, hook in tuple(layer._forward_hooks.items()):
         if hook_id in layer._forward_hooks_with_kwargs:
             result = hook(layer, (x,), {}, y)
@@ -254,5 +324,14 @@ def ghost_hooks(y: Tensor, x: Tensor, layer: nn.Module, name: str) -> Tensor:
 def checkpoint(function: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint(function, *args, **kwargs)``, as one graph node: what a
     model's own ``checkpoint(self.block, x)`` becomes when traced, so that re-tracing the graph
-    (or unpickling it) keeps it a checkpoint call under any tracer."""
+    (or unpickling it) keeps it a checkpoint call under any tracer.
+
+    Args:
+        function: the submodule to run without storing its activations.
+        *args: its positional arguments.
+        **kwargs: its keyword arguments, and ``checkpoint``'s own (``use_reentrant``, ...).
+
+    Returns:
+        ``function``'s output.
+    """
     return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
