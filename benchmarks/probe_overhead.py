@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fxghost  # noqa: E402
 from fxghost import backends  # noqa: E402
 from fxghost.backends import triton as _triton  # noqa: E402
+from fxghost.backends.triton import launch  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -95,11 +96,11 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
     rows = []
     rows.append(("plain step", *per_step(step(plain))))
     for mode in ("jit", "direct"):
-        _triton._DIRECT = mode == "direct"
+        launch.DIRECT_LAUNCH = mode == "direct"
         rows.append((f"fxghost step [{mode}]", *per_step(step(gm))))
         rows.append((f"fxghost forward [{mode}]", *per_step(lambda: gm(x))))
         rows += _pieces(mode, x.detach(), dy, bn, g)
-    _triton._DIRECT = True
+    launch.DIRECT_LAUNCH = True
     xg = x.detach().view(shape[0] // g, g, *shape[1:])
     rows.append(
         (
@@ -110,7 +111,7 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
     rows.append(("torch.empty_like(x)", *per_step(lambda: torch.empty_like(x))))
     rows.append(("x.view(grouped)", *per_step(lambda: x.view(shape[0] // g, g, *shape[1:]))))
     rows.append(("select(xg)", *per_step(lambda: backends.select(xg))))
-    rows.append(("_launch(xg)", *per_step(lambda: _triton._launch(xg))))
+    rows.append(("launch_plan(xg)", *per_step(lambda: launch.launch_plan(xg))))
     for name, q, w in rows:
         print(f"{name:32s} queue {q:8.1f} us   wall {w:8.1f} us", flush=True)
 
@@ -127,8 +128,10 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
 
 
 def main() -> None:
-    print(torch.__version__, _triton.triton.__version__, torch.cuda.get_device_name(), flush=True)
-    print("direct launch supported:", _triton._direct_launch_supported(), flush=True)
+    import triton
+
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    print("direct launch supported:", launch.direct_launch_supported(), flush=True)
     case((16384, 512), 128, torch.float32, False)
     case((256, 2048, 7, 7), 32, torch.bfloat16, True)
 

@@ -99,21 +99,21 @@ class _FakeKernel:
 
 
 def test_direct_launch_reuses_what_the_dispatch_compiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """_run: the first launch of a specialization through Triton's dispatch, later ones through
-    the compiled kernel it returned, with the constexprs appended positionally; anything that
-    would change Triton's specialization (dtype, pointer alignment) or that _run cannot order
-    goes back to the dispatch."""
+    """run_kernel: the first launch of a specialization through Triton's dispatch, later ones
+    through the compiled kernel it returned, with the constexprs appended positionally; anything
+    that would change Triton's specialization (dtype, pointer alignment) or that run_kernel
+    cannot order goes back to the dispatch."""
     from types import SimpleNamespace
 
-    from fxghost.backends import triton as _triton
+    from fxghost.backends.triton import launch
 
-    monkeypatch.setattr(_triton, "_DIRECT", True)
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
     kernel, lp = _FakeKernel(), SimpleNamespace(runners={})
     x = torch.zeros(64)
     consts = (("BA", 4), ("BB", 1))
 
     def run(t: Tensor, order: tuple[tuple[str, int], ...] = consts) -> tuple[Any, ...]:
-        _triton._run(lp, kernel, (3,), 7, (t, 5), order, 2)  # type: ignore[arg-type]
+        launch.run_kernel(lp, kernel, (3,), 7, (t, 5), order, 2)  # type: ignore[arg-type]
         return kernel.calls[-1]
 
     assert run(x) == ("jit", (3,), (x, 5), {"BA": 4, "BB": 1}, 2)
@@ -125,7 +125,7 @@ def test_direct_launch_reuses_what_the_dispatch_compiled(monkeypatch: pytest.Mon
     assert [run(unaligned)[0] for _ in range(2)] == ["jit", "jit"]
     swapped = (("BB", 1), ("BA", 4))  # not the signature's order: positions would be wrong
     assert [run(x, swapped)[0] for _ in range(2)] == ["jit", "jit"]
-    monkeypatch.setattr(_triton, "_DIRECT", False)
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
     assert run(x)[0] == "jit"
 
 
@@ -261,17 +261,17 @@ def _on_test_device() -> Iterator[None]:
 def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny tiles and many programs per group: multi-tile loops, partial tiles, split groups,
     and partial merges over more than one chunk (more than 32 programs per group)."""
-    from fxghost.backends import triton as _triton
+    from fxghost.backends.triton import launch
 
     config = dataclasses.replace(
-        _triton._CONFIG,
+        launch.CONFIG,
         reduce_tile=16,
         apply_tile=16,
         programs_per_sm=64,
         min_tiles_per_program=1,
         finish_tile=4,  # the finishing kernels loop over single groups and partials
     )
-    monkeypatch.setattr(_triton, "_CONFIG", config)
+    monkeypatch.setattr(launch, "CONFIG", config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -297,10 +297,11 @@ def check_tail_group(layout: str) -> None:
 def check_large_mean_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Centred accumulation: a mean of 1000 costs no precision (sum/sum-of-squares would)."""
     from fxghost.backends import triton as _triton
+    from fxghost.backends.triton import launch
 
     # 32 tiles of 32 rows per group, split over several programs.
-    config = dataclasses.replace(_triton._CONFIG, reduce_tile=64, min_tiles_per_program=1)
-    monkeypatch.setattr(_triton, "_CONFIG", config)
+    config = dataclasses.replace(launch.CONFIG, reduce_tile=64, min_tiles_per_program=1)
+    monkeypatch.setattr(launch, "CONFIG", config)
     x = torch.randn(8, 2, 16, 16, dtype=torch.float64) * 0.5 + 1000.0
     xg = x.float().contiguous(memory_format=torch.channels_last).view(2, 4, 2, 16, 16)
     mean, var = _triton.stats(xg)

@@ -126,9 +126,7 @@ def _usable(name: str, device: str) -> bool:
     needs)."""
     if name == "cpu":
         return device == "cpu" and cpu.available()
-    return triton.triton is not None and (
-        device == "cuda" or (device == "cpu" and triton.interpreting())
-    )
+    return triton.available() and (device == "cuda" or (device == "cpu" and triton.interpreting()))
 
 
 def _implementation(name: str, mode: str) -> Backend:
@@ -196,7 +194,7 @@ def check(backend: object) -> str:
             "use backend='auto' or 'torch'"
         )
     if backend == "triton" and not (
-        triton.triton is not None and (torch.cuda.is_available() or triton.interpreting())
+        triton.available() and (torch.cuda.is_available() or triton.interpreting())
     ):
         raise RuntimeError(
             "fxghost: backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "

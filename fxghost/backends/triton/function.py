@@ -1,0 +1,169 @@
+"""The Triton backend as fxghost runs it: the autograd Function over the host functions (eager
+mode), the kernels as custom ops (under ``torch.compile`` with ``backend="triton"``), and the two
+:class:`~fxghost.backends.Backend` objects, :data:`EAGER` and :data:`COMPILED`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ... import _math
+from .. import torch_ops
+from .._common import (
+    Backend,
+    FusedGhostNorm,
+    RunningStatsUpdate,
+    UpdateHook,
+    dense,
+    forward_outputs,
+    per_channel,
+    register_norm_ops,
+)
+from .host import RunningUpdate, backward_apply, backward_sums, forward_stats, normalize
+from .launch import geometry, supported
+
+__all__ = ["COMPILED", "EAGER"]
+
+
+class _TritonGhostNorm(FusedGhostNorm):
+    """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
+    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once.
+    Three launches each way (statistics, their finish, the elementwise pass), the running
+    statistics' update included when ``update`` is given: in eager mode on a GPU each launch and
+    each small torch op costs CPU time that a layer's kernels do not hide."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningUpdate | UpdateHook | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``update``: made by the kernels (a :class:`RunningUpdate`), or a hook called with
+        the statistics; either way before anything is saved for backward."""
+        fused = update if isinstance(update, RunningUpdate) else None
+        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, fused)
+        count = xg.numel() // (xg.shape[0] * xg.shape[2])
+        hook = None if isinstance(update, RunningUpdate) else update
+        mean_s, var_s = forward_outputs(
+            ctx, xg, weight, bias, eps, (mean, rstd, var), _triton_backward, count, hook
+        )
+        return y, mean_s, var_s
+
+
+def _triton_forward(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` from the kernels: ``y`` sample-first, laid out as ``xg``."""
+    mean, var, rstd, scale, shift = forward_stats(xg, weight, bias, eps, update)
+    y = torch.empty_like(xg.flatten(0, 1))
+    normalize(xg, scale, shift, out=y.view(xg.shape))
+    return y, mean, var, rstd
+
+
+def _triton_backward(
+    dy: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    input_grad: bool,
+    count: int,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    sum_dy, sum_dy_xhat, dbias, dweight = backward_sums(dy, xg, mean, rstd)
+    grad_x = (
+        backward_apply(dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
+        if input_grad
+        else None
+    )
+    return grad_x, dweight, dbias
+
+
+# The kernels as custom ops, for torch.compile with backend="triton" (by default inductor gets
+# the torch backend's decomposition, which it fuses with neighbouring ops). On the CPU they run
+# only under the Triton interpreter.
+def _triton_dense(xg: Tensor) -> Tensor:
+    # Compiled code may hand over a layout its trace did not see: the kernels take dense ones.
+    return xg if supported(xg) else xg.contiguous()
+
+
+def _triton_op_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    y, mean, var, rstd = _triton_forward(x, weight, bias, eps)
+    if x is not xg:  # back to the layout the fake implementation promised
+        y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
+    return y, mean, var, rstd
+
+
+def _triton_op_backward(
+    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = _triton_dense(xg)
+    count = xg.numel() // (xg.shape[0] * xg.shape[2])
+    grad_x, dweight, dbias = _triton_backward(dy, x, weight, mean, rstd, True, count)
+    if x is not xg:  # back to the layout the fake implementation promised
+        grad_x = torch.empty_like(xg).copy_(grad_x)  # type: ignore[arg-type]
+    return grad_x, dweight, dbias  # type: ignore[return-value]
+
+
+_custom_op_norm = register_norm_ops(
+    "triton_ghost_norm", ("cuda", "cpu"), _triton_op_forward, _triton_op_backward
+)
+
+
+class _Eager(Backend):
+    name = "triton"
+    label = "triton"
+
+    def norm(
+        self,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        update: RunningStatsUpdate | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xg = dense(xg)
+        fused = None if update is None else _fused_update(xg, update)
+        hook = fused if fused is not None else self.update_hook(update, xg)
+        return _TritonGhostNorm.apply(xg, weight, bias, eps, hook)  # type: ignore[no-any-return]
+
+
+def _fused_update(xg: Tensor, update: RunningStatsUpdate) -> RunningUpdate | None:
+    """``update`` made in the launch that finishes the statistics, where the kernel can (an
+    exponential average of float32 buffers on the input's device): on a GPU in eager mode the
+    small torch ops of the update cost more CPU time than the kernels' GPU time."""
+    running_mean, running_var = update.running_mean, update.running_var
+    nbt = update.num_batches_tracked
+    if (
+        update.momentum is None
+        or nbt is None
+        or running_mean.dtype != torch.float32
+        or running_var.dtype != torch.float32
+        or running_mean.device != xg.device
+        or not (running_mean.is_contiguous() and running_var.is_contiguous())
+        or geometry(xg) is None
+    ):
+        return None
+    weights, decay = _math.ema_coefficients(
+        update.momentum, update.requested, xg.shape[0], torch.float32, xg.device
+    )
+    return RunningUpdate(
+        running_mean, running_var, nbt, weights, decay, _math.bessel(per_channel(xg))
+    )
+
+
+EAGER: Backend = _Eager()
+COMPILED: Backend = torch_ops.CustomOpCompiled(
+    "triton", "triton (custom op, compiled)", _custom_op_norm
+)

@@ -1,0 +1,279 @@
+"""The host functions of the Triton backend: one call per job (the statistics, the
+normalization, the backward sums, the input gradient), each launching its kernels through a
+cached :class:`~.launch.LaunchPlan`.
+
+The kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (which must be
+set before triton is imported). Inputs may be float32, float16 or bfloat16; every statistic is
+float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .launch import LaunchPlan, geometry, launch_plan, run_kernel
+
+__all__ = [
+    "RunningUpdate",
+    "backward_apply",
+    "backward_reduce",
+    "backward_sums",
+    "forward_stats",
+    "normalize",
+    "stats",
+]
+
+
+def _stream(lp: LaunchPlan) -> int:
+    """The current CUDA stream of the launch's device, as Triton launches on it."""
+    return torch._C._cuda_getCurrentRawStream(lp.device_index) if lp.device_index >= 0 else 0
+
+
+def _device_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    # Triton launches on the current CUDA device; make that the tensor's (entering
+    # torch.cuda.device costs microseconds per call: skipped when it is already current).
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _f32(t: Tensor) -> Tensor:
+    """``t`` as dense float32: itself when it is, without a dispatch. The kernels address
+    per-(group, channel) operands by flat index, so any shape with ``G * C`` values will do."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def _like(xg: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised tensor with ``xg``'s shape and strides."""
+    out = torch.empty_like(xg, dtype=dtype)
+    if out.stride() != xg.stride():  # empty_like keeps dense layouts, this is only a safeguard
+        out = torch.empty_strided(xg.shape, xg.stride(), dtype=out.dtype, device=xg.device)
+    return out
+
+
+def _matching(dy: Tensor, xg: Tensor) -> Tensor:
+    """``dy`` laid out like ``xg`` (the kernels address both with the same offsets)."""
+    if dy.shape != xg.shape:
+        raise ValueError(f"fxghost triton backend: dy shape {tuple(dy.shape)} != {tuple(xg.shape)}")
+    if dy.stride() == xg.stride() and dy.device == xg.device:
+        return dy
+    if dy.device == xg.device and geometry(dy) == geometry(xg):
+        return dy
+    return _like(xg, dy.dtype).copy_(dy)
+
+
+class RunningUpdate(NamedTuple):
+    """What :func:`forward_stats` needs to update BatchNorm's running statistics in place as
+    :func:`fxghost._math.update_running_stats` does (float32 buffers on the input's device):
+    ``R = decay * R + sum_g weights[g] * s_g``, the variance's times ``bessel``, and
+    ``num_batches_tracked += G``."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    weights: Tensor  # (G,) float32
+    decay: float
+    bessel: float
+
+
+def forward_stats(
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    update: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(mean, var, rstd, scale, shift)`` per ``(group, channel)`` of ``xg``, float32 ``(G, C)``:
+    biased variance, ``rstd = 1 / sqrt(var + eps)``, and ``y = x * scale + shift`` normalizes
+    (with ``weight`` and ``bias`` when given). With ``update``, the running statistics are
+    updated in the same launch. Two kernel launches in all."""
+    lp = launch_plan(xg)
+    G, C = lp.G, lp.C
+    device = xg.device
+    partials = torch.empty((3, G, lp.split, C), dtype=torch.float32, device=device)
+    # Separate tensors, not views of one: they leave as separate outputs of a custom op.
+    mean = torch.empty((G, C), dtype=torch.float32, device=device)
+    var = torch.empty((G, C), dtype=torch.float32, device=device)
+    rstd = torch.empty((G, C), dtype=torch.float32, device=device)
+    coef = torch.empty((2, G, C), dtype=torch.float32, device=device)
+    # A missing parameter's pointer is never read: any float32 tensor will do.
+    w = _f32(weight) if weight is not None else mean
+    b = _f32(bias) if bias is not None else mean
+    if update is not None:
+        if update.weights.numel() != G:
+            raise ValueError(
+                f"fxghost triton backend: {update.weights.numel()} EMA weights, {G} groups"
+            )
+        ema, rmean, rvar = update.weights, update.running_mean, update.running_var
+        nbt, decay, bessel = update.num_batches_tracked, update.decay, update.bessel
+    else:
+        ema = rmean = rvar = nbt = mean  # not read
+        decay = bessel = 1.0
+    with _device_guard(xg):
+        stream = _stream(lp)
+        run_kernel(
+            lp,
+            kernels.stats_partial_kernel,
+            lp.reduce_grid,
+            stream,
+            (xg, partials, *lp.reduce_args),
+            lp.reduce_blocks,
+            lp.reduce_warps,
+        )
+        run_kernel(
+            lp,
+            kernels.stats_finish_kernel,
+            lp.finish_grid,
+            stream,
+            (
+                partials,
+                mean,
+                var,
+                rstd,
+                coef,
+                w,
+                b,
+                ema,
+                rmean,
+                rvar,
+                nbt,
+                G,
+                C,
+                lp.split,
+                eps,
+                decay,
+                bessel,
+            ),
+            (
+                ("HAS_WEIGHT", weight is not None),
+                ("HAS_BIAS", bias is not None),
+                ("UPDATE", update is not None),
+                *lp.finish_blocks,
+            ),
+            4,
+        )
+    return mean, var, rstd, coef[0], coef[1]
+
+
+def stats(xg: Tensor) -> tuple[Tensor, Tensor]:
+    """Per ``(group, channel)`` mean and biased variance of ``xg``, float32, shape ``(G, C)``."""
+    # eps only enters rstd, scale and shift, which are dropped here.
+    mean, var, *_ = forward_stats(xg, None, None, 1.0)
+    return mean, var
+
+
+def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """``xg * scale[g, ch] + shift[g, ch]`` in float32, in ``xg``'s dtype and layout: into ``out``
+    (laid out as ``xg``) when given. ``scale`` and ``shift`` hold ``G * C`` values."""
+    lp = launch_plan(xg)
+    y = _like(xg) if out is None else out
+    if y.shape != xg.shape or y.stride() != xg.stride():
+        raise ValueError("fxghost: normalize needs an output laid out as its input")
+    with _device_guard(xg):
+        run_kernel(
+            lp,
+            kernels.normalize_kernel,
+            lp.apply_grid,
+            _stream(lp),
+            (xg, y, _f32(scale), _f32(shift), *lp.apply_args),
+            lp.apply_blocks,
+            lp.apply_warps,
+        )
+    return y
+
+
+def backward_sums(
+    dy: Tensor, xg: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(sum dy, sum dy * xhat)`` per ``(group, channel)``, float32 ``(G, C)``, and their sums
+    over the groups, float32 ``(C,)``: the bias and weight gradients. Two kernel launches.
+
+    ``xhat = (xg - mean) * rstd``; ``mean`` and ``rstd`` hold ``G * C`` values.
+    """
+    lp = launch_plan(xg)
+    G, C = lp.G, lp.C
+    dy = _matching(dy, xg)
+    partials = torch.empty((2, G, lp.split, C), dtype=torch.float32, device=xg.device)
+    sums = torch.empty((2, G, C), dtype=torch.float32, device=xg.device)
+    # Separate tensors, not views of one: they leave as separate outputs of a custom op.
+    dbias = torch.empty(C, dtype=torch.float32, device=xg.device)
+    dweight = torch.empty(C, dtype=torch.float32, device=xg.device)
+    with _device_guard(xg):
+        stream = _stream(lp)
+        run_kernel(
+            lp,
+            kernels.backward_reduce_kernel,
+            lp.reduce_grid,
+            stream,
+            (dy, xg, _f32(mean), _f32(rstd), partials, G, *lp.reduce_args),
+            lp.reduce_blocks,
+            lp.reduce_warps,
+        )
+        run_kernel(
+            lp,
+            kernels.backward_finish_kernel,
+            lp.finish_grid,
+            stream,
+            (partials, sums, dbias, dweight, G, C, lp.split),
+            lp.finish_blocks,
+            4,
+        )
+    return sums[0], sums[1], dbias, dweight
+
+
+def backward_reduce(dy: Tensor, xg: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum dy, sum dy * xhat)`` per ``(group, channel)``, float32 ``(G, C)``."""
+    sum_dy, sum_dy_xhat, _, _ = backward_sums(dy, xg, mean, rstd)
+    return sum_dy, sum_dy_xhat
+
+
+def backward_apply(
+    dy: Tensor,
+    xg: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+) -> Tensor:
+    """The BatchNorm input gradient, in ``xg``'s dtype and layout.
+
+    ``dx = weight * rstd * (dy - sum_dy / count - xhat * sum_dy_xhat / count)`` with
+    ``xhat = (xg - mean) * rstd``; ``count`` is the number of values per (group, channel).
+    """
+    lp = launch_plan(xg)
+    dy = _matching(dy, xg)
+    mean = _f32(mean)
+    w = mean if weight is None else _f32(weight)
+    dx = _like(xg)
+    with _device_guard(xg):
+        run_kernel(
+            lp,
+            kernels.backward_apply_kernel,
+            lp.apply_grid,
+            _stream(lp),
+            # w is never read without a weight: any float32 pointer will do
+            (
+                dy,
+                xg,
+                dx,
+                mean,
+                _f32(rstd),
+                w,
+                _f32(sum_dy),
+                _f32(sum_dy_xhat),
+                1.0 / count,
+                *lp.apply_args,
+            ),
+            (("HAS_WEIGHT", weight is not None), *lp.apply_blocks),
+            lp.apply_warps,
+        )
+    return dx
