@@ -519,20 +519,18 @@ def _special(name: str, rank: int, groups: Groups, f: _Failures) -> None:
 
 
 def readme_section() -> str:
-    """The README's section on process groups."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("## Ghost batches across processes")
-    return text[start : text.index("\n## ", start)]
+    """The documentation's page on process groups (once a section of the README)."""
+    return (Path(__file__).resolve().parents[1] / "docs/process-groups.md").read_text()
 
 
 def readme_block() -> str:
-    """The training script of the README's section on process groups."""
+    """The training script of the page on process groups."""
     blocks = readme_section().split("```python\n")[1:]
     return next(b.split("```")[0] for b in blocks if "init_process_group" in b)
 
 
 def readme_command() -> list[str]:
-    """The first command line that the README gives for running that script."""
+    """The first command line that the page gives for running that script."""
     blocks = readme_section().split("```bash\n")[1:]
     commands = next(b.split("```")[0] for b in blocks if "train.py" in b)
     return commands.splitlines()[0].partition("#")[0].split()

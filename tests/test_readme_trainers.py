@@ -1,7 +1,8 @@
-"""The README's "Use with your trainer" section runs as written: each python block is executed with
-small stand-ins for the names it takes from the reader (``model``, ``loader``, ``lit_model``...),
-and the torchrun line is the command tests/test_torchrun.py runs. Composer's block runs in
-Composer's own environment (tests/composer/test_composer.py)."""
+"""The Trainers page of the documentation, docs/trainers.md, runs as written: each python block is
+executed with small stand-ins for the names it takes from the reader (``model``, ``loader``,
+``lit_model``...), and the torchrun line is the command tests/test_torchrun.py runs. Composer's
+block runs in Composer's own environment (tests/composer/test_composer.py). The file keeps its
+name, from when the page was a section of the README: tests/composer imports it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## Use with your trainer"
+PAGE = "docs/trainers.md"
 #: Which block is which, by what it imports.
 KINDS = {
     "lightning": "import lightning",
@@ -23,15 +23,12 @@ KINDS = {
     "transformers": "from transformers import",
     "accelerate": "from accelerate import",
 }
-G = 32  # the README's ghost size
+G = 32  # the page's ghost size
 N = 2 * 64  # two batches of 64: two ghost batches of 32 each
 
 
 def section() -> str:
-    text = README.read_text()
-    start = text.index(f"\n{SECTION}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
+    return (Path(__file__).resolve().parents[1] / PAGE).read_text()
 
 
 def blocks(language: str = "python") -> list[str]:
@@ -52,7 +49,7 @@ def block(kind: str) -> str:
 
 def run_block(kind: str, names: dict[str, Any]) -> dict[str, Any]:
     namespace = dict(names)
-    exec(compile(block(kind), f"README.md ({kind} block)", "exec"), namespace)
+    exec(compile(block(kind), f"{PAGE} ({kind} block)", "exec"), namespace)
     return namespace
 
 

@@ -29,8 +29,8 @@ from fxghost.reference import apply_chunked_ghost_batchnorm
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_ddp.py"
 WORLD = 2
-#: The README's command line (tests/test_readme_trainers.py checks that it is this one); the test
-#: adds small sizes and float64.
+#: The command line of docs/trainers.md (tests/test_readme_trainers.py checks that it is this
+#: one); the test adds small sizes and float64.
 README_COMMAND = "torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --device cpu"
 # float64 through ResNet-18's twenty BatchNorms with ghost batches of 5 samples on 1x1
 # maps: rounding is about 1e-12 of each tensor's scale.
@@ -94,7 +94,7 @@ def torchrun() -> list[str]:
 
 
 def _run_readme_command(*args: str) -> subprocess.CompletedProcess[str]:
-    """The README's command line with ``args`` added, from the repository's root."""
+    """The documented command line with ``args`` added, from the repository's root."""
     _, *readme_args = README_COMMAND.split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(

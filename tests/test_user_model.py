@@ -322,17 +322,19 @@ def test_lightning_configure_optimizers_indexes_containers() -> None:
     assert int(bn.num_batches_tracked) == 2 * 16 // G  # ghosted: four ghost batches per step
 
 
-# The README's first example runs as written, and validates and deploys the objects it says.
+# The README's first example, and the same example in docs/index.md, run as written, and validate
+# and deploy the objects they say.
 
 
-def _readme_usage_block() -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def _usage_block(page: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
     section = text[text.index("## Usage") :]
     return section[section.index("```python\n") + 10 : section.index("```\n", 10)]
 
 
-def test_readme_usage_example_trains_validates_and_deploys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md"])
+def test_usage_example_trains_validates_and_deploys(
+    page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class Small(nn.Module):  # a stand-in for resnet18 that reads self.training, like many do
         def __init__(self) -> None:
@@ -363,7 +365,7 @@ def test_readme_usage_example_trains_validates_and_deploys(
 
     scope = {"loader": loader, "val_loader": [torch.randn(3, 3, 8, 8)], "epochs": 2}
     scope["validate"] = validate
-    exec(compile(_readme_usage_block(), "README.md (Usage)", "exec"), scope)
+    exec(compile(_usage_block(page), f"{page} (Usage)", "exec"), scope)
     model = built[0]
     assert validated == [True, True]
     assert int(model.features[1].num_batches_tracked) == 2 * 2 * 64 // 32  # ghosted training
