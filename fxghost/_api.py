@@ -95,8 +95,9 @@ def transform(
             call, which ran.
         process_group: a ``torch.distributed`` process group this process belongs to: each
             layer then forms its ghost batches from the group's batches concatenated in rank
-            order, communicating per-channel statistics only (see the README's "Ghost batches
-            across processes"). ``None``: each process's own batch.
+            order, communicating per-channel statistics only (see the documentation's "Ghost
+            batches across processes", docs/process-groups.md). ``None``: each process's own
+            batch.
 
     Returns:
         The rewritten module: a ``torch.fx.GraphModule``, or, where ``model`` does not trace as
