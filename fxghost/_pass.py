@@ -3,7 +3,8 @@ ghost_view -> ghost_norm -> ghost_unview (between the layer's forward hooks, whe
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -330,116 +331,191 @@ def _rewrite_graph(
     backend: str,
     process_group: tuple[int | None, int | None],
 ) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
-    key, group_size = process_group
-    records = Records()
-    candidates: list[str] = []
-    opaque: dict[str, str] = {}
-    graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
-    graph._codegen = old_graph._codegen
-    env: dict[fx.Node, fx.Node] = {}
-    called: set[str] = set()
-
+    rewrite = _GraphRewrite(gm, old_graph, g, selector, prefix, backend, process_group)
     for node in old_graph.nodes:
-        module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        rule = rule_for(module) if module is not None else None
-        if module is not None:
-            called.add(str(node.target))
-        if module is not None and rule is not None:
-            name = full_name(prefix, str(node.target))
-            candidates.append(name)
-            if selector.selects(name) and (module._backward_hooks or module._backward_pre_hooks):
-                # Backward hooks need nn.Module.__call__: the layer is rewritten as a module of
-                # its own that shares them (see _scope).
-                called.add(str(node.target))
-                opaque[str(node.target)] = BACKWARD_HOOKS
-                env[node] = graph.node_copy(node, lambda n: env[n])
-                continue
-            if selector.selects(name):
-                x = env[node.args[0]] if node.args else env[node.kwargs["input"]]
-                target = str(node.target)
-                env[node] = emit_ghost_subgraph(
-                    graph,
-                    x,
-                    module,
-                    rule,
-                    g,
-                    name,
-                    base=node.name,
-                    meta=node.meta,
-                    layer_target=target,
-                    hooks_target=target,
-                    submodule_prefix=f"{target}.",
-                    backend=backend,
-                    process_group=key,
-                )
-                records.add(layer_record(name, module, True, "", g, group_size=group_size))
-                continue
-            reason = f"not selected by {selector.describe()}"
-            records.add(layer_record(name, module, False, reason, None, warn=False))
-        elif module is not None and is_batchnorm_like(module):
-            name = full_name(prefix, str(node.target))
-            records.add(layer_record(name, module, False, skip_reason(module), None))
-        elif module is not None and holds_candidates(module):
-            opaque[str(node.target)] = HOLDS_HOOKS if has_hooks(module) else TRACER_LEAF
-        elif node.op == "get_attr" and not all(u.target in GHOST_OPS for u in node.users):
-            value = _attr(gm, str(node.target))
-            if isinstance(value, nn.Module) and holds_candidates(value):
-                called.add(str(node.target))
-                opaque[str(node.target)] = PASSED
-        elif node.op == "call_function" and node.target in _FUNCTIONAL_BN:
-            records.add(
-                LayerRecord(
-                    name=full_name(prefix, node.name),
-                    kind=f"{getattr(node.target, '__name__', node.target)} call",
-                    rewritten=False,
-                    reason="functional batch_norm call: no module owns its statistics",
-                    warn=True,
-                )
+        rewrite.env[node] = _HANDLERS[rewrite.kind(node)](rewrite, node)
+    rewrite.record_unreached(source)
+    rewrite.graph.lint()
+    return rewrite.graph, rewrite.records, rewrite.candidates, rewrite.opaque
+
+
+class _GraphRewrite:
+    """One graph rewritten node by node: :meth:`kind` names what a node is, and that kind's
+    handler in :data:`_HANDLERS` returns the node standing for it in the new graph (a copy, or
+    the last node of a ghost subgraph), recording what it found on the way."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        old_graph: fx.Graph,
+        g: int,
+        selector: LayerSelector,
+        prefix: str,
+        backend: str,
+        process_group: tuple[int | None, int | None],
+    ) -> None:
+        self.gm, self.g, self.selector, self.prefix, self.backend = gm, g, selector, prefix, backend
+        self.key, self.group_size = process_group
+        self.graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
+        self.graph._codegen = old_graph._codegen
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.records = Records()
+        self.candidates: list[str] = []
+        self.opaque: dict[str, str] = {}
+        # The BatchNorm-like layers the graph reaches (calls, or passes as an argument): the
+        # others get a record saying the rewrite did not reach them.
+        self.reached: set[str] = set()
+
+    def kind(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            module = self.gm.get_submodule(str(node.target))
+            if rule_for(module) is not None:
+                return "batchnorm"
+            if is_batchnorm_like(module):
+                return "unsupported_batchnorm"
+            return "black_box" if holds_candidates(module) else "other"
+        if node.op == "get_attr" and not all(u.target in GHOST_OPS for u in node.users):
+            return "attribute"
+        if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+            return "functional_batchnorm"
+        if node.op == "call_function" and node.target in (ops.ghost_view, ops.ghost_norm):
+            return "ghost_op"
+        return "other"
+
+    def copy(self, node: fx.Node) -> fx.Node:
+        return self.graph.node_copy(node, self.env.__getitem__)
+
+    def batchnorm(self, node: fx.Node) -> fx.Node:
+        """A layer with a rewrite rule: its ghost subgraph, where selected."""
+        target = str(node.target)
+        module = self.gm.get_submodule(target)
+        name = full_name(self.prefix, target)
+        self.reached.add(target)
+        self.candidates.append(name)
+        if not self.selector.selects(name):
+            reason = f"not selected by {self.selector.describe()}"
+            self.records.add(layer_record(name, module, False, reason, None, warn=False))
+            return self.copy(node)
+        if module._backward_hooks or module._backward_pre_hooks:
+            # Backward hooks need nn.Module.__call__: the layer is rewritten as a module of its
+            # own that shares them (see _scope).
+            self.opaque[target] = BACKWARD_HOOKS
+            return self.copy(node)
+        x = self.env[cast(fx.Node, node.args[0] if node.args else node.kwargs["input"])]
+        out = emit_ghost_subgraph(
+            self.graph,
+            x,
+            module,
+            cast(LayerRule, rule_for(module)),  # kind() found it
+            self.g,
+            name,
+            base=node.name,
+            meta=node.meta,
+            layer_target=target,
+            hooks_target=target,
+            submodule_prefix=f"{target}.",
+            backend=self.backend,
+            process_group=self.key,
+        )
+        self.records.add(layer_record(name, module, True, "", self.g, group_size=self.group_size))
+        return out
+
+    def unsupported_batchnorm(self, node: fx.Node) -> fx.Node:
+        """A BatchNorm-like layer without a rewrite rule: kept, and reported with why."""
+        target = str(node.target)
+        module = self.gm.get_submodule(target)
+        self.reached.add(target)
+        name = full_name(self.prefix, target)
+        self.records.add(layer_record(name, module, False, skip_reason(module), None))
+        return self.copy(node)
+
+    def black_box(self, node: fx.Node) -> fx.Node:
+        """A submodule holding BatchNorms that the graph calls as a black box (a tracer leaf, a
+        module with hooks): rewritten on its own by the caller."""
+        module = self.gm.get_submodule(str(node.target))
+        self.opaque[str(node.target)] = HOLDS_HOOKS if has_hooks(module) else TRACER_LEAF
+        return self.copy(node)
+
+    def attribute(self, node: fx.Node) -> fx.Node:
+        """A submodule read as a value (passed as an argument, e.g. to ``checkpoint``): rewritten
+        on its own by the caller when it holds BatchNorms."""
+        target = str(node.target)
+        value = _attr(self.gm, target)
+        if isinstance(value, nn.Module) and holds_candidates(value):
+            self.reached.add(target)
+            self.opaque[target] = PASSED
+        return self.copy(node)
+
+    def functional_batchnorm(self, node: fx.Node) -> fx.Node:
+        """A ``batch_norm`` function call: kept, and reported (no module owns its statistics)."""
+        self.records.add(
+            LayerRecord(
+                name=full_name(self.prefix, node.name),
+                kind=f"{getattr(node.target, '__name__', node.target)} call",
+                rewritten=False,
+                reason="functional batch_norm call: no module owns its statistics",
+                warn=True,
             )
-        elif node.op == "call_function" and node.target in (ops.ghost_view, ops.ghost_norm):
-            # Rewritten before: keep it, with this pass's ghost size where selected.
-            layer_node, name = node.args[1], str(node.args[3])
-            old_g = node.args[2]
-            new_g = g if selector.selects(name) else old_g
-            env[node] = graph.node_copy(node, lambda n: env[n])
-            env[node].args = (*env[node].args[:2], new_g, *env[node].args[3:])
-            if selector.selects(name):
-                env[node].kwargs = (
-                    norm_kwargs(backend, key) if node.target is ops.ghost_norm else group_kwarg(key)
-                )
-            env[node].meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
-            if node.target is ops.ghost_norm:
-                layer = _attr(gm, str(layer_node.target))  # type: ignore[union-attr]
-                candidates.append(name)
-                called.add(str(layer_node.target))  # type: ignore[union-attr]
-                note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
-                size = (
-                    group_size
-                    if selector.selects(name)
-                    else _distributed.size_of(
-                        node.kwargs.get("process_group")  # type: ignore[arg-type]
-                    )
-                )
-                records.add(
-                    layer_record(name, layer, True, note, new_g, warn=False, group_size=size)
-                )
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        )
+        return self.copy(node)
 
-    inside_opaque = tuple(f"{path}." for path in opaque)
-    for name, module in source.named_modules():
-        if name and name not in called and is_batchnorm_like(module):
-            full = full_name(prefix, name)
-            if full in records or name.startswith(inside_opaque):
-                continue
-            reason = "not called as a module in the traced graph (traced into, or unused)"
-            warn: bool | None = False
-            if rule_for(module) is None:
-                reason, warn = f"{skip_reason(module)}; also {reason}", None
-            records.add(layer_record(full, module, False, reason, None, warn=warn))
+    def ghost_op(self, node: fx.Node) -> fx.Node:
+        """A ghost op of an earlier rewrite: kept, with this pass's settings where selected."""
+        layer_node, old_g = cast(fx.Node, node.args[1]), cast(int, node.args[2])
+        name = str(node.args[3])
+        selected = self.selector.selects(name)
+        new_g = self.g if selected else old_g
+        new = self.copy(node)
+        new.args = (*new.args[:2], new_g, *new.args[3:])
+        is_norm = node.target is ops.ghost_norm
+        if selected:
+            new.kwargs = norm_kwargs(self.backend, self.key) if is_norm else group_kwarg(self.key)
+        new.meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
+        if is_norm:
+            layer_target = str(layer_node.target)
+            self.candidates.append(name)
+            self.reached.add(layer_target)
+            note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
+            size = (
+                self.group_size
+                if selected
+                else _distributed.size_of(cast("int | None", node.kwargs.get("process_group")))
+            )
+            layer = _attr(self.gm, layer_target)
+            self.records.add(
+                layer_record(name, layer, True, note, new_g, warn=False, group_size=size)
+            )
+        return new
 
-    graph.lint()
-    return graph, records, candidates, opaque
+    def other(self, node: fx.Node) -> fx.Node:
+        return self.copy(node)
+
+    def record_unreached(self, source: nn.Module) -> None:
+        """Records for the BatchNorm-like layers of ``source`` that the graph does not reach
+        (traced into, or unused), except inside the submodules rewritten on their own."""
+        inside_opaque = tuple(f"{path}." for path in self.opaque)
+        for name, module in source.named_modules():
+            if name and name not in self.reached and is_batchnorm_like(module):
+                full = full_name(self.prefix, name)
+                if full in self.records or name.startswith(inside_opaque):
+                    continue
+                reason = "not called as a module in the traced graph (traced into, or unused)"
+                warn: bool | None = False
+                if rule_for(module) is None:
+                    reason, warn = f"{skip_reason(module)}; also {reason}", None
+                self.records.add(layer_record(full, module, False, reason, None, warn=warn))
+
+
+#: Each node kind's handler (see :meth:`_GraphRewrite.kind`).
+_HANDLERS: dict[str, Callable[[_GraphRewrite, fx.Node], fx.Node]] = {
+    "batchnorm": _GraphRewrite.batchnorm,
+    "unsupported_batchnorm": _GraphRewrite.unsupported_batchnorm,
+    "black_box": _GraphRewrite.black_box,
+    "attribute": _GraphRewrite.attribute,
+    "functional_batchnorm": _GraphRewrite.functional_batchnorm,
+    "ghost_op": _GraphRewrite.ghost_op,
+    "other": _GraphRewrite.other,
+}
 
 
 def _attr(gm: nn.Module, target: str) -> Any:
