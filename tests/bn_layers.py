@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from conftest import init_bn
 from torch import nn
 
 #: How a layer comes to lack a parameter: ``BatchNorm(C, bias=False)`` (a weight only), or the
@@ -39,17 +40,4 @@ def partial_bn(
     else:
         bn = cls(channels, **kwargs)  # type: ignore[arg-type]
         bn.weight = None  # type: ignore[assignment]
-    return init_any(bn, dtype)
-
-
-def init_any(bn: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """conftest.init_bn, for a layer with any of its parameters and running statistics."""
-    with torch.no_grad():
-        if bn.weight is not None:
-            bn.weight.uniform_(0.5, 1.5)
-        if bn.bias is not None:
-            bn.bias.uniform_(-0.5, 0.5)
-        if bn.running_mean is not None:
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.8, 1.2)
-    return bn.to(dtype)
+    return init_bn(bn, dtype)

@@ -71,17 +71,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def init_bn(bn: nn.Module, dtype: torch.dtype) -> nn.Module:
+def init_bn(bn: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """``bn`` with non-trivial affine parameters (so their gradients mean something) and running
-    statistics away from their defaults, in ``dtype``."""
+    statistics away from their defaults, those it has (a weight or bias may be None), in
+    ``dtype`` (default: its own)."""
     with torch.no_grad():
-        if bn.affine:
+        if bn.weight is not None:
             bn.weight.uniform_(0.5, 1.5)
+        if bn.bias is not None:
             bn.bias.uniform_(-0.5, 0.5)
-        if bn.track_running_stats:
+        if bn.running_mean is not None:
             bn.running_mean.uniform_(-0.2, 0.2)
             bn.running_var.uniform_(0.8, 1.2)
-    return bn.to(dtype)
+    return bn if dtype is None else bn.to(dtype)
+
+
+def init_bns(net: nn.Module) -> nn.Module:
+    """:func:`init_bn` on every BatchNorm of ``net``."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            init_bn(m)
+    return net
 
 
 def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> nn.Module:

@@ -12,8 +12,15 @@ from typing import Any
 
 import pytest
 import torch
-from bn_layers import MISSING, init_any, partial_bn
-from conftest import BN_SHAPES, assert_close, assert_same_state, input_shape, run_side_by_side
+from bn_layers import MISSING, partial_bn
+from conftest import (
+    BN_SHAPES,
+    assert_close,
+    assert_same_state,
+    init_bn,
+    input_shape,
+    run_side_by_side,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -71,7 +78,7 @@ def _module_infos() -> list[Any]:
 def _perturbed(bn: nn.Module) -> nn.Module:
     """Parameters and running statistics away from their defaults, and some batches already
     counted (momentum=None averages over them)."""
-    init_any(bn, torch.float64)
+    init_bn(bn, torch.float64)
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.fill_(3)
     return bn
@@ -221,7 +228,7 @@ def test_empty_training_batch_compiled(missing: str, backend: str) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     if missing == "full":
-        bn = init_any(nn.BatchNorm2d(3), torch.float64)
+        bn = init_bn(nn.BatchNorm2d(3), torch.float64)
     else:
         bn = partial_bn(nn.BatchNorm2d, 3, missing)
     plain = copy.deepcopy(bn)
@@ -249,7 +256,7 @@ def test_samples_without_values(
     empty batch to the reference's BatchNorm calls, counted in num_batches_tracked, with no
     statistics to update the running ones with (not NaN)."""
     torch.manual_seed(0)
-    bn = init_any(BN_SHAPES["1d_NCL" if len(shape) == 3 else "2d"][0](3), torch.float64)
+    bn = init_bn(BN_SHAPES["1d_NCL" if len(shape) == 3 else "2d"][0](3), torch.float64)
     bn.momentum = momentum
     model = nn.Sequential(bn)
     run_side_by_side(model, 4, [shape], backend=backend)
@@ -297,7 +304,7 @@ def test_last_batchnorm_of_a_checkpointed_block(
     whole ghost batches and with a shorter last one."""
     torch.manual_seed(0)
     model = make().double()
-    init_any(model.block[1], torch.float64).momentum = momentum
+    init_bn(model.block[1], torch.float64).momentum = momentum
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     gm = _quietly(model, 4, backend=backend)
     for i, n in enumerate((16, 18)):  # 4 ghost batches; 5, the last of 2 samples

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_close, run_ranks
+from conftest import assert_close, init_bns, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -58,14 +58,7 @@ def _net() -> nn.Module:
         nn.ReLU(),
         nn.Linear(6, 3),
     ).double()
-    with torch.no_grad():  # non-trivial affine parameters and running statistics
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.8, 1.2)
-    return net
+    return init_bns(net)
 
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:

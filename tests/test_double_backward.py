@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bn_layers import MISSING, init_any, partial_bn, without_bias
+from bn_layers import MISSING, partial_bn, without_bias
 from conftest import init_bn, run_checks_interpreted
 from torch import Tensor, nn
 
@@ -70,7 +70,7 @@ BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}
 def _model(name: str) -> nn.Module:
     """``MODELS[name]``'s BatchNorm in float64, in a Sequential."""
     torch.manual_seed(0)
-    return nn.Sequential(init_any(MODELS[name][0](), torch.float64))
+    return nn.Sequential(init_bn(MODELS[name][0](), torch.float64))
 
 
 @pytest.fixture

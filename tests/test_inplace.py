@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_state_scaled
+from conftest import assert_state_scaled, init_bns
 from torch import nn
 
 import fxghost
@@ -60,15 +60,7 @@ class Net(nn.Module):
 
 def make_net() -> Net:
     torch.manual_seed(0)
-    net = Net().double()
-    with torch.no_grad():  # non-trivial affine parameters and running statistics
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.8, 1.2)
-    return net
+    return init_bns(Net().double())
 
 
 def batch(step: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

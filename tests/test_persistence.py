@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from conftest import ConstantNet, assert_close
+from conftest import ConstantNet, assert_close, init_bns
 from torch import nn
 
 import fxghost
@@ -44,13 +44,7 @@ class Net(nn.Module):
         self.head = nn.Linear(4 * 5 * 5, 6)
         self.bn1d = nn.BatchNorm1d(6, momentum=None)
         self.register_buffer("scale", torch.tensor(1.5), persistent=False)
-        with torch.no_grad():
-            for m in (self.bn, self.bn_unused, self.bn1d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.8, 1.2)
-        self.double()
+        init_bns(self).double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn(self.conv(x)))

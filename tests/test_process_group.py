@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from bn_layers import without_bias
-from conftest import STATS32_TOL, assert_close, assert_ulp_close, run_ranks
+from conftest import STATS32_TOL, assert_close, assert_ulp_close, init_bns, run_ranks
 from test_torchrun import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -110,17 +110,9 @@ SCENARIOS = (*CASES, *SPECIAL)
 
 
 def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
-    with torch.no_grad():  # non-trivial affine parameters and running statistics
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = momentum
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.5, 0.5)
-                if m.track_running_stats:
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.8, 1.2)
+    for m in init_bns(net).modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
     return net
 
 

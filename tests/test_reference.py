@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import init_bn
 from torch import nn
 
 from fxghost.reference import ChunkedGhostBatchNorm, apply_chunked_ghost_batchnorm
@@ -78,15 +79,8 @@ def _state(bn: nn.Module) -> dict[str, torch.Tensor | None]:
 
 def _build(kind: str, momentum: float | None, affine: bool, track: bool) -> nn.Module:
     cls, sample = KINDS[kind]
-    bn = cls(sample[0], momentum=momentum, affine=affine, track_running_stats=track).double()
-    with torch.no_grad():
-        if affine:
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.5, 0.5)
-        if track:
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.8, 1.2)
-    return bn
+    bn = cls(sample[0], momentum=momentum, affine=affine, track_running_stats=track)
+    return init_bn(bn, torch.float64)
 
 
 def _close(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:

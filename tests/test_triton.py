@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from bn_layers import MISSING, init_any, partial_bn
+from bn_layers import MISSING, partial_bn
 from conftest import (
     BN_SHAPES,
     DEVICE,
     assert_state_scaled,
+    init_bn,
     input_shape,
     run_checks_interpreted,
     run_side_by_side,
@@ -376,7 +377,7 @@ def _require_triton_path() -> None:
     from fxghost import backends
 
     x = torch.zeros(1, 2, 3, device=DEVICE)
-    if backends.select(x, "triton") is not backends.triton.EAGER:
+    if backends.implementation_for(x, "triton") is not backends.triton.EAGER:
         pytest.fail(f"the Triton backend cannot take a float32 tensor on {DEVICE}")
 
 
@@ -414,7 +415,7 @@ def check_last_batchnorm_of_a_checkpointed_block(momentum: float | None) -> None
     _require_triton_path()
     torch.manual_seed(0)
     model = _Checkpointed().to(DEVICE)
-    init_any(model.block[1], torch.float32).momentum = momentum
+    init_bn(model.block[1], torch.float32).momentum = momentum
     reference = apply_chunked_ghost_batchnorm(copy.deepcopy(model), 4)
     gm = fxghost.transform(model, 4, backend="triton")
     for n in (8, 10):
