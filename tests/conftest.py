@@ -99,6 +99,20 @@ def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> 
     return init_bn(cls(shape[0], **kwargs), dtype)
 
 
+def small_classifier() -> nn.Module:
+    """A seeded conv -> BatchNorm -> ReLU -> pool -> linear classifier of 3-channel images into 10
+    classes: the model the documentation's examples train."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
 class ConstantNet(nn.Module):
     """A forward that creates a tensor: tracing stores it as a ``_tensor_constant`` attribute."""
 

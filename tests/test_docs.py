@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
+from conftest import small_classifier
 
 import fxghost
 
@@ -101,18 +101,6 @@ def test_markers_are_known_and_few() -> None:
     assert len(skipped) <= MAX_SKIPPED, skipped
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 10),
-    )
-
-
 @contextlib.contextmanager
 def _group_of_one(tmp_path: Path) -> Iterator[Any]:
     """A gloo process group of this process alone, which fxghost treats as no group."""
@@ -135,7 +123,7 @@ def test_block_runs(
     monkeypatch.chdir(tmp_path)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 10, (64,))) for _ in "ab"]
-    names: dict[str, Any] = {"model": _model(), "loader": batches}
+    names: dict[str, Any] = {"model": small_classifier(), "loader": batches}
     out = io.StringIO()
     with contextlib.ExitStack() as stack:
         if re.search(r"\bgroup\b", block.code):

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import small_classifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -53,18 +54,6 @@ def run_block(kind: str, names: dict[str, Any]) -> dict[str, Any]:
     return namespace
 
 
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 10),
-    )
-
-
 def loader(n: int = N, batch_size: int = 64) -> DataLoader:  # type: ignore[type-arg]
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 10, (n,)))
@@ -83,7 +72,7 @@ def test_every_block_is_known() -> None:
 
 
 def test_plain_loop(one_thread: None) -> None:
-    model = net()
+    model = small_classifier()
     run_block("plain", {"model": model, "loader": loader()})
     assert isinstance(model[1], nn.BatchNorm2d)  # reverted: the plain layer, trained
     assert ghost_batches(model[1]) == 4  # two steps of two ghost batches
@@ -95,7 +84,7 @@ def test_lightning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: 
     class LitModel(L.LightningModule):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             super().__init__()
-            self.net = net()
+            self.net = small_classifier()
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
@@ -143,7 +132,7 @@ def test_huggingface_trainer(
 
 def test_accelerate(one_thread: None) -> None:
     pytest.importorskip("accelerate")
-    model = net()
+    model = small_classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run_block("accelerate", {"model": model, "opt": opt, "loader": loader()})
     assert ghost_batches(model[1]) == 4
