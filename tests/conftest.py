@@ -99,6 +99,21 @@ def make_bn(kind: str, dtype: torch.dtype = torch.float64, **kwargs: object) -> 
     return init_bn(cls(shape[0], **kwargs), dtype)
 
 
+def conv_mlp() -> nn.Module:
+    """Conv -> BatchNorm2d -> ReLU -> linear -> BatchNorm1d -> ReLU -> linear, for ``(N, 3, 5, 5)``
+    inputs: both kinds of BatchNorm in one small net (the distributed tests' model)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    )
+
+
 def small_classifier() -> nn.Module:
     """A seeded conv -> BatchNorm -> ReLU -> pool -> linear classifier of 3-channel images into 10
     classes: the model the documentation's examples train."""

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_close, init_bns, run_ranks
+from conftest import assert_close, conv_mlp, init_bns, run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -48,17 +48,7 @@ JOIN_TIMEOUT_S = 300  # a hang (one rank stuck in a collective) fails instead of
 def _net() -> nn.Module:
     """A small conv net with BatchNorm2d and BatchNorm1d, in float64; the same on every rank."""
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 6),
-        nn.BatchNorm1d(6),
-        nn.ReLU(),
-        nn.Linear(6, 3),
-    ).double()
-    return init_bns(net)
+    return init_bns(conv_mlp().double())
 
 
 def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:

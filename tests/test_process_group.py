@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from bn_layers import without_bias
-from conftest import STATS32_TOL, assert_close, assert_ulp_close, init_bns, run_ranks
+from conftest import STATS32_TOL, assert_close, assert_ulp_close, conv_mlp, init_bns, run_ranks
 from test_torchrun import torchrun
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -118,19 +118,7 @@ def _init_bn(net: nn.Module, momentum: float | None) -> nn.Module:
 
 NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     # (a builder, the shape of one input sample)
-    "2d": (
-        lambda: nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 5 * 5, 6),
-            nn.BatchNorm1d(6),
-            nn.ReLU(),
-            nn.Linear(6, 3),
-        ),
-        (3, 5, 5),
-    ),
+    "2d": (conv_mlp, (3, 5, 5)),
     "1d": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)), (5,)),
     "3d": (
         lambda: nn.Sequential(
