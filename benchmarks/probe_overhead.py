@@ -110,7 +110,7 @@ def case(shape: tuple[int, ...], g: int, dtype: torch.dtype, cl: bool) -> None:
     )
     rows.append(("torch.empty_like(x)", *per_step(lambda: torch.empty_like(x))))
     rows.append(("x.view(grouped)", *per_step(lambda: x.view(shape[0] // g, g, *shape[1:]))))
-    rows.append(("select(xg)", *per_step(lambda: backends.select(xg))))
+    rows.append(("implementation_for(xg)", *per_step(lambda: backends.implementation_for(xg))))
     rows.append(("launch_plan(xg)", *per_step(lambda: launch.launch_plan(xg))))
     for name, q, w in rows:
         print(f"{name:32s} queue {q:8.1f} us   wall {w:8.1f} us", flush=True)

@@ -69,7 +69,7 @@ def layer_bytes(
     k: int, n: int, channels: int, spatial: int, g: int
 ) -> dict[str, tuple[float, float]]:
     """``{approach: (payload, ring wire bytes)}`` per process for one layer step."""
-    layout = _distributed._layout((n,) * k, g)
+    layout = _distributed.group_split((n,) * k, g)
     pieces = max(len(lengths) for _, lengths in layout.pieces)
     header, stats, grads = 3 * I64, pieces * 2 * channels * F32, layout.ghosts * 2 * channels * F32
     activation = n * channels * spatial * F32
@@ -113,7 +113,7 @@ def bytes_tables(g: int, channels: int, spatial: tuple[int, ...]) -> str:
     ]
     for k, n in LAYOUTS:
         row = layer_bytes(k, n, channels, per_sample, g)
-        ghosts = _distributed._layout((n,) * k, g).ghosts
+        ghosts = _distributed.group_split((n,) * k, g).ghosts
         cells = [f"{_size(p)} / {_size(w)}" for p, w in row.values()]
         lines.append(f"| {k} | {n} | {ghosts} | " + " | ".join(cells) + " |")
     lines += ["", resnet50_table(g)]

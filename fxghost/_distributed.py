@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,18 @@ from . import _math, backends
 from ._plan import GhostPlan, check_layer_input, chunk_split
 from .backends._common import Scratch, param_dtypes, param_grads
 
-__all__ = ["LAST_LAYOUT_ATTR", "check_input", "ghost_norm", "last_layout", "register", "size_of"]
+__all__ = [
+    "LAST_LAYOUT_ATTR",
+    "NO_GROUP",
+    "GroupRef",
+    "GroupSplit",
+    "check_input",
+    "ghost_norm",
+    "group_split",
+    "last_layout",
+    "register",
+    "size_of",
+]
 
 # Key -> group. Strong references: ProcessGroup objects do not take weak ones, and a group lives
 # as long as the process uses torch.distributed anyway.
@@ -56,12 +67,26 @@ LAST_LAYOUT_ATTR = "_fxghost_last_layout"
 _NOT_RECORDED = "(not recorded under torch.compile)"
 
 
-def register(process_group: object) -> tuple[int | None, int | None]:
-    """``(key, size)`` of a ``transform(process_group=...)`` argument: ``(None, None)`` for
-    ``None``; ``(None, 1)`` for a group of one process, which needs no communication (its
-    layers behave as without a group); else the key the graph names the group by."""
+class GroupRef(NamedTuple):
+    """How the pass refers to a ``transform(process_group=...)`` group. ``key``: the int the
+    graph passes to the ghost ops as their ``process_group`` argument, ``None`` where calls do
+    not communicate; ``size``: the group's number of processes, for the report (``None``
+    without a group)."""
+
+    key: int | None = None
+    size: int | None = None
+
+
+#: No process group: each process forms ghost batches of its own batch.
+NO_GROUP = GroupRef()
+
+
+def register(process_group: object) -> GroupRef:
+    """The :class:`GroupRef` of a ``transform(process_group=...)`` argument: :data:`NO_GROUP`
+    for ``None``; no key and size 1 for a group of one process, which needs no communication
+    (its layers behave as without a group); else the key the graph names the group by."""
     if process_group is None:
-        return None, None
+        return NO_GROUP
     if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             "fxghost: process_group must be a torch.distributed.ProcessGroup that this process "
@@ -76,13 +101,13 @@ def register(process_group: object) -> tuple[int | None, int | None]:
         )
     size = dist.get_world_size(process_group)
     if size == 1:
-        return None, 1
+        return GroupRef(None, 1)
     for key, known in _GROUPS.items():
         if known is process_group:
-            return key, size
+            return GroupRef(key, size)
     key = len(_GROUPS) + 1
     _GROUPS[key] = process_group
-    return key, size
+    return GroupRef(key, size)
 
 
 def size_of(key: int | None) -> int | None:
@@ -109,7 +134,7 @@ def last_layout(layer: nn.Module | None) -> str:
     if isinstance(recorded, str):
         return recorded
     sizes, g = recorded
-    return _layout(tuple(sizes), g).describe()
+    return group_split(tuple(sizes), g).describe()
 
 
 def _record_layout(layer: nn.Module, sizes: Tensor, g: int) -> None:
@@ -122,7 +147,7 @@ def _record_layout(layer: nn.Module, sizes: Tensor, g: int) -> None:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class GroupSplit:
     """The ghost batches of a group's concatenated batch, and where each process's slice lies."""
 
     sizes: tuple[int, ...]
@@ -166,10 +191,10 @@ class _Layout:
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(sizes: tuple[int, ...], g: int) -> _Layout:
+def group_split(sizes: tuple[int, ...], g: int) -> GroupSplit:
     total = sum(sizes)
     # No samples anywhere (eval without running statistics): no ghost batch, no piece.
-    return _Layout(sizes, chunk_split(total, g) if total else GhostPlan(0, 1, 0, 0))
+    return GroupSplit(sizes, chunk_split(total, g) if total else GhostPlan(0, 1, 0, 0))
 
 
 @functools.lru_cache(maxsize=256)
@@ -181,7 +206,7 @@ def _combine_index(
     its rank in its ghost batch, so the table is filled without accumulating (deterministic,
     and the same on every process)."""
     ghost, rank, row, count = [], [], [], []
-    for r, (first, lengths) in enumerate(_layout(sizes, g).pieces):
+    for r, (first, lengths) in enumerate(group_split(sizes, g).pieces):
         for s, length in enumerate(lengths):
             ghost.append(first + s)
             rank.append(r)
@@ -300,7 +325,7 @@ def check_input(layer: nn.Module, name: str, x: Tensor, key: int) -> None:
         raise
 
 
-def _stats(
+def _group_stats(
     x: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -349,8 +374,8 @@ def _stats(
     if total == 0:  # every process's batch is empty: no ghost batch, nothing to update
         empty = x.new_zeros((capacity, channels), dtype=dtype)
         return empty, empty.clone(), sizes_tensor
-    layout = _layout(sizes, g)
-    plan = layout.plan
+    split = group_split(sizes, g)
+    plan = split.plan
     smallest = plan.tail if plan.tail else plan.size
     if smallest * per_sample == 1:
         shape = f"{plan.full} of {plan.size}" + (f" and one of {plan.tail}" if plan.tail else "")
@@ -363,21 +388,21 @@ def _stats(
         )
 
     # This process's pieces: mean, and squared deviations from it.
-    first, lengths = layout.pieces[rank]
+    first, lengths = split.pieces[rank]
     counts = torch.tensor(lengths, dtype=dtype, device=x.device).unsqueeze(1) * per_sample
     piece_mean, piece_m2 = _piece_stats(_math.cast(x, dtype), lengths, counts)
 
     # Every process's pieces, gathered; combined per ghost batch with Chan's formula.
-    rows = max(len(p) for _, p in layout.pieces)
+    rows = max(len(p) for _, p in split.pieces)
     mine = piece_mean.new_zeros((rows, 2, channels))
     mine[: len(lengths), 0] = piece_mean
     mine[: len(lengths), 1] = piece_m2
     gathered = mine.new_empty((group.size() * rows, 2, channels))
     _all_gather(gathered, mine, group)
     ghost, ranks, row, count = _combine_index(sizes, g, rows, x.device)
-    table = mine.new_zeros((layout.ghosts, group.size(), 2, channels))
+    table = mine.new_zeros((split.ghosts, group.size(), 2, channels))
     table[ghost, ranks] = gathered[row]
-    weight = mine.new_zeros((layout.ghosts, group.size(), 1))
+    weight = mine.new_zeros((split.ghosts, group.size(), 1))
     weight[ghost, ranks] = (count * per_sample).to(dtype).unsqueeze(1)
     n_ghost = weight.sum(1)  # (G, 1)
     mean = (table[:, :, 0] * weight).sum(1) / n_ghost
@@ -406,7 +431,7 @@ def _stats(
     return mine_mean, mine_rstd, sizes_tensor
 
 
-def _stats_fake(
+def _group_stats_fake(
     x: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -430,12 +455,12 @@ def _stats_fake(
 
 def _local(
     sizes: Tensor, g: int, key: int
-) -> tuple[_Layout, dist.ProcessGroup, int, tuple[int, ...]]:
-    """The layout :func:`_stats` found, this process's group, first ghost batch and pieces."""
+) -> tuple[GroupSplit, dist.ProcessGroup, int, tuple[int, ...]]:
+    """The split :func:`_group_stats` found, this process's group, first ghost batch and pieces."""
     group = _group(key, f"(process group key {key})")
-    layout = _layout(tuple(sizes.tolist()), g)
-    first, lengths = layout.pieces[dist.get_rank(group)]
-    return layout, group, first, lengths
+    split = group_split(tuple(sizes.tolist()), g)
+    first, lengths = split.pieces[dist.get_rank(group)]
+    return split, group, first, lengths
 
 
 def _coefficients(
@@ -462,7 +487,7 @@ def _affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _norm(
+def _group_norm(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -473,7 +498,7 @@ def _norm(
     key: int,
     label: str,
 ) -> Tensor:
-    """``x`` normalized with its ghost batches' statistics from :func:`_stats`."""
+    """``x`` normalized with its ghost batches' statistics from :func:`_group_stats`."""
     _, _, _, lengths = _local(sizes, g, key)
     mean, rstd, view = _coefficients(x, piece_mean, piece_rstd, lengths)
     # scale and shift per sample, as _math builds them per ghost batch (a sample is a group).
@@ -482,7 +507,7 @@ def _norm(
     return _affine(x, scale.view(view), shift.view(view))
 
 
-def _norm_fake(
+def _group_norm_fake(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -496,7 +521,7 @@ def _norm_fake(
     return torch.empty_like(x)
 
 
-def _norm_backward(
+def _group_norm_backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -509,7 +534,7 @@ def _norm_backward(
     """``(dx, dweight, dbias)``: BatchNorm's backward per ghost batch, with each ghost batch's
     sums of ``dy`` and ``dy * xhat`` all-reduced over the group; ``dweight`` and ``dbias`` are
     this process's partial sums, ``(C,)`` in the statistics dtype."""
-    layout, group, first, lengths = _local(sizes, g, key)
+    split, group, first, lengths = _local(sizes, g, key)
     dtype = piece_mean.dtype
     mean, rstd, view = _coefficients(x, piece_mean, piece_rstd, lengths)
     xs, grad = _math.cast(x, dtype), _math.cast(dy, dtype)
@@ -521,14 +546,14 @@ def _norm_backward(
     tmp = _temporary(centred)
     sum_dy_xhat = _per_channel(torch.mul(centred, grad, out=tmp)) * rstd.view(sum_dy.shape)
     local = _piece_sums(torch.stack([sum_dy, sum_dy_xhat], 1), lengths)  # (pieces, 2, C)
-    totals = local.new_zeros((layout.ghosts, 2, x.shape[1]))
+    totals = local.new_zeros((split.ghosts, 2, x.shape[1]))
     totals[first : first + len(lengths)] = local
     dist.all_reduce(totals, group=group)
     per_sample = 1
     for d in x.shape[2:]:
         per_sample *= d
     counts = torch.tensor(
-        [layout.samples(first + s) * per_sample for s in range(len(lengths))],
+        [split.samples(first + s) * per_sample for s in range(len(lengths))],
         dtype=dtype,
         device=x.device,
     ).view(-1, 1, 1)
@@ -544,7 +569,7 @@ def _norm_backward(
     return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
 
 
-def _norm_backward_fake(
+def _group_norm_backward_fake(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -562,9 +587,9 @@ def _norm_backward_fake(
     )
 
 
-_stats_op = torch.library.custom_op(
+_group_stats_op = torch.library.custom_op(
     "fxghost::group_ghost_stats",
-    _stats,
+    _group_stats,
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
     schema=(
         "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
@@ -572,22 +597,22 @@ _stats_op = torch.library.custom_op(
         "bool training, str label) -> (Tensor, Tensor, Tensor)"
     ),
 )
-_stats_op.register_fake(_stats_fake)
+_group_stats_op.register_fake(_group_stats_fake)
 _STATS = "Tensor piece_mean, Tensor piece_rstd, Tensor sizes, int g, int key"
-_norm_op = torch.library.custom_op(
+_group_norm_op = torch.library.custom_op(
     "fxghost::group_ghost_norm",
-    _norm,
+    _group_norm,
     mutates_args=(),
     schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}, str label) -> Tensor",
 )
-_norm_op.register_fake(_norm_fake)
-_backward_op = torch.library.custom_op(
+_group_norm_op.register_fake(_group_norm_fake)
+_group_backward_op = torch.library.custom_op(
     "fxghost::group_ghost_norm_backward",
-    _norm_backward,
+    _group_norm_backward,
     mutates_args=(),
     schema=f"(Tensor dy, Tensor x, Tensor? weight, {_STATS}) -> (Tensor, Tensor, Tensor)",
 )
-_backward_op.register_fake(_norm_backward_fake)
+_group_backward_op.register_fake(_group_norm_backward_fake)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -605,13 +630,15 @@ def _backward_rule(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
             "process), or take the second-order term through a model without this layer"
         )
     x, weight, piece_mean, piece_rstd, sizes = ctx.saved_tensors
-    dx, dweight, dbias = _backward_op(dy, x, weight, piece_mean, piece_rstd, sizes, ctx.g, ctx.key)
+    dx, dweight, dbias = _group_backward_op(
+        dy, x, weight, piece_mean, piece_rstd, sizes, ctx.g, ctx.key
+    )
     grad_w, grad_b = param_grads(ctx, dweight, dbias)
     grad_x = dx if ctx.needs_input_grad[0] else None
     return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-_norm_op.register_autograd(_backward_rule, setup_context=_setup)
+_group_norm_op.register_autograd(_backward_rule, setup_context=_setup)
 
 
 class _Label(backends.Backend):
@@ -629,7 +656,7 @@ def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tens
     backends.record(layer, _IMPLEMENTATION)
     update = bool(layer.training and layer.track_running_stats and layer.running_mean is not None)
     label = f"'{name}' ({type(layer).__name__})"
-    piece_mean, piece_rstd, sizes = _stats_op(
+    piece_mean, piece_rstd, sizes = _group_stats_op(
         x.detach(),
         layer.running_mean if update else None,
         layer.running_var if update else None,
@@ -642,5 +669,5 @@ def ghost_norm(x: Tensor, layer: nn.Module, g: int, name: str, key: int) -> Tens
         label,
     )
     _record_layout(layer, sizes, g)
-    out = _norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key, label)
+    out = _group_norm_op(x, layer.weight, layer.bias, piece_mean, piece_rstd, sizes, g, key, label)
     return out  # type: ignore[no-any-return]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import _distributed, ops
+from ._distributed import NO_GROUP, GroupRef
 from ._graph_module import (
     SOURCE_ATTR,
     DualGraphModule,
@@ -157,7 +158,7 @@ def emit_ghost_subgraph(
     hooks_target: str,
     submodule_prefix: str,
     backend: str = "auto",
-    process_group: int | None = None,
+    group_key: int | None = None,
 ) -> fx.Node:
     """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module``,
     between its forward pre-hooks and forward hooks when it has any.
@@ -168,7 +169,8 @@ def emit_ghost_subgraph(
     layer from, ``hooks_target`` the module whose hooks run (the user's layer), and
     ``submodule_prefix`` the path of the layer's own submodules. A ``backend`` other than
     ``"auto"`` is passed to the normalization node (``ghost_norm(..., backend="cpu")``), and a
-    ``process_group`` key to the view and normalization nodes.
+    process group's ``group_key`` (:class:`fxghost._distributed.GroupRef`) to the view and
+    normalization nodes, as their ``process_group`` argument.
     """
     info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
     after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
@@ -192,9 +194,9 @@ def emit_ghost_subgraph(
     if _has_hooks(module, "_forward_pre_hooks"):
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
     view = make(
-        "call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(process_group)
+        "call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(group_key)
     )
-    chosen = norm_kwargs(backend, process_group)
+    chosen = norm_kwargs(backend, group_key)
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
@@ -204,14 +206,15 @@ def emit_ghost_subgraph(
     return out
 
 
-def group_kwarg(process_group: int | None) -> dict[str, Any]:
-    """The keyword arguments of ``ghost_view`` for a process group's key (none without one)."""
-    return {} if process_group is None else {"process_group": process_group}
+def group_kwarg(group_key: int | None) -> dict[str, Any]:
+    """The keyword arguments of ``ghost_view`` for a process group's key (none without one):
+    the ops' ``process_group`` argument is the key, never the group itself."""
+    return {} if group_key is None else {"process_group": group_key}
 
 
-def norm_kwargs(backend: str, process_group: int | None) -> dict[str, Any]:
+def norm_kwargs(backend: str, group_key: int | None) -> dict[str, Any]:
     """The keyword arguments of ``ghost_norm``: a chosen backend and a process group's key."""
-    return {**({} if backend == "auto" else {"backend": backend}), **group_kwarg(process_group)}
+    return {**({} if backend == "auto" else {"backend": backend}), **group_kwarg(group_key)}
 
 
 def _mirror_state(source: nn.Module, target: nn.Module) -> None:
@@ -284,19 +287,19 @@ def rewrite(
     root: nn.Module | None,
     prefix: str,
     backend: str = "auto",
-    process_group: tuple[int | None, int | None] = (None, None),
+    group: GroupRef = NO_GROUP,
 ) -> Rewrite:
     """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`).
-    ``process_group``: the group's ``(key, size)`` from :func:`fxghost._distributed.register`."""
+    ``group``: the process group ghost batches span."""
     source = root if root is not None else gm
     train_graph, eval_graph = mode_graphs(gm)
     graph, records, candidates, opaque = _rewrite_graph(
-        gm, train_graph, g, selector, source, prefix, backend, process_group
+        gm, train_graph, g, selector, source, prefix, backend, group
     )
     name = gm.__class__.__name__
     if eval_graph is not None:
         other_graph, other_records, _, other_opaque = _rewrite_graph(
-            gm, eval_graph, g, selector, source, prefix, backend, process_group
+            gm, eval_graph, g, selector, source, prefix, backend, group
         )
         for record in other_records.values():
             if record.name not in records:
@@ -329,9 +332,9 @@ def _rewrite_graph(
     source: nn.Module,
     prefix: str,
     backend: str,
-    process_group: tuple[int | None, int | None],
+    group: GroupRef,
 ) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
-    rewrite = _GraphRewrite(gm, old_graph, g, selector, prefix, backend, process_group)
+    rewrite = _GraphRewrite(gm, old_graph, g, selector, prefix, backend, group)
     for node in old_graph.nodes:
         rewrite.env[node] = _HANDLERS[rewrite.kind(node)](rewrite, node)
     rewrite.record_unreached(source)
@@ -352,10 +355,10 @@ class _GraphRewrite:
         selector: LayerSelector,
         prefix: str,
         backend: str,
-        process_group: tuple[int | None, int | None],
+        group: GroupRef,
     ) -> None:
         self.gm, self.g, self.selector, self.prefix, self.backend = gm, g, selector, prefix, backend
-        self.key, self.group_size = process_group
+        self.group = group
         self.graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
         self.graph._codegen = old_graph._codegen
         self.env: dict[fx.Node, fx.Node] = {}
@@ -415,9 +418,9 @@ class _GraphRewrite:
             hooks_target=target,
             submodule_prefix=f"{target}.",
             backend=self.backend,
-            process_group=self.key,
+            group_key=self.group.key,
         )
-        self.records.add(layer_record(name, module, True, "", self.g, group_size=self.group_size))
+        self.records.add(layer_record(name, module, True, "", self.g, group_size=self.group.size))
         return out
 
     def unsupported_batchnorm(self, node: fx.Node) -> fx.Node:
@@ -469,7 +472,8 @@ class _GraphRewrite:
         new.args = (*new.args[:2], new_g, *new.args[3:])
         is_norm = node.target is ops.ghost_norm
         if selected:
-            new.kwargs = norm_kwargs(self.backend, self.key) if is_norm else group_kwarg(self.key)
+            key = self.group.key
+            new.kwargs = norm_kwargs(self.backend, key) if is_norm else group_kwarg(key)
         new.meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
         if is_norm:
             layer_target = str(layer_node.target)
@@ -477,7 +481,7 @@ class _GraphRewrite:
             self.reached.add(layer_target)
             note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
             size = (
-                self.group_size
+                self.group.size
                 if selected
                 else _distributed.size_of(cast("int | None", node.kwargs.get("process_group")))
             )

@@ -81,7 +81,7 @@ def uses_batch_stats(layer: nn.Module) -> bool:
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-_STATE = ("weight", "bias", "running_mean", "running_var")
+_LAYER_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 #: Key: the input's dtype, then the dtypes of weight, bias, running_mean and running_var (None for
 #: each the layer lacks). Value: why BatchNorm refuses that combination, or None.
@@ -99,7 +99,7 @@ def _dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
             f"got a {x_dtype} input, and BatchNorm normalizes only float16, bfloat16, float32 "
             "and float64 inputs: convert the batch, e.g. x.float()"
         )
-    present = {n: d for n, d in zip(_STATE, state, strict=True) if d is not None}
+    present = {n: d for n, d in zip(_LAYER_TENSORS, state, strict=True) if d is not None}
     dtypes = set(present.values())
     if not dtypes or dtypes == {x_dtype} or (x_dtype in _HALF and dtypes == {torch.float32}):
         return None
@@ -113,7 +113,10 @@ def _dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
     (held_dtype,) = dtypes
     kinds = [
         k
-        for k, names in (("parameters", _STATE[:2]), ("running statistics", _STATE[2:]))
+        for k, names in (
+            ("parameters", _LAYER_TENSORS[:2]),
+            ("running statistics", _LAYER_TENSORS[2:]),
+        )
         if any(n in present for n in names)
     ]
     return (
@@ -131,7 +134,7 @@ def _check_dtypes(layer: nn.Module, name: str, x: torch.Tensor) -> None:
     # Under torch.compile the rule is evaluated instead, on dtypes that are constants of the
     # trace, so that dynamo guards on no global dict.
     if torch.compiler.is_compiling():
-        state = [getattr(layer, n) for n in _STATE]
+        state = [getattr(layer, n) for n in _LAYER_TENSORS]
         problem = _dtype_problem((x.dtype, *(None if t is None else t.dtype for t in state)))
     else:
         params, buffers = layer._parameters, layer._buffers

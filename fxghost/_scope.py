@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
 from . import ops
+from ._distributed import NO_GROUP, GroupRef
 from ._graph_module import LayerGraphModule, layer_graph_module, share_hooks, shared_mode_copy
 from ._pass import (
     KEPT_AS_PYTHON,
@@ -59,11 +60,15 @@ class Walk:
     strict: bool = False
     backend: str = "auto"
     #: ``(key, size)`` of the process group ghost batches span, from
-    #: :func:`fxghost._distributed.register`.
-    process_group: tuple[int | None, int | None] = (None, None)
+    #: :func:`fxghost._distributed.register`; kept as :attr:`group`.
+    process_group: InitVar[tuple[int | None, int | None]] = NO_GROUP
     records: Records = field(default_factory=Records)
     candidates: list[str] = field(default_factory=list)
     untraced: list[UntracedPart] = field(default_factory=list)
+    group: GroupRef = field(init=False)
+
+    def __post_init__(self, process_group: tuple[int | None, int | None]) -> None:
+        self.group = GroupRef(*process_group)
 
 
 def rewrite_module(
@@ -112,7 +117,7 @@ def rewrite_graph_module(
 ) -> fx.GraphModule:
     """The pass on ``gm`` (traced from ``root``, whose state the result mirrors), then each
     black-box submodule of its graph that holds BatchNorms, rewritten on its own."""
-    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend, walk.process_group)
+    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend, walk.group)
     walk.records.update(result.records)
     walk.candidates += result.candidates
     source = root if root is not None else gm
@@ -175,7 +180,7 @@ def _rewrite_layer(
         hooks_target="_fxghost_source",
         submodule_prefix="",
         backend=walk.backend,
-        process_group=walk.process_group[0],
+        group_key=walk.group.key,
     )
     graph.output(out)
     note = ""
@@ -194,7 +199,7 @@ def _rewrite_layer(
         note,
         walk.g,
         warn=False,
-        group_size=walk.process_group[1],
+        group_size=walk.group.size,
     )
     walk.records.replace(dataclasses.replace(record, layer=gm))  # the ops' layer
     return gm

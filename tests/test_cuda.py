@@ -59,7 +59,7 @@ def test_compiled_matches_reference(
 
 def test_eager_cuda_takes_the_triton_kernels() -> None:
     x = torch.randn(8, 4, 3, 3, device=CUDA).view(2, 4, 4, 3, 3)
-    assert backends.select(x) is backends.triton.EAGER
+    assert backends.implementation_for(x) is backends.triton.EAGER
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

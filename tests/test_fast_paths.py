@@ -15,7 +15,7 @@ from conftest import run_side_by_side
 from fxghost import _math, backends
 from fxghost.backends import _build, cpu, torch_ops
 from fxghost.backends._common import NormFn
-from fxghost.backends._layout import dims
+from fxghost.backends._dims import dims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -494,18 +494,19 @@ def test_failed_build_is_remembered(
     assert cpu.build("broken", [source], compiler, [["-O0"], ["-O1"]], **how) is None
 
 
-def test_select_routes_by_device_dtype_layout_and_compile() -> None:
+def test_implementation_for_routes_by_device_dtype_layout_and_compile() -> None:
+    impl_for = backends.implementation_for
     cpu_impl = cpu.EAGER if cpu.available() else torch_ops.EAGER
-    assert backends.select(torch.zeros(1, 2, 3)) is cpu_impl
+    assert impl_for(torch.zeros(1, 2, 3)) is cpu_impl
     channels_last = torch.zeros(8, 3, 4, 5).to(memory_format=torch.channels_last)
-    assert backends.select(channels_last.unflatten(0, (2, 4))) is cpu_impl
+    assert impl_for(channels_last.unflatten(0, (2, 4))) is cpu_impl
     # Not a dense view (every other sample): the kernels need one, torch ops do not.
-    assert backends.select(torch.zeros(2, 8, 3)[:, ::2]) is torch_ops.EAGER
-    assert backends.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is torch_ops.EAGER
+    assert impl_for(torch.zeros(2, 8, 3)[:, ::2]) is torch_ops.EAGER
+    assert impl_for(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is torch_ops.EAGER
     # A chosen backend wins, and says which layer cannot take an input.
-    assert backends.select(torch.zeros(1, 2, 3), "torch") is torch_ops.EAGER
+    assert impl_for(torch.zeros(1, 2, 3), "torch") is torch_ops.EAGER
     with pytest.raises(ValueError, match="layer 'bn' runs with backend='cpu'"):
-        backends.select(torch.zeros(1, 2, 3, dtype=torch.bfloat16), "cpu", "bn")
+        impl_for(torch.zeros(1, 2, 3, dtype=torch.bfloat16), "cpu", "bn")
 
 
 def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> None:

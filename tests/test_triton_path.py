@@ -34,7 +34,7 @@ def _require_triton_path() -> None:
     from fxghost import backends
 
     x = torch.zeros(1, 2, 3, device=DEVICE)
-    if backends.select(x, "triton") is not backends.triton.EAGER:
+    if backends.implementation_for(x, "triton") is not backends.triton.EAGER:
         pytest.fail(f"the Triton backend cannot take a float32 tensor on {DEVICE}")
 
 

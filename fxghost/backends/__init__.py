@@ -11,8 +11,8 @@ registration:
 - :mod:`~fxghost.backends.triton` (``"triton"``): fused Triton kernels (CUDA, float32, float16,
   bfloat16; on the CPU only under ``TRITON_INTERPRET=1``).
 
-:func:`select` makes the whole decision, for every call, from the table below; the rest of the
-code asks a backend to run, never which one it is.
+:func:`implementation_for` makes the whole decision, for every call, from the table below; the
+rest of the code asks a backend to run, never which one it is.
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from torch import Tensor
 
 from . import cpu, torch_ops, triton
 from ._common import Backend, RunningStatsUpdate
-from ._layout import dims_of
+from ._dims import dims_of
 
 __all__ = [
     "NAMES",
     "Backend",
     "RunningStatsUpdate",
     "check",
+    "implementation_for",
     "last_run",
     "record",
-    "select",
     "set_while_tracing",
 ]
 
@@ -138,7 +138,7 @@ def _implementation(name: str, mode: str) -> Backend:
     return family.COMPILED  # type: ignore[no-any-return]
 
 
-def select(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
+def implementation_for(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
     """The implementation that runs a call on the grouped view ``xg``: ``backend``'s, or with
     ``"auto"`` the first matching row of the table above. Under ``torch.compile`` the choice is
     made while tracing, from ``xg``'s dtype and layout (which may be symbolic)."""

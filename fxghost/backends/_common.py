@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _math
-from ._layout import dims
+from ._dims import dims
 
 __all__ = [
     "Backend",
@@ -286,7 +286,7 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _norm_fake(
+def _kernel_norm_fake(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, ...]:
     stats = [
@@ -295,7 +295,7 @@ def _norm_fake(
     return (torch.empty_like(xg.flatten(0, 1)), *stats)
 
 
-def _norm_backward_fake(
+def _kernel_norm_backward_fake(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = _math.stat_dtype(xg.dtype)
@@ -306,7 +306,7 @@ def _norm_backward_fake(
     )
 
 
-def _op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def _kernel_op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     xg, weight, bias, ctx.eps = inputs
     ctx.param_dtypes = param_dtypes(weight, bias)
     ctx.save_for_backward(xg, weight, output[1], output[3])
@@ -330,7 +330,7 @@ def register_norm_ops(
         device_types=device_types,
         schema=_NORM_SCHEMA,
     )
-    fwd.register_fake(_norm_fake)
+    fwd.register_fake(_kernel_norm_fake)
     bwd = torch.library.custom_op(
         f"fxghost::{name}_backward",
         backward,
@@ -338,7 +338,7 @@ def register_norm_ops(
         device_types=device_types,
         schema=_BACKWARD_SCHEMA,
     )
-    bwd.register_fake(_norm_backward_fake)
+    bwd.register_fake(_kernel_norm_backward_fake)
 
     def backward_rule(
         ctx: Any, dy: Tensor, *_unused: Tensor | None
@@ -354,7 +354,7 @@ def register_norm_ops(
             grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
         return grad_x, *param_grads(ctx, dweight, dbias), None
 
-    fwd.register_autograd(backward_rule, setup_context=_op_setup)
+    fwd.register_autograd(backward_rule, setup_context=_kernel_op_setup)
 
     def norm(
         xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float

@@ -46,7 +46,7 @@ from ._common import (
     per_channel,
     register_norm_ops,
 )
-from ._layout import Dims, dims_of
+from ._dims import Dims, dims_of
 
 __all__ = ["COMPILED", "EAGER", "available", "build_all", "op_available"]
 

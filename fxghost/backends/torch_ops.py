@@ -41,7 +41,7 @@ __all__ = ["COMPILED", "EAGER", "EXPORTING", "ghost_norm_compiled", "ghost_norm_
 _scratch = Scratch()
 
 
-class _Layout:
+class _CanonicalView:
     """A grouped view ``(G, c, C, *S)`` seen as a 3D tensor the reductions run fast on.
 
     "rows" ``(G, R, C)`` when channels are innermost (channels_last, tabular): reductions over
@@ -90,28 +90,28 @@ class _TorchOpsGhostNorm(FusedGhostNorm):
         eps: float,
         update: UpdateHook | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        layout = _Layout(xg)
-        x = layout.canon(xg)
-        count = x.numel() // (layout.groups * layout.channels)
-        mean = layout.group_sum(x) / count
+        canonical = _CanonicalView(xg)
+        x = canonical.canon(xg)
+        count = x.numel() // (canonical.groups * canonical.channels)
+        mean = canonical.group_sum(x) / count
         # Two-pass variance: sum((x - mean)^2) stays accurate when |mean| >> std, unlike
         # E[x^2] - mean^2. The centred buffer then becomes the output, in place.
         # The output must not be a view made inside the Function (in-place ops downstream, such
         # as ReLU(inplace=True), would be refused), so compute into a canonical view of it.
         flat = torch.empty_like(xg.flatten(0, 1))
         out = flat.view(xg.shape)  # internal only: the Function returns flat, not a view
-        y = layout.canon(out)
+        y = canonical.canon(out)
         torch.sub(x, mean, out=y)
-        var = layout.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
+        var = canonical.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
         rstd = torch.rsqrt(var + eps)
-        y.mul_(rstd if weight is None else rstd * layout.per_channel(weight))
+        y.mul_(rstd if weight is None else rstd * canonical.per_channel(weight))
         if bias is not None:
-            y.add_(layout.per_channel(bias))
+            y.add_(canonical.per_channel(bias))
         mean_s, var_s = forward_outputs(
             ctx, xg, weight, bias, eps, (mean, rstd, var), _torch_ops_backward, count, update
         )
         if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
-            out.copy_(layout.uncanon(y))
+            out.copy_(canonical.uncanon(y))
         return flat, mean_s, var_s
 
 
@@ -124,19 +124,19 @@ def _torch_ops_backward(
     input_grad: bool,
     count: int,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    layout = _Layout(xg)
-    x, g = layout.canon(xg), layout.canon(dy)
-    sum_dy = layout.group_sum(g)
+    canonical = _CanonicalView(xg)
+    x, g = canonical.canon(xg), canonical.canon(dy)
+    sum_dy = canonical.group_sum(g)
     buf = x - mean
-    sum_dy_xhat = layout.group_sum(buf.mul_(g)) * rstd
+    sum_dy_xhat = canonical.group_sum(buf.mul_(g)) * rstd
     grad_x = None
     if input_grad:
-        k = rstd if weight is None else rstd * layout.per_channel(weight)
+        k = rstd if weight is None else rstd * canonical.per_channel(weight)
         # dx = k * dy + b * x + c with per-(group, channel) b, c; built in the spent buffer.
         b = -k * rstd * sum_dy_xhat / count
         c = -k * sum_dy / count - b * mean
         torch.mul(x, b, out=buf).add_(c)
-        grad_x = layout.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
+        grad_x = canonical.uncanon(buf.add_(torch.mul(g, k, out=_scratch.like(g))))
     return (grad_x, *totals(sum_dy, sum_dy_xhat))
 
 

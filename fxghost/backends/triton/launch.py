@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._layout import dims_of
+from .._dims import dims_of
 from .kernels import available, interpreting, triton_version
 
 __all__ = [

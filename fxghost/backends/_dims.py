@@ -1,5 +1,5 @@
-"""How a grouped view ``(G, c, C, *spatial)`` lies in memory: the one layout test every backend
-uses.
+"""The dense dims ``(G, A, C, S)`` of a grouped view ``(G, c, C, *spatial)``: how it lies in
+memory, the one layout test every backend uses.
 
 Two dense layouts map onto a ``(G, A, C, S)`` block without a copy:
 
