@@ -325,23 +325,9 @@ def check_input(layer: nn.Module, name: str, x: Tensor, key: int) -> None:
         raise
 
 
-def _group_stats(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    g: int,
-    key: int,
-    training: bool,
-    label: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Each local piece's ghost-batch mean and ``rstd`` (``(capacity, C)``, padded), and the
-    group's batch sizes (``(k,)`` int64 on the CPU); updates the running statistics, when given,
-    with every ghost batch of the group."""
-    group = _group(key, label)
-    rank = dist.get_rank(group)
+def _group_sizes(x: Tensor, group: dist.ProcessGroup, label: str) -> tuple[tuple[int, ...], int]:
+    """Every process's batch size, and the values per sample and channel, which all processes
+    must share; raises where a process failed its input checks (:func:`check_input`)."""
     header = _header(x, group, ok=True)
     failed = [r for r, (_, _, ok) in enumerate(header) if not ok]
     if failed:
@@ -350,7 +336,6 @@ def _group_stats(
             "the group) failed fxghost's input checks, and their errors say why; nothing was "
             "updated"
         )
-    sizes = tuple(h[0] for h in header)
     per_sample = header[0][1]
     if any(h[1] != per_sample for h in header):
         raise ValueError(
@@ -358,9 +343,38 @@ def _group_stats(
             "and channel in the processes of its group; ghost batches across processes need "
             "samples of one shape (the group's batches are concatenated)"
         )
+    return tuple(h[0] for h in header), per_sample
+
+
+class _StatsCall(NamedTuple):
+    """The arguments of ``fxghost::group_ghost_stats``, in its schema's order: what its
+    implementation and its fake implementation read."""
+
+    x: Tensor
+    #: The buffers to update in place (``None``: no update).
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    eps: float
+    g: int
+    key: int
+    training: bool
+    #: The layer, as errors name it.
+    label: str
+
+
+def _group_stats(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Each local piece's ghost-batch mean and ``rstd`` (``(capacity, C)``, padded), and the
+    group's batch sizes (``(k,)`` int64 on the CPU); updates the running statistics, when given,
+    with every ghost batch of the group. ``args``: a :class:`_StatsCall`."""
+    call = _StatsCall(*args)
+    x, g, label = call.x, call.g, call.label
+    group = _group(call.key, label)
+    sizes, per_sample = _group_sizes(x, group, label)
     total = sum(sizes)
     sizes_text = f"{'+'.join(map(str, sizes))} in the processes of its group"
-    if training and 0 < total < g:
+    if call.training and 0 < total < g:
         raise ValueError(
             f"fxghost: layer {label} got a training batch of N={total} samples ({sizes_text}), "
             f"smaller than ghost_batch_size={g}. Ghost BatchNorm needs at least one full ghost "
@@ -388,7 +402,7 @@ def _group_stats(
         )
 
     # This process's pieces: mean, and squared deviations from it.
-    first, lengths = split.pieces[rank]
+    first, lengths = split.pieces[dist.get_rank(group)]
     counts = torch.tensor(lengths, dtype=dtype, device=x.device).unsqueeze(1) * per_sample
     piece_mean, piece_m2 = _piece_stats(_math.cast(x, dtype), lengths, counts)
 
@@ -408,17 +422,17 @@ def _group_stats(
     mean = (table[:, :, 0] * weight).sum(1) / n_ghost
     m2 = (table[:, :, 1] + weight * (table[:, :, 0] - mean.unsqueeze(1)).square()).sum(1)
     var = m2 / n_ghost
-    rstd = torch.rsqrt(var + eps)
+    rstd = torch.rsqrt(var + call.eps)
 
-    if running_mean is not None and running_var is not None:
+    if call.running_mean is not None and call.running_var is not None:
         stats = [(mean[: plan.full], var[: plan.full], plan.size * per_sample)]
         if plan.tail:
             stats.append((mean[plan.full :], var[plan.full :], plan.tail * per_sample))
         _math.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum,
+            call.running_mean,
+            call.running_var,
+            call.num_batches_tracked,
+            call.momentum,
             plan.requested,
             stats,
             compiling=False,
@@ -431,21 +445,12 @@ def _group_stats(
     return mine_mean, mine_rstd, sizes_tensor
 
 
-def _group_stats_fake(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    g: int,
-    key: int,
-    training: bool,
-    label: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    shape = (_capacity(x.shape[0], g), x.shape[1])
+def _group_stats_fake(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    call = _StatsCall(*args)
+    x = call.x
+    shape = (_capacity(x.shape[0], call.g), x.shape[1])
     dtype = _math.stat_dtype(x.dtype)
-    size = _group(key, label).size()
+    size = _group(call.key, call.label).size()
     return (
         x.new_empty(shape, dtype=dtype),
         x.new_empty(shape, dtype=dtype),
@@ -507,17 +512,7 @@ def _group_norm(
     return _affine(x, scale.view(view), shift.view(view))
 
 
-def _group_norm_fake(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    piece_mean: Tensor,
-    piece_rstd: Tensor,
-    sizes: Tensor,
-    g: int,
-    key: int,
-    label: str,
-) -> Tensor:
+def _group_norm_fake(x: Tensor, *_: Any) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -570,14 +565,7 @@ def _group_norm_backward(
 
 
 def _group_norm_backward_fake(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    piece_mean: Tensor,
-    piece_rstd: Tensor,
-    sizes: Tensor,
-    g: int,
-    key: int,
+    dy: Tensor, x: Tensor, weight: Tensor | None, piece_mean: Tensor, *_: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     channels, dtype = x.shape[1], piece_mean.dtype
     return (

@@ -30,6 +30,8 @@ __all__ = [
     "PASSED",
     "TRACER_LEAF",
     "Records",
+    "GhostSettings",
+    "GhostSite",
     "Rewrite",
     "emit_ghost_subgraph",
     "full_name",
@@ -144,34 +146,56 @@ def _has_hooks(module: nn.Module, kind: str) -> bool:
     return bool(getattr(module, kind, None))
 
 
+class GhostSettings(NamedTuple):
+    """What the pass does to each layer it selects: ghost batches of ``g`` samples, normalized
+    by ``backend`` (``"auto"``: chosen per call, :mod:`fxghost.backends`), spanning the
+    processes of ``group``."""
+
+    g: int
+    backend: str = "auto"
+    group: GroupRef = NO_GROUP
+
+
+class GhostSite(NamedTuple):
+    """Where a layer's ghost subgraph goes, and how its nodes reach the layer."""
+
+    #: The layer's qualified name in the user's model (for errors and provenance).
+    name: str
+    #: The name of the node the subgraph replaces: the new nodes' names derive from it, and the
+    #: last node takes it, so that downstream code reads the same.
+    base: str
+    #: The replaced node's meta, which every new node carries.
+    meta: dict[str, Any]
+    #: What the ghost ops read the layer from.
+    layer_target: str
+    #: The module whose forward hooks run (the user's layer).
+    hooks_target: str
+    #: The path of the layer's own submodules (its rule's ``after``).
+    submodule_prefix: str
+
+    @classmethod
+    def of_node(cls, node: fx.Node, name: str) -> GhostSite:
+        """The site of a ``call_module`` node: the graph reaches the layer at its target."""
+        target = str(node.target)
+        return cls(name, node.name, node.meta, target, target, f"{target}.")
+
+
 def emit_ghost_subgraph(
     graph: fx.Graph,
     x: Any,
     module: nn.Module,
     rule: LayerRule,
-    g: int,
-    name: str,
-    *,
-    base: str,
-    meta: dict[str, Any],
-    layer_target: str,
-    hooks_target: str,
-    submodule_prefix: str,
-    backend: str = "auto",
-    group_key: int | None = None,
+    site: GhostSite,
+    settings: GhostSettings,
 ) -> fx.Node:
-    """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module``,
-    between its forward pre-hooks and forward hooks when it has any.
+    """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module`` at
+    ``site``, between its forward pre-hooks and forward hooks when it has any.
 
-    ``name`` is the layer's qualified name in the user's model (for errors and provenance); node
-    names derive from ``base`` (the original node's name), and the last node takes ``base``
-    itself, so downstream code reads the same. ``layer_target`` is what the ghost ops read the
-    layer from, ``hooks_target`` the module whose hooks run (the user's layer), and
-    ``submodule_prefix`` the path of the layer's own submodules. A ``backend`` other than
-    ``"auto"`` is passed to the normalization node (``ghost_norm(..., backend="cpu")``), and a
-    process group's ``group_key`` (:class:`fxghost._distributed.GroupRef`) to the view and
+    A ``backend`` other than ``"auto"`` is passed to the normalization node
+    (``ghost_norm(..., backend="cpu")``), and a process group's key to the view and
     normalization nodes, as their ``process_group`` argument.
     """
+    name, base, g = site.name, site.base, settings.g
     info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
     after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
     post_hooks = _has_hooks(module, "_forward_hooks")
@@ -184,23 +208,23 @@ def emit_ghost_subgraph(
         suffix = "" if step == steps[-1] else f"_ghost_{step}" if ghost_step else f"_{step}"
         suffix = suffix.replace("_ghost_normalize", "_ghost_norm")
         new = graph.create_node(op, tgt, args, kwargs or {}, name=f"{base}{suffix}")
-        new.meta = {**meta, "fxghost": {**info, "step": step}}
+        new.meta = {**site.meta, "fxghost": {**info, "step": step}}
         return new
 
-    layer = make("get_attr", layer_target, (), "layer")
+    layer = make("get_attr", site.layer_target, (), "layer")
     hooks_owner = layer
-    if hooks_target != layer_target and (post_hooks or _has_hooks(module, "_forward_pre_hooks")):
-        hooks_owner = make("get_attr", hooks_target, (), "hooks_owner")
-    if _has_hooks(module, "_forward_pre_hooks"):
+    pre_hooks = _has_hooks(module, "_forward_pre_hooks")
+    if site.hooks_target != site.layer_target and (post_hooks or pre_hooks):
+        hooks_owner = make("get_attr", site.hooks_target, (), "hooks_owner")
+    if pre_hooks:
         x = make("call_function", ops.ghost_pre_hooks, (x, hooks_owner, name), "pre_hooks")
-    view = make(
-        "call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(group_key)
-    )
-    chosen = norm_kwargs(backend, group_key)
+    key = settings.group.key
+    view = make("call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(key))
+    chosen = norm_kwargs(settings.backend, key)
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
-        out = make("call_module", f"{submodule_prefix}{sub}", (out,), sub)
+        out = make("call_module", f"{site.submodule_prefix}{sub}", (out,), sub)
     if post_hooks:
         out = make("call_function", ops.ghost_hooks, (out, x, hooks_owner, name), "hooks")
     return out
@@ -282,25 +306,23 @@ class Rewrite(NamedTuple):
 
 def rewrite(
     gm: fx.GraphModule,
-    g: int,
+    settings: GhostSettings,
     selector: LayerSelector,
     root: nn.Module | None,
     prefix: str,
-    backend: str = "auto",
-    group: GroupRef = NO_GROUP,
 ) -> Rewrite:
-    """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`).
-    ``group``: the process group ghost batches span."""
+    """The pass proper, on ``gm``'s graph (both graphs of a :class:`DualGraphModule`): the
+    layers ``selector`` selects get ``settings``."""
     source = root if root is not None else gm
     train_graph, eval_graph = mode_graphs(gm)
-    graph, records, candidates, opaque = _rewrite_graph(
-        gm, train_graph, g, selector, source, prefix, backend, group
-    )
+    graph, records, candidates, opaque = _GraphRewrite(
+        gm, train_graph, settings, selector, prefix
+    ).run(source)
     name = gm.__class__.__name__
     if eval_graph is not None:
-        other_graph, other_records, _, other_opaque = _rewrite_graph(
-            gm, eval_graph, g, selector, source, prefix, backend, group
-        )
+        other_graph, other_records, _, other_opaque = _GraphRewrite(
+            gm, eval_graph, settings, selector, prefix
+        ).run(source)
         for record in other_records.values():
             if record.name not in records:
                 records.add(record)
@@ -324,24 +346,6 @@ def holds_candidates(module: nn.Module) -> bool:
     return any(rule_for(m) is not None or isinstance(m, LayerGraphModule) for m in module.modules())
 
 
-def _rewrite_graph(
-    gm: fx.GraphModule,
-    old_graph: fx.Graph,
-    g: int,
-    selector: LayerSelector,
-    source: nn.Module,
-    prefix: str,
-    backend: str,
-    group: GroupRef,
-) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
-    rewrite = _GraphRewrite(gm, old_graph, g, selector, prefix, backend, group)
-    for node in old_graph.nodes:
-        rewrite.env[node] = _HANDLERS[rewrite.kind(node)](rewrite, node)
-    rewrite.record_unreached(source)
-    rewrite.graph.lint()
-    return rewrite.graph, rewrite.records, rewrite.candidates, rewrite.opaque
-
-
 class _GraphRewrite:
     """One graph rewritten node by node: :meth:`kind` names what a node is, and that kind's
     handler in :data:`_HANDLERS` returns the node standing for it in the new graph (a copy, or
@@ -351,14 +355,12 @@ class _GraphRewrite:
         self,
         gm: fx.GraphModule,
         old_graph: fx.Graph,
-        g: int,
+        settings: GhostSettings,
         selector: LayerSelector,
         prefix: str,
-        backend: str,
-        group: GroupRef,
     ) -> None:
-        self.gm, self.g, self.selector, self.prefix, self.backend = gm, g, selector, prefix, backend
-        self.group = group
+        self.gm, self.old_graph, self.settings = gm, old_graph, settings
+        self.selector, self.prefix = selector, prefix
         self.graph = fx.Graph(tracer_cls=old_graph._tracer_cls)
         self.graph._codegen = old_graph._codegen
         self.env: dict[fx.Node, fx.Node] = {}
@@ -368,6 +370,15 @@ class _GraphRewrite:
         # The BatchNorm-like layers the graph reaches (calls, or passes as an argument): the
         # others get a record saying the rewrite did not reach them.
         self.reached: set[str] = set()
+
+    def run(self, source: nn.Module) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
+        """The new graph (linted), its records, candidates and opaque submodules; ``source`` is
+        the module whose layers the records cover."""
+        for node in self.old_graph.nodes:
+            self.env[node] = _HANDLERS[self.kind(node)](self, node)
+        self.record_unreached(source)
+        self.graph.lint()
+        return self.graph, self.records, self.candidates, self.opaque
 
     def kind(self, node: fx.Node) -> str:
         if node.op == "call_module":
@@ -405,22 +416,11 @@ class _GraphRewrite:
             self.opaque[target] = BACKWARD_HOOKS
             return self.copy(node)
         x = self.env[cast(fx.Node, node.args[0] if node.args else node.kwargs["input"])]
-        out = emit_ghost_subgraph(
-            self.graph,
-            x,
-            module,
-            cast(LayerRule, rule_for(module)),  # kind() found it
-            self.g,
-            name,
-            base=node.name,
-            meta=node.meta,
-            layer_target=target,
-            hooks_target=target,
-            submodule_prefix=f"{target}.",
-            backend=self.backend,
-            group_key=self.group.key,
-        )
-        self.records.add(layer_record(name, module, True, "", self.g, group_size=self.group.size))
+        rule = cast(LayerRule, rule_for(module))  # kind() found it
+        site = GhostSite.of_node(node, name)
+        out = emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings)
+        g, size = self.settings.g, self.settings.group.size
+        self.records.add(layer_record(name, module, True, "", g, group_size=size))
         return out
 
     def unsupported_batchnorm(self, node: fx.Node) -> fx.Node:
@@ -467,13 +467,13 @@ class _GraphRewrite:
         layer_node, old_g = cast(fx.Node, node.args[1]), cast(int, node.args[2])
         name = str(node.args[3])
         selected = self.selector.selects(name)
-        new_g = self.g if selected else old_g
+        new_g = self.settings.g if selected else old_g
         new = self.copy(node)
         new.args = (*new.args[:2], new_g, *new.args[3:])
         is_norm = node.target is ops.ghost_norm
         if selected:
-            key = self.group.key
-            new.kwargs = norm_kwargs(self.backend, key) if is_norm else group_kwarg(key)
+            key = self.settings.group.key
+            new.kwargs = norm_kwargs(self.settings.backend, key) if is_norm else group_kwarg(key)
         new.meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
         if is_norm:
             layer_target = str(layer_node.target)
@@ -481,7 +481,7 @@ class _GraphRewrite:
             self.reached.add(layer_target)
             note = "" if new_g == old_g else f"ghost_batch_size changed from {old_g}"
             size = (
-                self.group.size
+                self.settings.group.size
                 if selected
                 else _distributed.size_of(cast("int | None", node.kwargs.get("process_group")))
             )

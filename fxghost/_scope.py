@@ -22,6 +22,8 @@ from ._distributed import NO_GROUP, GroupRef
 from ._graph_module import LayerGraphModule, layer_graph_module, share_hooks, shared_mode_copy
 from ._pass import (
     KEPT_AS_PYTHON,
+    GhostSettings,
+    GhostSite,
     Records,
     emit_ghost_subgraph,
     full_name,
@@ -70,6 +72,11 @@ class Walk:
     def __post_init__(self, process_group: tuple[int | None, int | None]) -> None:
         self.group = GroupRef(*process_group)
 
+    @property
+    def settings(self) -> GhostSettings:
+        """What the pass does to each layer it selects."""
+        return GhostSettings(self.g, self.backend, self.group)
+
 
 def rewrite_module(
     module: nn.Module,
@@ -117,7 +124,7 @@ def rewrite_graph_module(
 ) -> fx.GraphModule:
     """The pass on ``gm`` (traced from ``root``, whose state the result mirrors), then each
     black-box submodule of its graph that holds BatchNorms, rewritten on its own."""
-    result = rewrite(gm, walk.g, walk.selector, root, prefix, walk.backend, walk.group)
+    result = rewrite(gm, walk.settings, walk.selector, root, prefix)
     walk.records.update(result.records)
     walk.candidates += result.candidates
     source = root if root is not None else gm
@@ -167,21 +174,17 @@ def _rewrite_layer(
     graph = fx.Graph()
     x = graph.placeholder("input")
     base = prefix.rpartition(".")[2] or "bn"
-    out = emit_ghost_subgraph(
-        graph,
-        x,
-        module,
-        rule,
-        walk.g,
+    # The LayerGraphModule holds the layer as _fxghost_self, the user's layer (whose hooks run)
+    # as _fxghost_source, and the layer's submodules at its root.
+    site = GhostSite(
         name,
-        base=base,
+        base,
         meta={},
         layer_target="_fxghost_self",
         hooks_target="_fxghost_source",
         submodule_prefix="",
-        backend=walk.backend,
-        group_key=walk.group.key,
     )
+    out = emit_ghost_subgraph(graph, x, module, rule, site, walk.settings)
     graph.output(out)
     note = ""
     if old_g is not None and old_g != walk.g:

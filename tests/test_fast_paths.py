@@ -358,14 +358,7 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
         assert "fxghost::GhostNorm" in y.grad_fn.name()
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
-        cpu.EAGER.update_running_stats(
-            bn.running_mean,
-            bn.running_var,
-            bn.num_batches_tracked,
-            bn.momentum,
-            x.shape[0],
-            [(mean, var, n)],
-        )
+        cpu.EAGER.update_running_stats(_update(bn, x), [(mean, var, n)])
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape))
     return [y, x.grad, bn.weight.grad, bn.bias.grad, *(t.clone() for t in bn.buffers())]
 

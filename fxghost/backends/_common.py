@@ -105,14 +105,7 @@ class Backend:
     ) -> None:
         """``update`` with the statistics ``(G, 1, C, 1...)`` of its next ghost batches, of
         ``count`` values per channel each."""
-        self.update_running_stats(
-            update.running_mean,
-            update.running_var,
-            update.num_batches_tracked,
-            update.momentum,
-            update.requested,
-            [(mean, var, count)],
-        )
+        self.update_running_stats(update, [(mean, var, count)])
 
     def update_hook(self, update: RunningStatsUpdate | None, xg: Tensor) -> UpdateHook | None:
         """:meth:`apply_update` of ``update`` for the ghost batches ``xg``, as the
@@ -127,24 +120,13 @@ class Backend:
     accumulate: _math.Accumulate | None = None
 
     def update_running_stats(
-        self,
-        running_mean: Tensor,
-        running_var: Tensor,
-        num_batches_tracked: Tensor | None,
-        momentum: float | None,
-        requested: int,
-        groups: Sequence[tuple[Tensor, Tensor, int]],
+        self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
     ) -> None:
-        """:func:`fxghost._math.update_running_stats`."""
+        """:func:`fxghost._math.update_running_stats` of ``update`` with ``groups``, its
+        ``(mean, biased_var, count)`` per group of equal-sized ghost batches."""
+        # RunningStatsUpdate's fields are update_running_stats' first arguments, in order.
         _math.update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum,
-            requested,
-            groups,
-            compiling=self.traced_update,
-            accumulate=self.accumulate,
+            *update, groups, compiling=self.traced_update, accumulate=self.accumulate
         )
 
     def __repr__(self) -> str:

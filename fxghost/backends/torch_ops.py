@@ -268,28 +268,16 @@ _lib.define(
 )
 
 
-def _update_impl(
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    requested: int,
-    means: Sequence[Tensor],
-    variances: Sequence[Tensor],
-    counts: Sequence[int],
-) -> None:
+def _update_impl(*args: Any) -> None:
+    """The op's arguments, in its schema's order: a :class:`RunningStatsUpdate`'s fields, then
+    the groups' means, variances and counts."""
+    *fields, means, variances, counts = args
+    update = RunningStatsUpdate(*fields)
     # compiling=True explicitly: this runs in AOT autograd's trace, after dynamo, where
     # torch.compiler.is_compiling() is False in torch 2.11 (True in 2.14), and the eager path's
     # C kernels and weight cache must not see fake tensors.
-    _math.update_running_stats(
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        momentum,
-        requested,
-        list(zip(means, variances, counts, strict=True)),
-        compiling=True,
-    )
+    groups = list(zip(means, variances, counts, strict=True))
+    _math.update_running_stats(*update, groups, compiling=True)
 
 
 _lib.impl("update_running_stats", _update_impl, "CompositeImplicitAutograd")
@@ -303,20 +291,11 @@ def _composite_ghost_norm(
 
 
 def _composite_update(
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    requested: int,
-    groups: Sequence[tuple[Tensor, Tensor, int]],
+    update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
 ) -> None:
     """:func:`fxghost._math.update_running_stats`, as one node in dynamo's graph."""
     torch.ops.fxghost.update_running_stats(
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        momentum,
-        requested,
+        *update,
         [m for m, _, _ in groups],
         [v for _, v, _ in groups],
         [n for _, _, n in groups],
@@ -383,14 +362,7 @@ class _Traced(Backend):
             y_tail, mean_t, var_t = self.traced_norm(tail, weight, bias, eps)
             groups.append((mean_t, var_t, per_channel(tail)))
         if update is not None:
-            self.update_running_stats(
-                update.running_mean,
-                update.running_var,
-                update.num_batches_tracked,
-                update.momentum,
-                update.requested,
-                groups,
-            )
+            self.update_running_stats(update, groups)
         return y_main, y_tail
 
 
@@ -403,8 +375,10 @@ class _Compiled(_Traced):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return _composite_ghost_norm(xg, weight, bias, eps)
 
-    def update_running_stats(self, *args: Any) -> None:
-        _composite_update(*args)
+    def update_running_stats(
+        self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
+    ) -> None:
+        _composite_update(update, groups)
 
 
 class _Exporting(_Traced):
@@ -430,8 +404,10 @@ class CustomOpCompiled(_Traced):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self._norm(xg, weight, bias, eps)
 
-    def update_running_stats(self, *args: Any) -> None:
-        COMPILED.update_running_stats(*args)
+    def update_running_stats(
+        self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
+    ) -> None:
+        COMPILED.update_running_stats(update, groups)
 
 
 EAGER: Backend = _Eager()
