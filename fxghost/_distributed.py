@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import _math, backends
 from ._plan import GhostPlan, check_layer_input, chunk_split
-from .backends._common import Scratch, param_dtypes, param_grads
+from .backends._common import Scratch, define_op, param_dtypes, param_grads
 
 __all__ = [
     "LAST_LAYOUT_ATTR",
@@ -575,32 +575,28 @@ def _group_norm_backward_fake(
     )
 
 
-_group_stats_op = torch.library.custom_op(
-    "fxghost::group_ghost_stats",
+_group_stats_op = define_op(
+    "group_ghost_stats",
     _group_stats,
+    _group_stats_fake,
+    "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+    "Tensor(c!)? num_batches_tracked, float? momentum, float eps, int g, int key, "
+    "bool training, str label) -> (Tensor, Tensor, Tensor)",
     mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-    schema=(
-        "(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "Tensor(c!)? num_batches_tracked, float? momentum, float eps, int g, int key, "
-        "bool training, str label) -> (Tensor, Tensor, Tensor)"
-    ),
 )
-_group_stats_op.register_fake(_group_stats_fake)
 _STATS = "Tensor piece_mean, Tensor piece_rstd, Tensor sizes, int g, int key"
-_group_norm_op = torch.library.custom_op(
-    "fxghost::group_ghost_norm",
+_group_norm_op = define_op(
+    "group_ghost_norm",
     _group_norm,
-    mutates_args=(),
-    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}, str label) -> Tensor",
+    _group_norm_fake,
+    f"(Tensor x, Tensor? weight, Tensor? bias, {_STATS}, str label) -> Tensor",
 )
-_group_norm_op.register_fake(_group_norm_fake)
-_group_backward_op = torch.library.custom_op(
-    "fxghost::group_ghost_norm_backward",
+_group_backward_op = define_op(
+    "group_ghost_norm_backward",
     _group_norm_backward,
-    mutates_args=(),
-    schema=f"(Tensor dy, Tensor x, Tensor? weight, {_STATS}) -> (Tensor, Tensor, Tensor)",
+    _group_norm_backward_fake,
+    f"(Tensor dy, Tensor x, Tensor? weight, {_STATS}) -> (Tensor, Tensor, Tensor)",
 )
-_group_backward_op.register_fake(_group_norm_backward_fake)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

@@ -242,7 +242,7 @@ def ghost_norm(
             layer.momentum,
             (n + ghost_batch_size - 1) // ghost_batch_size,
         )
-    return impl.norm_batch(main, tail, weight, bias, eps, update)
+    return impl.norm_batch(main, tail, backends.NormParams(weight, bias, eps), update)
 
 
 @_fx_leaf("ghost_unview")

@@ -42,8 +42,8 @@ needs_op = pytest.mark.skipif(
 # implementation: the name of the backward node its output has (the path is checked, not assumed)
 IMPLS = {
     "cpu_autograd_op": "fxghost::GhostNorm",
-    "cpu_function": "_CpuKernelGhostNormBackward",
-    "torch_ops": "_TorchOpsGhostNormBackward",
+    "cpu_function": "CpuKernelGhostNormBackward",
+    "torch_ops": "TorchOpsGhostNormBackward",
     "decomposition": "VarMeanBackward",
 }
 IMPL_PARAMS = [
@@ -80,18 +80,16 @@ def use(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
 
     def route(impl: str) -> str:
         if impl == "cpu_function":
-            monkeypatch.setattr(cpu, "_ops", lambda: None)
+            monkeypatch.setattr(cpu, "cpp_ops", lambda: None)
         elif impl == "decomposition":
 
             def decomposed(
                 xg: Tensor,
-                weight: Tensor | None,
-                bias: Tensor | None,
-                eps: float,
+                params: backends.NormParams,
                 update: backends.RunningStatsUpdate | None = None,
             ) -> tuple[Tensor, Tensor, Tensor]:
                 hook = torch_ops.EAGER.update_hook(update, xg)
-                return torch_ops.ghost_norm_decomposed(xg, weight, bias, eps, hook)
+                return torch_ops.ghost_norm_decomposed(xg, *params, hook)
 
             monkeypatch.setattr(torch_ops.EAGER, "norm", decomposed)
         return "cpu" if impl.startswith("cpu") else "torch"
@@ -225,7 +223,7 @@ def check_triton_gradient_penalty(model_name: str, batch: str) -> None:
         pytest.fail("run with TRITON_INTERPRET=1 (test_triton_interpreted does)")
     penalty = _penalty_model(model_name)
     _compare_penalty(
-        penalty, BATCHES[batch], torch.float32, 5e-5, "_TritonGhostNormBackward", "triton"
+        penalty, BATCHES[batch], torch.float32, 5e-5, "TritonGhostNormBackward", "triton"
     )
 
 

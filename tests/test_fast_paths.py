@@ -14,8 +14,9 @@ from conftest import run_side_by_side
 
 from fxghost import _math, backends
 from fxghost.backends import _build, cpu, torch_ops
-from fxghost.backends._common import NormFn
+from fxghost.backends._common import NormParams
 from fxghost.backends._dims import dims
+from fxghost.backends._fused import NormFn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,19 +32,19 @@ needs_op = pytest.mark.skipif(
 def _autograd_op_norm(
     xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cpu._ops().eager_cpu_ghost_norm.default(xg, w, b, eps, dims(xg))  # type: ignore[no-any-return]
+    return cpu.cpp_ops().eager_cpu_ghost_norm.default(xg, w, b, eps, dims(xg))  # type: ignore[no-any-return]
 
 
 def _cpu_function_norm(
     xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cpu._CpuKernelGhostNorm.apply(xg, w, b, eps)  # type: ignore[no-any-return]
+    return cpu.CpuKernelGhostNorm.run(xg, NormParams(w, b, eps))
 
 
 def _torch_ops_norm(
     xg: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch_ops._TorchOpsGhostNorm.apply(xg, w, b, eps)  # type: ignore[no-any-return]
+    return torch_ops.TorchOpsGhostNorm.run(xg, NormParams(w, b, eps))
 
 
 # The eager CPU paths: the C kernels through the C++ autograd op and through the Python Function
@@ -354,7 +355,7 @@ def _tracked_step(fused: bool, xg: torch.Tensor, bn: torch.nn.Module) -> list:
     x = xg.detach().clone().requires_grad_()
     n = x.numel() // (x.shape[0] * x.shape[2])  # values per channel in each ghost batch
     if fused:
-        y = cpu.EAGER.norm(x, bn.weight, bn.bias, bn.eps, _update(bn, x))[0]
+        y = cpu.EAGER.norm(x, NormParams(bn.weight, bn.bias, bn.eps), _update(bn, x))[0]
         assert "fxghost::GhostNorm" in y.grad_fn.name()
     else:
         y, mean, var = _autograd_op_norm(x, bn.weight, bn.bias, bn.eps)
@@ -401,7 +402,7 @@ def test_fused_running_update_declares_its_mutations() -> None:
     weights, decay = _math.ema_coefficients(0.1, 3, 3, xg.dtype, xg.device)
     args = (xg, bn.weight, bn.bias, 1e-5, *bn.buffers(), weights, decay, 4 / 3, dims(xg))
     torch.library.opcheck(
-        cpu._ops().eager_cpu_ghost_norm_update.default, args, test_utils=("test_schema",)
+        cpu.cpp_ops().eager_cpu_ghost_norm_update.default, args, test_utils=("test_schema",)
     )
 
 
@@ -427,8 +428,8 @@ def test_fused_running_update_is_taken_only_where_it_applies(
     xg = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     bn = _bn_for(xg)
     bn.running_mean = torch.zeros(10, dtype=torch.float64)[::2]
-    y = cpu.EAGER.norm(xg, bn.weight, bn.bias, bn.eps, _update(bn, xg))[0]
-    assert type(y.grad_fn).__name__ == "_CpuKernelGhostNormBackward"
+    y = cpu.EAGER.norm(xg, NormParams(bn.weight, bn.bias, bn.eps), _update(bn, xg))[0]
+    assert type(y.grad_fn).__name__ == "CpuKernelGhostNormBackward"
     assert len(calls) == 1 and int(bn.num_batches_tracked) == 3
 
 
@@ -450,10 +451,10 @@ def test_without_the_autograd_op_the_kernels_run_through_ctypes(
     Python Function, and says so in its label."""
     if not cpu.available():
         pytest.skip("no C compiler here")
-    monkeypatch.setattr(cpu, "_ops", lambda: None)
+    monkeypatch.setattr(cpu, "cpp_ops", lambda: None)
     x = torch.randn(2, 3, 4, requires_grad=True)
-    y = cpu.EAGER.norm(x, None, None, 1e-5)[0]
-    assert type(y.grad_fn).__name__ == "_CpuKernelGhostNormBackward"
+    y = cpu.EAGER.norm(x, NormParams(None, None, 1e-5))[0]
+    assert type(y.grad_fn).__name__ == "CpuKernelGhostNormBackward"
     assert cpu.EAGER.label == "cpu (ctypes)"
 
 
@@ -464,7 +465,7 @@ def test_failed_build_is_remembered(
 ) -> None:
     """A source that does not compile gives None, a .failed file with the compiler's message,
     and one line on stderr saying what runs instead; the next attempt does not compile again."""
-    if cpu._library_path() is None:
+    if cpu.library_path() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("FXGHOST_CACHE_DIR", str(tmp_path))
     source = tmp_path / "broken.c"
@@ -527,7 +528,7 @@ def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> Non
 def test_cpu_kernels_cache_is_keyed_and_reused(tmp_path: pytest.TempPathFactory) -> None:
     """A fresh cache directory gets one compiled object (with its digest and build lock); a
     second process reuses it."""
-    code = "from fxghost.backends import cpu; print(cpu._library_path())"
+    code = "from fxghost.backends import cpu; print(cpu.library_path())"
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
     runs = [
         subprocess.run(
@@ -569,7 +570,7 @@ def test_cpu_custom_ops_pass_opcheck(name: str, channels_last: bool, dtype: torc
     args = (dy, xg.detach(), w.detach(), mean, rstd)
     torch.library.opcheck(torch.ops.fxghost.cpu_ghost_norm_backward.default, args)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: cpu._custom_op_norm(x, w, b, 1e-5)[0],
+        lambda x, w, b: cpu.custom_op_norm(x, w, b, 1e-5)[0],
         tuple(t.detach().double().requires_grad_() for t in (xg, w, b)),
     )
 

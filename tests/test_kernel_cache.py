@@ -389,22 +389,22 @@ def test_cpu_backend_verifies_right_before_loading(
     path = _build.build("answer", [_source(tmp_path)], compiler, [["-O0"]], what="a", fallback="b")
     assert path is not None
     os.chmod(path, 0o702)
-    monkeypatch.setattr(cpu, "_library_path", lambda: path)
-    monkeypatch.setattr(cpu, "_op_library_path", lambda: path)
-    cpu._kernels.cache_clear()
-    cpu._ops.cache_clear()
+    monkeypatch.setattr(cpu, "library_path", lambda: path)
+    monkeypatch.setattr(cpu, "op_library_path", lambda: path)
+    cpu.c_kernels.cache_clear()
+    cpu.cpp_ops.cache_clear()
     try:
-        assert cpu._kernels() is None and cpu._ops() is None
+        assert cpu.c_kernels() is None and cpu.cpp_ops() is None
     finally:
-        cpu._kernels.cache_clear()
-        cpu._ops.cache_clear()
+        cpu.c_kernels.cache_clear()
+        cpu.cpp_ops.cache_clear()
     assert not marker.exists()
 
 
 def test_cpu_kernels_truncated_in_the_cache_are_rebuilt(tmp_path: Path) -> None:
     """The real kernels, through the CPU backend: a truncated library crashed every later
     process with SIGBUS."""
-    code = "from fxghost.backends import cpu; print(cpu._library_path(), cpu.available())"
+    code = "from fxghost.backends import cpu; print(cpu.library_path(), cpu.available())"
     env = {**os.environ, "FXGHOST_CACHE_DIR": str(tmp_path)}
 
     def run() -> subprocess.CompletedProcess[str]:

@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 
 from . import cpu, torch_ops, triton
-from ._common import Backend, RunningStatsUpdate
+from ._common import Backend, NormParams, RunningStatsUpdate
 from ._dims import dims_of
 
 __all__ = [
     "NAMES",
     "Backend",
+    "NormParams",
     "RunningStatsUpdate",
     "check",
     "implementation_for",
@@ -120,13 +121,26 @@ def _decide(case: Case) -> str:
 _auto = functools.cache(_decide)
 
 
+#: The input dtypes each kernel family reads.
+_KERNEL_DTYPES = {"cpu": _F32_64, "triton": _TRITON_DTYPES}
+
+
+def _devices(name: str) -> tuple[str, ...]:
+    """The device types kernel family ``name`` runs on (Triton on the CPU only interpreted)."""
+    if name == "cpu":
+        return ("cpu",)
+    return ("cuda", "cpu") if triton.interpreting() else ("cuda",)
+
+
+def _installed(name: str) -> bool:
+    """Whether kernel family ``name`` can run in this process (building what it needs)."""
+    return cpu.available() if name == "cpu" else triton.available()
+
+
 @functools.cache
 def _usable(name: str, device: str) -> bool:
-    """Whether kernel family ``name`` can run on ``device`` in this process (building what it
-    needs)."""
-    if name == "cpu":
-        return device == "cpu" and cpu.available()
-    return triton.available() and (device == "cuda" or (device == "cpu" and triton.interpreting()))
+    """Whether kernel family ``name`` can run on ``device`` in this process."""
+    return device in _devices(name) and _installed(name)
 
 
 def _implementation(name: str, mode: str) -> Backend:
@@ -168,13 +182,7 @@ def implementation_for(xg: Tensor, backend: str = "auto", layer: str = "") -> Ba
 
 def _check_case(name: str, case: Case, layer: str) -> None:
     """A chosen backend that cannot take this input: say which layer, and what can."""
-    ok = (
-        case.dtype in _F32_64 and case.device == "cpu"
-        if name == "cpu"
-        else case.dtype in _TRITON_DTYPES
-        and (case.device == "cuda" or (case.device == "cpu" and triton.interpreting()))
-    )
-    if not ok:
+    if case.dtype not in _KERNEL_DTYPES[name] or case.device not in _devices(name):
         raise ValueError(
             f"fxghost: layer '{layer}' runs with backend='{name}', which cannot take a "
             f"{case.device} {case.dtype} input; use backend='auto' (or 'torch', which runs "
@@ -182,24 +190,26 @@ def _check_case(name: str, case: Case, layer: str) -> None:
         )
 
 
+#: What each kernel family needs, for :func:`check`'s error.
+_NEEDS = {
+    "cpu": "the CPU kernels, which could not be compiled here (install a C compiler such as gcc; "
+    "`python -m fxghost build` shows the error)",
+    "triton": "Triton and a CUDA device (or TRITON_INTERPRET=1 set before importing triton, to "
+    "run its interpreter on the CPU)",
+}
+
+
 def check(backend: object) -> str:
     """``backend`` as a name this process can run, at transform time: a ``ValueError``
     (unknown name) or ``RuntimeError`` (cannot run here) that says why and what to use."""
     if not isinstance(backend, str) or backend not in NAMES:
         raise ValueError(f"fxghost: backend={backend!r}; choose one of {', '.join(NAMES)}")
-    if backend == "cpu" and not cpu.available():
-        raise RuntimeError(
-            "fxghost: backend='cpu' needs the CPU kernels, which could not be compiled here "
-            "(install a C compiler such as gcc; `python -m fxghost build` shows the error); "
-            "use backend='auto' or 'torch'"
-        )
-    if backend == "triton" and not (
-        triton.available() and (torch.cuda.is_available() or triton.interpreting())
+    if backend in _KERNEL_DTYPES and not (
+        _installed(backend)
+        and any(d == "cpu" or torch.cuda.is_available() for d in _devices(backend))
     ):
         raise RuntimeError(
-            "fxghost: backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 "
-            "set before importing triton, to run its interpreter on the CPU); use "
-            "backend='auto' or 'torch'"
+            f"fxghost: backend='{backend}' needs {_NEEDS[backend]}; use backend='auto' or 'torch'"
         )
     return backend
 

@@ -1,6 +1,5 @@
-"""What the kernel backends share: the autograd Function's backward (the kernels' input gradient
-and parameter sums, or differentiable ops under ``create_graph=True``), and the registration of a
-backend's kernels as custom ops for ``torch.compile``."""
+"""What the backends share: the :class:`Backend` interface and the arguments its calls take
+(:class:`NormParams`, :class:`RunningStatsUpdate`), and the helpers of their implementations."""
 
 from __future__ import annotations
 
@@ -18,18 +17,15 @@ from ._dims import dims
 
 __all__ = [
     "Backend",
-    "BackwardKernels",
-    "FusedGhostNorm",
-    "dense",
-    "NormFn",
+    "NormParams",
     "RunningStatsUpdate",
     "Scratch",
     "UpdateHook",
-    "forward_outputs",
+    "define_op",
+    "dense",
     "param_dtypes",
     "param_grads",
     "per_channel",
-    "register_norm_ops",
     "standard",
     "totals",
 ]
@@ -52,6 +48,15 @@ class RunningStatsUpdate(NamedTuple):
     requested: int
 
 
+class NormParams(NamedTuple):
+    """What a normalization takes from its layer besides the input: the affine ``weight`` and
+    ``bias`` (either may be ``None``) and ``eps``."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
 def per_channel(xg: Tensor) -> int:
     """How many values of each channel a ghost batch of the grouped view ``xg`` holds."""
     # A product of sizes, not numel() // (G * C): under torch.compile with dynamic shapes the
@@ -68,12 +73,7 @@ class Backend:
     label = ""
 
     def norm(
-        self,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, var)`` of a grouped view: ``y`` sample-first and not a view, the biased
         variance; statistics ``(G, 1, C, 1...)``. With ``update``, these ghost batches, the
@@ -84,21 +84,33 @@ class Backend:
         BatchNorm call of the chunked reference updates again."""
         raise NotImplementedError
 
+    #: Whether :meth:`norm_batch` makes one running-statistics update for all of a batch's
+    #: ghost batches, after normalizing them (a traced backend: one node in dynamo's graph).
+    one_update_per_batch = False
+
     def norm_batch(
         self,
         main: Tensor,
         tail: Tensor | None,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        params: NormParams,
+        update: RunningStatsUpdate | None,
     ) -> tuple[Tensor, Tensor | None]:
         """A batch's ``(y_main, y_tail)``: :meth:`norm` of its whole ghost batches ``main``,
         then of its shorter last one ``tail`` when there is one, each updating the running
         statistics with its own ghost batches, as the reference's BatchNorm calls do one after
-        another."""
-        y_main = self.norm(main, weight, bias, eps, update)[0]
-        return y_main, None if tail is None else self.norm(tail, weight, bias, eps, update)[0]
+        another (or, with :attr:`one_update_per_batch`, both in one update at the end)."""
+        if not self.one_update_per_batch:
+            y_main = self.norm(main, params, update)[0]
+            return y_main, None if tail is None else self.norm(tail, params, update)[0]
+        y_main, mean, var = self.norm(main, params)
+        groups = [(mean, var, per_channel(main))]
+        y_tail = None
+        if tail is not None:
+            y_tail, mean_t, var_t = self.norm(tail, params)
+            groups.append((mean_t, var_t, per_channel(tail)))
+        if update is not None:
+            self.update_running_stats(update, groups)
+        return y_main, y_tail
 
     def apply_update(
         self, update: RunningStatsUpdate, count: int, mean: Tensor, var: Tensor
@@ -133,21 +145,6 @@ class Backend:
         return f"<fxghost backend {self.label}>"
 
 
-# (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
-# a view (the caller returns it as is: in-place ops on a view of it, such as ReLU(inplace=True),
-# would make autograd clone the whole gradient in backward); mean and var (G, 1, C, 1...).
-NormFn = Callable[[Tensor, "Tensor | None", "Tensor | None", float], tuple[Tensor, Tensor, Tensor]]
-
-# (dy, x, weight, mean, rstd, input_grad, extra) -> (grad_x or None, dweight, dbias), where extra
-# is what the Function's forward stored for its kernels in ctx.extra, and dweight = sum(dy * xhat)
-# and dbias = sum(dy) over all samples, (C,) in the statistics dtype: the parameter gradients
-# before their cast to the parameters' dtype.
-BackwardKernels = Callable[
-    [Tensor, Tensor, "Tensor | None", Tensor, Tensor, bool, Any],
-    tuple["Tensor | None", Tensor, Tensor],
-]
-
-
 class Scratch(threading.local):
     """One reusable buffer per thread for full-size temporaries on CPU.
 
@@ -173,35 +170,6 @@ class Scratch(threading.local):
 def standard(stat: Tensor, shape: Sequence[int]) -> Tensor:
     """``stat`` holding ``(G, C)`` values, shaped ``(G, 1, C, 1...)`` for a grouped ``shape``."""
     return stat.reshape(shape[0], 1, shape[2], *([1] * (len(shape) - 3)))
-
-
-def forward_outputs(
-    ctx: Any,
-    xg: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    stats: tuple[Tensor, ...],
-    kernels: BackwardKernels,
-    extra: Any,
-    update: UpdateHook | None = None,
-) -> tuple[Tensor, Tensor]:
-    """What every Function's forward ends with: the running-statistics ``update`` (before
-    anything is saved, see :meth:`Backend.norm`); save ``x``, ``weight``, ``eps``, the
-    parameters' dtypes and the per-group ``(mean, rstd)``, and the backward ``kernels`` with
-    their ``extra`` argument, for backward; return ``(mean, var)`` in the standard shape, marked
-    non-differentiable. ``stats`` is ``(mean, rstd, var)`` in any shape holding ``(G, C)``."""
-    mean, rstd, var = stats
-    mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
-    if update is not None:
-        update(mean_s, var_s)
-    ctx.save_for_backward(xg, weight, mean, rstd)
-    # mean and var are not differentiable: no zero gradients need to be made up for them.
-    ctx.set_materialize_grads(False)
-    ctx.kernels, ctx.extra, ctx.eps = kernels, extra, eps
-    ctx.param_dtypes = param_dtypes(weight, bias)
-    ctx.mark_non_differentiable(mean_s, var_s)
-    return mean_s, var_s
 
 
 def param_dtypes(
@@ -232,119 +200,26 @@ def totals(sum_dy: Tensor, sum_dy_xhat: Tensor) -> tuple[Tensor, Tensor]:
     return sum_dy_xhat.sum(0).flatten(), sum_dy.sum(0).flatten()
 
 
-class FusedGhostNorm(torch.autograd.Function):
-    """The backward every kernel Function shares: ``ctx.kernels`` (set by its forward through
-    :func:`forward_outputs`) give the input gradient and the two per-(group, channel) sums,
-    which make the weight and bias gradients. The kernels' gradients cannot be differentiated
-    again: under ``create_graph=True`` (gradient penalties, Hessian-vector products) they come
-    from :func:`fxghost._math.differentiable_backward` instead."""
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        # One None per non-tensor input (eps, and the running-statistics update): autograd
-        # drops trailing Nones beyond a Function's inputs.
-        if dy is None:  # grads are not materialized, and only y is differentiable
-            return None, None, None, None, None
-        xg, weight, mean, rstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the result must be differentiable
-            grad_x, dweight, dbias = _math.differentiable_backward(
-                dy, xg, weight, ctx.eps, ctx.needs_input_grad
-            )
-        else:
-            dy = dy.view(*xg.shape)  # splitting dim 0 into (G, c): a view whatever the strides
-            grad_x, dweight, dbias = ctx.kernels(
-                dy, xg, weight, mean, rstd, ctx.needs_input_grad[0], ctx.extra
-            )
-        return grad_x, *param_grads(ctx, dweight, dbias), None, None
-
-
-_NORM_SCHEMA = (
-    "(Tensor xg, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-_BACKWARD_SCHEMA = (
-    "(Tensor dy, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)"
-)
-
-
-def _kernel_norm_fake(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, ...]:
-    stats = [
-        xg.new_empty((xg.shape[0], xg.shape[2]), dtype=_math.stat_dtype(xg.dtype)) for _ in range(3)
-    ]
-    return (torch.empty_like(xg.flatten(0, 1)), *stats)
-
-
-def _kernel_norm_backward_fake(
-    dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = _math.stat_dtype(xg.dtype)
-    return (
-        torch.empty_like(xg),
-        xg.new_empty(xg.shape[2], dtype=dtype),
-        xg.new_empty(xg.shape[2], dtype=dtype),
-    )
-
-
-def _kernel_op_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    xg, weight, bias, ctx.eps = inputs
-    ctx.param_dtypes = param_dtypes(weight, bias)
-    ctx.save_for_backward(xg, weight, output[1], output[3])
-
-
-def register_norm_ops(
+def define_op(
     name: str,
-    device_types: tuple[str, ...],
-    forward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]],
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]],
-) -> Callable[[Tensor, Tensor | None, Tensor | None, float], tuple[Tensor, Tensor, Tensor]]:
-    """Register ``fxghost::<name>`` (``(xg, weight, bias, eps) -> (y, mean, var, rstd)``, the
-    statistics ``(G, C)``) and ``fxghost::<name>_backward`` (``(dy, xg, weight, mean, rstd) ->
-    (grad_x, dweight, dbias)``, ``dy`` grouped like ``xg``) as custom ops with fake
-    implementations and autograd: what torch.compile sees of a backend's kernels, opaque to
-    inductor. Returns the norm function over the forward op, with :data:`NormFn`'s outputs."""
-    fwd = torch.library.custom_op(
+    impl: Callable[..., Any],
+    fake: Callable[..., Any],
+    schema: str,
+    *,
+    mutates_args: tuple[str, ...] = (),
+    device_types: tuple[str, ...] | None = None,
+) -> Any:
+    """The custom op ``fxghost::<name>`` with this ``schema``, running ``impl``, and ``fake``
+    for torch.compile's fake tensors."""
+    op = torch.library.custom_op(
         f"fxghost::{name}",
-        forward,
-        mutates_args=(),
+        impl,
+        mutates_args=mutates_args,
         device_types=device_types,
-        schema=_NORM_SCHEMA,
+        schema=schema,
     )
-    fwd.register_fake(_kernel_norm_fake)
-    bwd = torch.library.custom_op(
-        f"fxghost::{name}_backward",
-        backward,
-        mutates_args=(),
-        device_types=device_types,
-        schema=_BACKWARD_SCHEMA,
-    )
-    bwd.register_fake(_kernel_norm_backward_fake)
-
-    def backward_rule(
-        ctx: Any, dy: Tensor, *_unused: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        xg, weight, mean, rstd = ctx.saved_tensors
-        # create_graph=True: reached when dynamo runs the op without AOT autograd (whose traced
-        # backward has grad mode off; AOT autograd refuses double backward).
-        if torch.is_grad_enabled():
-            grad_x, dweight, dbias = _math.differentiable_backward(
-                dy, xg, weight, ctx.eps, ctx.needs_input_grad
-            )
-        else:
-            grad_x, dweight, dbias = bwd(dy.unflatten(0, xg.shape[:2]), xg, weight, mean, rstd)
-        return grad_x, *param_grads(ctx, dweight, dbias), None
-
-    fwd.register_autograd(backward_rule, setup_context=_kernel_op_setup)
-
-    def norm(
-        xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, _ = fwd(xg, weight, bias, eps)
-        return y, standard(mean, xg.shape), standard(var, xg.shape)
-
-    return norm
+    op.register_fake(fake)
+    return op
 
 
 def dense(xg: Tensor) -> Tensor:

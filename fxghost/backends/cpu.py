@@ -15,7 +15,7 @@ with the same arguments, so bit for bit the same results): the Python around the
 ``autograd.Function``'s forward and backward, the ctypes calls, a dozen small tensor calls)
 doubled a layer call's cost over plain BatchNorm's. Where the C++ op cannot be built (no C++20
 compiler, a torch without headers), the ``autograd.Function`` over ctypes runs instead. Under
-``torch.compile`` the kernels are custom ops (:func:`fxghost.backends._common.register_norm_ops`).
+``torch.compile`` the kernels are custom ops (:func:`fxghost.backends._fused.register_norm_ops`).
 
 Both are compiled with the system's compilers (C in about a second, C++ in about half a minute),
 once per source, compiler and CPU, and cached under ``$FXGHOST_CACHE_DIR`` (default
@@ -37,18 +37,23 @@ from torch import Tensor
 from .. import _math
 from . import torch_ops
 from ._build import build, say, verified
-from ._common import (
-    Backend,
-    FusedGhostNorm,
-    RunningStatsUpdate,
-    UpdateHook,
-    forward_outputs,
-    per_channel,
-    register_norm_ops,
-)
+from ._common import Backend, NormParams, RunningStatsUpdate, per_channel
 from ._dims import Dims, dims_of
+from ._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
 
-__all__ = ["COMPILED", "EAGER", "available", "build_all", "op_available"]
+__all__ = [
+    "COMPILED",
+    "EAGER",
+    "CpuKernelGhostNorm",
+    "available",
+    "build_all",
+    "c_kernels",
+    "cpp_ops",
+    "custom_op_norm",
+    "library_path",
+    "op_available",
+    "op_library_path",
+]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # The C++ op's source first; it includes the kernels' source.
@@ -59,7 +64,7 @@ _PARALLEL_MIN_NUMEL = 1 << 16
 
 
 @functools.cache
-def _library_path() -> Path | None:
+def library_path() -> Path | None:
     """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
     if not _SOURCE.exists():
         return None
@@ -98,8 +103,8 @@ class _Kernels:
 
 
 @functools.cache
-def _kernels() -> _Kernels | None:
-    path = _library_path()
+def c_kernels() -> _Kernels | None:
+    path = library_path()
     if path is None or not verified(path):
         return None
     try:
@@ -162,16 +167,16 @@ def _kernel_backward(
 
 
 def _loaded() -> _Kernels:
-    kernels = _kernels()
+    kernels = c_kernels()
     if kernels is None:
         raise RuntimeError("fxghost: the CPU kernels are not available")
     return kernels
 
 
 @functools.cache
-def _op_library_path() -> Path | None:
+def op_library_path() -> Path | None:
     """The C++ op's shared object, built if needed; ``None`` when unavailable."""
-    if _library_path() is None:
+    if library_path() is None:
         return None
     torch_dir = Path(torch.__file__).parent
     include, lib = torch_dir / "include", torch_dir / "lib"
@@ -206,9 +211,9 @@ def _op_library_path() -> Path | None:
 
 
 @functools.cache
-def _ops() -> Any:
+def cpp_ops() -> Any:
     """``torch.ops.fxghost`` with the C++ op library loaded (built if needed), or ``None``."""
-    path = _op_library_path()
+    path = op_library_path()
     if path is None or not verified(path):
         return None
     try:
@@ -224,51 +229,26 @@ def _ops() -> Any:
 
 def available() -> bool:
     """Whether the C kernels can be used in this process (compiling them if needed)."""
-    return _kernels() is not None
+    return c_kernels() is not None
 
 
 def op_available() -> bool:
     """Whether the C++ autograd op can be used (compiling it if needed)."""
-    return _ops() is not None
+    return cpp_ops() is not None
 
 
 def build_all() -> dict[str, Path | None]:
     """Build (or find in the cache) everything this backend compiles; the shared objects'
     paths, ``None`` for what could not be built."""
-    return {"CPU kernels": _library_path(), "C++ autograd op": _op_library_path()}
-
-
-class _CpuKernelGhostNorm(FusedGhostNorm):
-    """Ghost normalization in the fused C kernels of the C kernels (CPU, float32/float64,
-    dense inputs): forward reads x twice and writes y once; backward reads x and dy twice and
-    writes dx once, in cache-sized blocks so that each second read comes from cache."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: UpdateHook | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        dims = _dense_dims(xg)
-        out, mean, var, rstd = _cpu_forward(xg, weight, bias, eps, dims)
-        mean_s, var_s = forward_outputs(
-            ctx, xg, weight, bias, eps, (mean, rstd, var), _cpu_backward, dims, update
-        )
-        return out, mean_s, var_s
+    return {"CPU kernels": library_path(), "C++ autograd op": op_library_path()}
 
 
 def _cpu_forward(
-    xg: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    dims: tuple[int, int, int, int],
+    xg: Tensor, params: NormParams, dims: Dims
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` from the C kernels: ``y`` sample-first, the statistics
     ``(G, C)``."""
+    weight, bias, eps = params
     out = torch.empty_like(xg.flatten(0, 1))  # a dense input's strides: laid out as xg
     mean, var, rstd = _kernel_forward(
         xg, out, _as_param(weight, xg), _as_param(bias, xg), eps, dims
@@ -276,20 +256,31 @@ def _cpu_forward(
     return out, mean, var, rstd
 
 
+def _function_forward(
+    xg: Tensor, params: NormParams
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Dims]:
+    """:data:`~._fused.ForwardKernels` of the C kernels; ``extra``: the input's dims."""
+    dims = _dense_dims(xg)
+    return (*_cpu_forward(xg, params, dims), dims)
+
+
 def _cpu_backward(
-    dy: Tensor,
-    xg: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    input_grad: bool,
-    dims: tuple[int, int, int, int],
+    dy: Tensor, saved: Saved, input_grad: bool, dims: Dims
 ) -> tuple[Tensor | None, Tensor, Tensor]:
+    xg, weight, mean, rstd = saved
     if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
         dy = torch.empty_like(xg).copy_(dy)
     grad_x = torch.empty_like(xg) if input_grad else None
     dweight, dbias = _kernel_backward(dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims)
     return grad_x, dweight, dbias
+
+
+class CpuKernelGhostNorm(FusedGhostNorm):
+    """Ghost normalization in the fused C kernels through ctypes (CPU, float32/float64, dense
+    inputs): forward reads x twice and writes y once; backward reads x and dy twice and writes
+    dx once, in cache-sized blocks so that each second read comes from cache."""
+
+    kernels = Kernels(_function_forward, _cpu_backward)
 
 
 def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
@@ -329,7 +320,7 @@ def _op_forward(
     return _on_dense(  # type: ignore[return-value]
         xg,
         lambda t: torch.empty_like(t.flatten(0, 1)),
-        lambda t, d: _cpu_forward(t, weight, bias, eps, d),
+        lambda t, d: _cpu_forward(t, NormParams(weight, bias, eps), d),
     )
 
 
@@ -337,11 +328,11 @@ def _op_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _on_dense(  # type: ignore[return-value]
-        xg, torch.empty_like, lambda t, d: _cpu_backward(dy, t, weight, mean, rstd, True, d)
+        xg, torch.empty_like, lambda t, d: _cpu_backward(dy, Saved(t, weight, mean, rstd), True, d)
     )
 
 
-_custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op_backward)
+custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op_backward)
 
 
 def _accumulate(
@@ -358,7 +349,7 @@ def _accumulate(
     of one float dtype (``mean`` and ``var`` hold contiguous ``(G, C)`` values)."""
     dtype = mean.dtype
     tensors = (mean, var, weights, running_mean, running_var)
-    kernels = _kernels()
+    kernels = c_kernels()
     if (
         kernels is None
         or dtype not in _SUFFIX
@@ -383,40 +374,36 @@ def _accumulate(
 
 
 class _Eager(Backend):
+    """Eager calls: the C++ autograd op, with the running-statistics update in its call where
+    the buffers allow; :class:`CpuKernelGhostNorm` where the op could not be built."""
+
     name = "cpu"
     accumulate = staticmethod(_accumulate)
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        return "cpu (C++ op)" if _ops() is not None else "cpu (ctypes)"
+        return "cpu (C++ op)" if cpp_ops() is not None else "cpu (ctypes)"
 
     def norm(
-        self,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         d = dims_of(tuple(xg.shape), xg.stride())
         if d is None:  # not laid out as the kernels read: a contiguous copy
             xg = xg.contiguous()
             d = _dense_dims(xg)
-        ops = _ops()
+        ops = cpp_ops()
         if ops is None:
-            return _CpuKernelGhostNorm.apply(xg, weight, bias, eps, self.update_hook(update, xg))  # type: ignore[no-any-return]
+            return CpuKernelGhostNorm.run(xg, params, self.update_hook(update, xg))
         if update is None:
-            return ops.eager_cpu_ghost_norm.default(xg, weight, bias, eps, d)  # type: ignore[no-any-return]
+            return ops.eager_cpu_ghost_norm.default(xg, *params, d)  # type: ignore[no-any-return]
         # The update made in the C++ op's call: made from Python, it cost as much as the
         # normalization on a tabular layer. Every check here runs once per layer call.
         coefficients = _fused_coefficients(xg, update)
         if coefficients is None:  # buffers the kernel does not take: the update from Python
-            return _CpuKernelGhostNorm.apply(xg, weight, bias, eps, self.update_hook(update, xg))  # type: ignore[no-any-return]
+            return CpuKernelGhostNorm.run(xg, params, self.update_hook(update, xg))
         return ops.eager_cpu_ghost_norm_update.default(  # type: ignore[no-any-return]
             xg,
-            weight,
-            bias,
-            eps,
+            *params,
             update.running_mean,
             update.running_var,
             update.num_batches_tracked,
@@ -449,4 +436,4 @@ def _fused_coefficients(xg: Tensor, update: RunningStatsUpdate) -> tuple[Tensor,
 
 
 EAGER: Backend = _Eager()
-COMPILED: Backend = torch_ops.CustomOpCompiled("cpu", "cpu (custom op, compiled)", _custom_op_norm)
+COMPILED: Backend = torch_ops.CustomOpCompiled("cpu", "cpu (custom op, compiled)", custom_op_norm)

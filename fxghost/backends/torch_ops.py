@@ -24,19 +24,25 @@ from torch import Tensor
 from .. import _math
 from ._common import (
     Backend,
-    FusedGhostNorm,
-    NormFn,
+    NormParams,
     RunningStatsUpdate,
     Scratch,
     UpdateHook,
-    forward_outputs,
     param_dtypes,
     param_grads,
     per_channel,
     totals,
 )
+from ._fused import FusedGhostNorm, Kernels, NormFn, Saved
 
-__all__ = ["COMPILED", "EAGER", "EXPORTING", "ghost_norm_compiled", "ghost_norm_decomposed"]
+__all__ = [
+    "COMPILED",
+    "EAGER",
+    "EXPORTING",
+    "TorchOpsGhostNorm",
+    "ghost_norm_compiled",
+    "ghost_norm_decomposed",
+]
 
 _scratch = Scratch()
 
@@ -74,56 +80,42 @@ class _CanonicalView:
         return v.view(1, 1, -1) if self.rows else v.view(1, 1, -1, 1)
 
 
-class _TorchOpsGhostNorm(FusedGhostNorm):
-    """Ghost normalization in a few large torch ops; any device, float32/float64.
+def _torch_ops_forward(
+    xg: Tensor, params: NormParams
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """:data:`~._fused.ForwardKernels` in a few large torch ops (float32/float64); ``extra``:
+    the values per (group, channel).
 
     Elementwise steps use plain ``mul``/``add`` with per-(group, channel) operands: on CPU they
     vectorize, whereas ``addcmul`` with broadcast operands runs ~4x slower.
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: UpdateHook | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        canonical = _CanonicalView(xg)
-        x = canonical.canon(xg)
-        count = x.numel() // (canonical.groups * canonical.channels)
-        mean = canonical.group_sum(x) / count
-        # Two-pass variance: sum((x - mean)^2) stays accurate when |mean| >> std, unlike
-        # E[x^2] - mean^2. The centred buffer then becomes the output, in place.
-        # The output must not be a view made inside the Function (in-place ops downstream, such
-        # as ReLU(inplace=True), would be refused), so compute into a canonical view of it.
-        flat = torch.empty_like(xg.flatten(0, 1))
-        out = flat.view(xg.shape)  # internal only: the Function returns flat, not a view
-        y = canonical.canon(out)
-        torch.sub(x, mean, out=y)
-        var = canonical.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
-        rstd = torch.rsqrt(var + eps)
-        y.mul_(rstd if weight is None else rstd * canonical.per_channel(weight))
-        if bias is not None:
-            y.add_(canonical.per_channel(bias))
-        mean_s, var_s = forward_outputs(
-            ctx, xg, weight, bias, eps, (mean, rstd, var), _torch_ops_backward, count, update
-        )
-        if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
-            out.copy_(canonical.uncanon(y))
-        return flat, mean_s, var_s
+    weight, bias, eps = params
+    canonical = _CanonicalView(xg)
+    x = canonical.canon(xg)
+    count = x.numel() // (canonical.groups * canonical.channels)
+    mean = canonical.group_sum(x) / count
+    # Two-pass variance: sum((x - mean)^2) stays accurate when |mean| >> std, unlike
+    # E[x^2] - mean^2. The centred buffer then becomes the output, in place.
+    # The output must not be a view made inside the Function (in-place ops downstream, such
+    # as ReLU(inplace=True), would be refused), so compute into a canonical view of it.
+    flat = torch.empty_like(xg.flatten(0, 1))
+    out = flat.view(xg.shape)  # internal only: the Function returns flat, not a view
+    y = canonical.canon(out)
+    torch.sub(x, mean, out=y)
+    var = canonical.group_sum(torch.mul(y, y, out=_scratch.like(y))) / count
+    rstd = torch.rsqrt(var + eps)
+    y.mul_(rstd if weight is None else rstd * canonical.per_channel(weight))
+    if bias is not None:
+        y.add_(canonical.per_channel(bias))
+    if y.data_ptr() != out.data_ptr():  # canon() had to copy (non-dense input)
+        out.copy_(canonical.uncanon(y))
+    return flat, mean, var, rstd, count
 
 
 def _torch_ops_backward(
-    dy: Tensor,
-    xg: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    input_grad: bool,
-    count: int,
+    dy: Tensor, saved: Saved, input_grad: bool, count: int
 ) -> tuple[Tensor | None, Tensor, Tensor]:
+    xg, weight, mean, rstd = saved
     canonical = _CanonicalView(xg)
     x, g = canonical.canon(xg), canonical.canon(dy)
     sum_dy = canonical.group_sum(g)
@@ -140,10 +132,10 @@ def _torch_ops_backward(
     return (grad_x, *totals(sum_dy, sum_dy_xhat))
 
 
-def _torch_ops_norm(
-    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _TorchOpsGhostNorm.apply(xg, weight, bias, eps)  # type: ignore[no-any-return]
+class TorchOpsGhostNorm(FusedGhostNorm):
+    """Ghost normalization in a few large torch ops; any device, float32/float64."""
+
+    kernels = Kernels(_torch_ops_forward, _torch_ops_backward)
 
 
 def ghost_norm_decomposed(
@@ -188,12 +180,7 @@ class _CompiledGhostNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        mean: Tensor,
-        rstd: Tensor,
+        ctx: Any, xg: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
     ) -> Tensor:
         scale, shift = _math.scale_shift(mean, rstd, weight, bias)
         ctx.save_for_backward(xg, weight, mean, rstd)
@@ -303,23 +290,21 @@ def _composite_update(
 
 
 class _Eager(Backend):
+    """Eager calls in torch ops: :class:`TorchOpsGhostNorm` (float32/float64), else the
+    decomposition."""
+
     name = "torch"
     label = "torch"
 
     def norm(
-        self,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         # The Function's in-place steps and canonical layouts are written for float32/float64;
         # 16-bit inputs, whose statistics are float32, take the decomposition.
         hook = self.update_hook(update, xg)
         if xg.dtype in (torch.float32, torch.float64):
-            return _TorchOpsGhostNorm.apply(xg, weight, bias, eps, hook)  # type: ignore[no-any-return]
-        return ghost_norm_decomposed(xg, weight, bias, eps, hook)
+            return TorchOpsGhostNorm.run(xg, params, hook)
+        return ghost_norm_decomposed(xg, *params, hook)
 
 
 class _Traced(Backend):
@@ -328,52 +313,26 @@ class _Traced(Backend):
     matter here: a compiled checkpointed region's recomputation is AOT autograd's, which repeats
     no buffer update (the compiled reference's BatchNorm calls update once too)."""
 
-    def traced_norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    one_update_per_batch = True
+
+    def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
     def norm(
-        self,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = self.traced_norm(xg, weight, bias, eps)
+        y, mean, var = self.traced_norm(xg, params)
         if update is not None:
             self.apply_update(update, per_channel(xg), mean, var)
         return y, mean, var
-
-    def norm_batch(
-        self,
-        main: Tensor,
-        tail: Tensor | None,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        y_main, mean, var = self.traced_norm(main, weight, bias, eps)
-        groups = [(mean, var, per_channel(main))]
-        y_tail = None
-        if tail is not None:
-            y_tail, mean_t, var_t = self.traced_norm(tail, weight, bias, eps)
-            groups.append((mean_t, var_t, per_channel(tail)))
-        if update is not None:
-            self.update_running_stats(update, groups)
-        return y_main, y_tail
 
 
 class _Compiled(_Traced):
     name = "torch"
     label = "torch (compiled)"
 
-    def traced_norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _composite_ghost_norm(xg, weight, bias, eps)
+    def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
+        return _composite_ghost_norm(xg, *params)
 
     def update_running_stats(
         self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
@@ -386,10 +345,8 @@ class _Exporting(_Traced):
     label = "torch (exported)"
     traced_update = True
 
-    def traced_norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return ghost_norm_compiled(xg, weight, bias, eps)
+    def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
+        return ghost_norm_compiled(xg, *params)
 
 
 class CustomOpCompiled(_Traced):
@@ -399,10 +356,8 @@ class CustomOpCompiled(_Traced):
     def __init__(self, name: str, label: str, norm: NormFn) -> None:
         self.name, self.label, self._norm = name, label, norm
 
-    def traced_norm(
-        self, xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return self._norm(xg, weight, bias, eps)
+    def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
+        return self._norm(xg, *params)
 
     def update_running_stats(
         self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]

@@ -4,80 +4,47 @@ mode), the kernels as custom ops (under ``torch.compile`` with ``backend="triton
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import torch
 from torch import Tensor
 
 from ... import _math
 from .. import torch_ops
-from .._common import (
-    Backend,
-    FusedGhostNorm,
-    RunningStatsUpdate,
-    UpdateHook,
-    dense,
-    forward_outputs,
-    per_channel,
-    register_norm_ops,
-)
+from .._common import Backend, NormParams, RunningStatsUpdate, UpdateHook, dense, per_channel
+from .._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
 from .host import RunningUpdate, backward_apply, backward_sums, forward_stats, normalize
 from .launch import geometry, supported
 
-__all__ = ["COMPILED", "EAGER"]
-
-
-class _TritonGhostNorm(FusedGhostNorm):
-    """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
-    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once.
-    Three launches each way (statistics, their finish, the elementwise pass), the running
-    statistics' update included when ``update`` is given: in eager mode on a GPU each launch and
-    each small torch op costs CPU time that a layer's kernels do not hide."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningUpdate | UpdateHook | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``update``: made by the kernels (a :class:`RunningUpdate`), or a hook called with
-        the statistics; either way before anything is saved for backward."""
-        fused = update if isinstance(update, RunningUpdate) else None
-        y, mean, var, rstd = _triton_forward(xg, weight, bias, eps, fused)
-        count = xg.numel() // (xg.shape[0] * xg.shape[2])
-        hook = None if isinstance(update, RunningUpdate) else update
-        mean_s, var_s = forward_outputs(
-            ctx, xg, weight, bias, eps, (mean, rstd, var), _triton_backward, count, hook
-        )
-        return y, mean_s, var_s
+__all__ = ["COMPILED", "EAGER", "TritonGhostNorm", "custom_op_norm"]
 
 
 def _triton_forward(
-    xg: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    update: RunningUpdate | None = None,
+    xg: Tensor, params: NormParams, update: RunningUpdate | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` from the kernels: ``y`` sample-first, laid out as ``xg``."""
-    mean, var, rstd, scale, shift = forward_stats(xg, weight, bias, eps, update)
+    mean, var, rstd, scale, shift = forward_stats(xg, *params, update)
     y = torch.empty_like(xg.flatten(0, 1))
     normalize(xg, scale, shift, out=y.view(xg.shape))
     return y, mean, var, rstd
 
 
+def _function_forward(
+    xg: Tensor, params: NormParams, update: RunningUpdate | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """:data:`~fxghost.backends._fused.ForwardKernels` of the kernels; ``extra``: the values
+    per (group, channel)."""
+    return (*_triton_forward(xg, params, update), _per_group(xg))
+
+
+def _per_group(xg: Tensor) -> int:
+    return xg.numel() // (xg.shape[0] * xg.shape[2])
+
+
 def _triton_backward(
-    dy: Tensor,
-    xg: Tensor,
-    weight: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    input_grad: bool,
-    count: int,
+    dy: Tensor, saved: Saved, input_grad: bool, count: int
 ) -> tuple[Tensor | None, Tensor, Tensor]:
+    xg, weight, mean, rstd = saved
     sum_dy, sum_dy_xhat, dbias, dweight = backward_sums(dy, xg, mean, rstd)
     grad_x = (
         backward_apply(dy, xg, mean, rstd, weight, sum_dy, sum_dy_xhat, count)
@@ -85,6 +52,27 @@ def _triton_backward(
         else None
     )
     return grad_x, dweight, dbias
+
+
+class TritonGhostNorm(FusedGhostNorm):
+    """Ghost normalization in fused Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``):
+    forward reads x twice and writes y once; backward reads x and dy twice and writes dx once.
+    Three launches each way (statistics, their finish, the elementwise pass), the running
+    statistics' update included when the kernels make it: in eager mode on a GPU each launch
+    and each small torch op costs CPU time that a layer's kernels do not hide."""
+
+    kernels = Kernels(_function_forward, _triton_backward)
+
+    @classmethod
+    def run(
+        cls, xg: Tensor, params: NormParams, update: RunningUpdate | UpdateHook | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``update``: made by the kernels (a :class:`RunningUpdate`), or a hook called with
+        the statistics; either way before anything is saved for backward."""
+        if isinstance(update, RunningUpdate):
+            forward = functools.partial(_function_forward, update=update)
+            return cls.apply(xg, *params, Kernels(forward, _triton_backward), None)  # type: ignore[no-any-return]
+        return cls.apply(xg, *params, cls.kernels, update)  # type: ignore[no-any-return]
 
 
 # The kernels as custom ops, for torch.compile with backend="triton" (by default inductor gets
@@ -99,7 +87,7 @@ def _triton_op_forward(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _triton_dense(xg)
-    y, mean, var, rstd = _triton_forward(x, weight, bias, eps)
+    y, mean, var, rstd = _triton_forward(x, NormParams(weight, bias, eps))
     if x is not xg:  # back to the layout the fake implementation promised
         y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
     return y, mean, var, rstd
@@ -109,34 +97,33 @@ def _triton_op_backward(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = _triton_dense(xg)
-    count = xg.numel() // (xg.shape[0] * xg.shape[2])
-    grad_x, dweight, dbias = _triton_backward(dy, x, weight, mean, rstd, True, count)
+    grad_x, dweight, dbias = _triton_backward(
+        dy, Saved(x, weight, mean, rstd), True, _per_group(xg)
+    )
     if x is not xg:  # back to the layout the fake implementation promised
         grad_x = torch.empty_like(xg).copy_(grad_x)  # type: ignore[arg-type]
     return grad_x, dweight, dbias  # type: ignore[return-value]
 
 
-_custom_op_norm = register_norm_ops(
+custom_op_norm = register_norm_ops(
     "triton_ghost_norm", ("cuda", "cpu"), _triton_op_forward, _triton_op_backward
 )
 
 
 class _Eager(Backend):
+    """Eager calls: :class:`TritonGhostNorm` on a dense view, the running statistics updated by
+    its kernels where they can (:func:`_fused_update`)."""
+
     name = "triton"
     label = "triton"
 
     def norm(
-        self,
-        xg: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        update: RunningStatsUpdate | None = None,
+        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         xg = dense(xg)
         fused = None if update is None else _fused_update(xg, update)
         hook = fused if fused is not None else self.update_hook(update, xg)
-        return _TritonGhostNorm.apply(xg, weight, bias, eps, hook)  # type: ignore[no-any-return]
+        return TritonGhostNorm.run(xg, params, hook)
 
 
 def _fused_update(xg: Tensor, update: RunningStatsUpdate) -> RunningUpdate | None:
@@ -165,5 +152,5 @@ def _fused_update(xg: Tensor, update: RunningStatsUpdate) -> RunningUpdate | Non
 
 EAGER: Backend = _Eager()
 COMPILED: Backend = torch_ops.CustomOpCompiled(
-    "triton", "triton (custom op, compiled)", _custom_op_norm
+    "triton", "triton (custom op, compiled)", custom_op_norm
 )

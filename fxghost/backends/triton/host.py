@@ -29,6 +29,47 @@ __all__ = [
 ]
 
 
+#: A kernel and its leading arguments (the plan's integer arguments follow them).
+Launch = tuple[Any, tuple[Any, ...]]
+#: Constexpr flags, ahead of the plan's tile sizes.
+Flags = tuple[tuple[str, bool], ...]
+
+
+def _split_reduction(
+    lp: LaunchPlan, xg: Tensor, partial: Launch, finish: Launch, flags: Flags = ()
+) -> None:
+    """A reduction split over several programs per group: ``partial`` over the plan's reduction
+    grid, each program writing its partials, then ``finish``, which merges them (``flags``
+    are its constexprs), on ``xg``'s device and stream."""
+    (partial_kernel, partial_args), (finish_kernel, finish_args) = partial, finish
+    with _device_guard(xg):
+        stream = _stream(lp)
+        reduce_args = (*partial_args, *lp.reduce_args)
+        run_kernel(
+            lp,
+            partial_kernel,
+            lp.reduce_grid,
+            stream,
+            reduce_args,
+            lp.reduce_blocks,
+            lp.reduce_warps,
+        )
+        consts = (*flags, *lp.finish_blocks)
+        run_kernel(lp, finish_kernel, lp.finish_grid, stream, finish_args, consts, 4)
+
+
+def _elementwise(
+    lp: LaunchPlan, xg: Tensor, kernel: Any, args: tuple[Any, ...], flags: Flags = ()
+) -> None:
+    """``kernel`` over the plan's elementwise grid, one tile per program (``flags`` are its
+    constexprs), on ``xg``'s device and stream."""
+    consts = (*flags, *lp.apply_blocks)
+    with _device_guard(xg):
+        stream = _stream(lp)
+        all_args = (*args, *lp.apply_args)
+        run_kernel(lp, kernel, lp.apply_grid, stream, all_args, consts, lp.apply_warps)
+
+
 def _stream(lp: LaunchPlan) -> int:
     """The current CUDA stream of the launch's device, as Triton launches on it."""
     return torch._C._cuda_getCurrentRawStream(lp.device_index) if lp.device_index >= 0 else 0
@@ -116,49 +157,19 @@ def forward_stats(
     else:
         ema = rmean = rvar = nbt = mean  # not read
         decay = bessel = 1.0
-    with _device_guard(xg):
-        stream = _stream(lp)
-        run_kernel(
-            lp,
-            kernels.stats_partial_kernel,
-            lp.reduce_grid,
-            stream,
-            (xg, partials, *lp.reduce_args),
-            lp.reduce_blocks,
-            lp.reduce_warps,
-        )
-        run_kernel(
-            lp,
-            kernels.stats_finish_kernel,
-            lp.finish_grid,
-            stream,
-            (
-                partials,
-                mean,
-                var,
-                rstd,
-                coef,
-                w,
-                b,
-                ema,
-                rmean,
-                rvar,
-                nbt,
-                G,
-                C,
-                lp.split,
-                eps,
-                decay,
-                bessel,
-            ),
-            (
-                ("HAS_WEIGHT", weight is not None),
-                ("HAS_BIAS", bias is not None),
-                ("UPDATE", update is not None),
-                *lp.finish_blocks,
-            ),
-            4,
-        )
+    outputs = (mean, var, rstd, coef, w, b, ema, rmean, rvar, nbt)
+    flags = (
+        ("HAS_WEIGHT", weight is not None),
+        ("HAS_BIAS", bias is not None),
+        ("UPDATE", update is not None),
+    )
+    _split_reduction(
+        lp,
+        xg,
+        (kernels.stats_partial_kernel, (xg, partials)),
+        (kernels.stats_finish_kernel, (partials, *outputs, G, C, lp.split, eps, decay, bessel)),
+        flags,
+    )
     return mean, var, rstd, coef[0], coef[1]
 
 
@@ -176,16 +187,7 @@ def normalize(xg: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = Non
     y = _like(xg) if out is None else out
     if y.shape != xg.shape or y.stride() != xg.stride():
         raise ValueError("fxghost: normalize needs an output laid out as its input")
-    with _device_guard(xg):
-        run_kernel(
-            lp,
-            kernels.normalize_kernel,
-            lp.apply_grid,
-            _stream(lp),
-            (xg, y, _f32(scale), _f32(shift), *lp.apply_args),
-            lp.apply_blocks,
-            lp.apply_warps,
-        )
+    _elementwise(lp, xg, kernels.normalize_kernel, (xg, y, _f32(scale), _f32(shift)))
     return y
 
 
@@ -205,26 +207,12 @@ def backward_sums(
     # Separate tensors, not views of one: they leave as separate outputs of a custom op.
     dbias = torch.empty(C, dtype=torch.float32, device=xg.device)
     dweight = torch.empty(C, dtype=torch.float32, device=xg.device)
-    with _device_guard(xg):
-        stream = _stream(lp)
-        run_kernel(
-            lp,
-            kernels.backward_reduce_kernel,
-            lp.reduce_grid,
-            stream,
-            (dy, xg, _f32(mean), _f32(rstd), partials, G, *lp.reduce_args),
-            lp.reduce_blocks,
-            lp.reduce_warps,
-        )
-        run_kernel(
-            lp,
-            kernels.backward_finish_kernel,
-            lp.finish_grid,
-            stream,
-            (partials, sums, dbias, dweight, G, C, lp.split),
-            lp.finish_blocks,
-            4,
-        )
+    _split_reduction(
+        lp,
+        xg,
+        (kernels.backward_reduce_kernel, (dy, xg, _f32(mean), _f32(rstd), partials, G)),
+        (kernels.backward_finish_kernel, (partials, sums, dbias, dweight, G, C, lp.split)),
+    )
     return sums[0], sums[1], dbias, dweight
 
 
@@ -254,26 +242,8 @@ def backward_apply(
     mean = _f32(mean)
     w = mean if weight is None else _f32(weight)
     dx = _like(xg)
-    with _device_guard(xg):
-        run_kernel(
-            lp,
-            kernels.backward_apply_kernel,
-            lp.apply_grid,
-            _stream(lp),
-            # w is never read without a weight: any float32 pointer will do
-            (
-                dy,
-                xg,
-                dx,
-                mean,
-                _f32(rstd),
-                w,
-                _f32(sum_dy),
-                _f32(sum_dy_xhat),
-                1.0 / count,
-                *lp.apply_args,
-            ),
-            (("HAS_WEIGHT", weight is not None), *lp.apply_blocks),
-            lp.apply_warps,
-        )
+    sums = (_f32(sum_dy), _f32(sum_dy_xhat))
+    # w is never read without a weight: any float32 pointer will do.
+    args = (dy, xg, dx, mean, _f32(rstd), w, *sums, 1.0 / count)
+    _elementwise(lp, xg, kernels.backward_apply_kernel, args, (("HAS_WEIGHT", weight is not None),))
     return dx
