@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from . import _userbench, _version, report, transform
 from ._trace import TracingError
+from ._userbench import positive_int
 from .reference import apply_chunked_ghost_batchnorm
 
 __all__ = ["main"]
@@ -44,16 +45,6 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="fxghost",
@@ -72,10 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="rewrite resnet18 and check it against the reference")
-    demo.add_argument("--ghost-batch-size", "-g", type=_positive_int, default=32, metavar="G")
+    demo.add_argument("--ghost-batch-size", "-g", type=positive_int, default=32, metavar="G")
     demo.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=96,
         metavar="N",
         help="training batch for the equivalence check (default 96: 3 ghost batches)",
@@ -94,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(resnet18, mobilenet_v3_small, ...) or a timm model name (resnet18d, ...), looked up in "
         "that order; torchvision:NAME or timm:NAME picks the source",
     )
-    inspect.add_argument("--ghost-batch-size", "-g", type=_positive_int, default=32, metavar="G")
+    inspect.add_argument("--ghost-batch-size", "-g", type=positive_int, default=32, metavar="G")
     inspect.add_argument(
         "--only",
         nargs="+",

@@ -29,7 +29,7 @@ class InputDtypeError(TypeError, RuntimeError):
 
     A ``TypeError`` by fxghost's rule for user errors, and a ``RuntimeError`` because that is what
     plain BatchNorm raises for the same input, so code written against plain BatchNorm still
-    catches it.
+    catches it. Its message names the layer and the dtypes at fault.
     """
 
 

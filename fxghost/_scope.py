@@ -41,7 +41,18 @@ __all__ = ["UntracedPart", "Walk", "rewrite_graph_module", "rewrite_module"]
 
 class UntracedPart:
     """A submodule kept as Python code (its children rewritten instead), with why: it does not
-    trace (``error`` and ``location`` say where), or it is a tracer leaf."""
+    trace (``error`` and ``location`` say where), or it is a tracer leaf.
+
+    Args:
+        name: the submodule's qualified name (``""`` for the root).
+        error: the :class:`fxghost.TracingError` that its trace raised, or why it was not traced.
+
+    Attributes:
+        name: the submodule's qualified name, ``"(root)"`` for the model itself.
+        location: where the model's own code failed (``"file:line, in function: source line"``),
+            or ``None``.
+        error: the first line of the error or reason.
+    """
 
     def __init__(self, name: str, error: TracingError | str) -> None:
         self.name = name or "(root)"

@@ -40,8 +40,22 @@ def register_batchnorm(cls: type[nn.Module], *, after: Iterable[str] = ()) -> ty
     is BatchNorm's followed by its submodules ``after`` (e.g. ``("drop", "act")``).
 
     Layers of exactly this class are then rewritten (and wrapped by the chunked reference, which
-    runs the layer's own forward per ghost batch). Returns ``cls``, so it works as a decorator.
+    runs the layer's own forward per ghost batch). It works as a decorator.
 
+    Args:
+        cls: the layer class, a subclass of ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` or
+            ``nn.BatchNorm3d``.
+        after: the names of the submodules that ``cls.forward`` applies, in order, to
+            BatchNorm's output (a single name may be given as a string).
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        TypeError: ``cls`` is not a BatchNorm subclass, or ``after`` holds something other than
+            submodule names.
+
+    Examples:
     >>> import torch, fxghost
     >>> class BNReLU(torch.nn.BatchNorm1d):
     ...     def __init__(self, n):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import _version, report, transform
 from .reference import apply_chunked_ghost_batchnorm
 
-__all__ = ["DESCRIPTION", "EPILOG", "NOTHING_TO_GHOST", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "EPILOG", "NOTHING_TO_GHOST", "add_arguments", "positive_int", "run"]
 
 DESCRIPTION = """\
 Time training steps (forward, loss, backward, SGD step) of MODEL with plain BatchNorm and with
@@ -43,7 +43,8 @@ ghost: the model has no BatchNorm layer that fxghost rewrites (nothing is timed)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: ``text`` as an int of at least 1 (the commands' sizes and counts)."""
     try:
         value = int(text)
     except ValueError:
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N,C,...",
         help="the training batch's shape (default 64,3,224,224)",
     )
-    parser.add_argument("--ghost-batch-size", "-g", type=_positive, default=32, metavar="G")
+    parser.add_argument("--ghost-batch-size", "-g", type=positive_int, default=32, metavar="G")
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -120,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeats",
-        type=_positive,
+        type=positive_int,
         default=10,
         metavar="R",
         help="timed steps per implementation (default 10)",
