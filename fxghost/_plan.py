@@ -19,6 +19,7 @@ __all__ = [
     "check_ghost_batch_size",
     "check_layer_input",
     "chunk_split",
+    "dtype_problem",
     "plan_ghost_batches",
     "uses_batch_stats",
 ]
@@ -88,7 +89,7 @@ _LAYER_TENSORS = ("weight", "bias", "running_mean", "running_var")
 _DTYPE_VERDICTS: dict[tuple[torch.dtype | None, ...], str | None] = {}
 
 
-def _dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
+def dtype_problem(key: tuple[torch.dtype | None, ...]) -> str | None:
     """BatchNorm's dtype rules, as its CPU kernels apply them (tests compare this with
     ``F.batch_norm`` on each device they run on): a floating-point input; every parameter and
     running statistic in the input's dtype, or all float32 under a float16/bfloat16 input
@@ -135,7 +136,7 @@ def _check_dtypes(layer: nn.Module, name: str, x: torch.Tensor) -> None:
     # trace, so that dynamo guards on no global dict.
     if torch.compiler.is_compiling():
         state = [getattr(layer, n) for n in _LAYER_TENSORS]
-        problem = _dtype_problem((x.dtype, *(None if t is None else t.dtype for t in state)))
+        problem = dtype_problem((x.dtype, *(None if t is None else t.dtype for t in state)))
     else:
         params, buffers = layer._parameters, layer._buffers
         weight, bias = params.get("weight"), params.get("bias")
@@ -150,7 +151,7 @@ def _check_dtypes(layer: nn.Module, name: str, x: torch.Tensor) -> None:
         try:
             problem = _DTYPE_VERDICTS[key]
         except KeyError:
-            problem = _DTYPE_VERDICTS.setdefault(key, _dtype_problem(key))
+            problem = _DTYPE_VERDICTS.setdefault(key, dtype_problem(key))
     if problem is not None:
         raise InputDtypeError(f"fxghost: layer '{name}' ({type(layer).__name__}) {problem}")
 

@@ -15,7 +15,7 @@ from conftest import input_shape, make_bn, run_side_by_side
 from torch import nn
 
 import fxghost
-from fxghost._plan import InputDtypeError, _dtype_problem
+from fxghost._plan import InputDtypeError, dtype_problem
 from fxghost.reference import ChunkedGhostBatchNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,7 +209,7 @@ def test_dtype_rule_is_batch_norms(device: str) -> None:
         state = [
             None if d is None else torch.rand(3, device=device).to(d) + 0.5 for d in (w, b, m, v)
         ]
-        ours = _dtype_problem((x_dtype, w, b, m, v)) is None
+        ours = dtype_problem((x_dtype, w, b, m, v)) is None
         for training in (True, False) if m is not None else (True,):
             theirs = _accepts(x, [s if s is None else s.clone() for s in state], training)
             if ours != theirs:
