@@ -2,10 +2,11 @@
  * compiled on first use by fxghost/backends/cpu.py.
  *
  * It runs the same C kernels as the ctypes path (cpu_kernels.c, included below), with the same
- * arguments, so its results are bit for bit those of fxghost.backends.cpu._CpuKernelGhostNorm. What it
- * removes is the Python around them: the autograd.Function's forward and backward, the ctypes
- * argument conversion and a dozen small tensor calls. On a tabular (N, C) layer these cost about
- * as much as the kernels themselves; here they are a dispatcher call and a C++ autograd node.
+ * arguments, so its results are bit for bit those of fxghost.backends.cpu.CpuKernelGhostNorm.
+ * What it removes is the Python around them: the autograd.Function's forward and backward, the
+ * ctypes argument conversion and a dozen small tensor calls. On a tabular (N, C) layer these cost
+ * about as much as the kernels themselves; here they are a dispatcher call and a C++ autograd
+ * node.
  * Under create_graph=True its backward is, like the Function's, differentiable ATen ops instead
  * of the kernels (fxghost._math.differentiable_backward).
  */
@@ -33,7 +34,7 @@ namespace fxghost {
 
 using Dims = std::array<int64_t, 4>;
 
-/* (G, A, C, S): how the grouped tensor's elements lie in memory, as fxghost.backends._layout
+/* (G, A, C, S): how the grouped tensor's elements lie in memory, as fxghost.backends._dims
    found it (the caller passes only dense inputs); checked against the element count, so that a
    wrong call fails instead of reading out of bounds. */
 Dims to_dims(c10::IntArrayRef dims, const Tensor &xg) {
