@@ -746,9 +746,12 @@ def main(argv: list[str] | None = None) -> int:
             results += run_job(job, args.impls, torch_device, not args.compile_cache, cpu_mem)
             progress(f"      done in {time.perf_counter() - t0:.1f} s")
     finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
         if flushed:
             torch.set_flush_denormal(False)
+        if device == "cuda":
+            # Only where it was set: a process that imported torch.testing's internals refuses any
+            # assignment to cuDNN's flags.
+            torch.backends.cudnn.benchmark = cudnn_benchmark
     set_ratios(results)
 
     title = {
