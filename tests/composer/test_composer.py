@@ -200,9 +200,9 @@ def test_functional_api_is_one_import_away() -> None:
 def test_readme_block() -> None:
     """The README's Composer snippet, as written, with a small stand-in model and loader."""
     from test_readme_trainers import G as README_G
-    from test_readme_trainers import loader, net, run_block
+    from test_readme_trainers import loader, run_block, small_classifier
 
-    model = ComposerClassifier(net(), num_classes=10)
+    model = ComposerClassifier(small_classifier(), num_classes=10)
     run_block("composer", {"composer_model": model, "train_loader": loader()})
     assert fxghost.report(model).ghost_batch_size == README_G
     bn = model.get_submodule("module.1")
