@@ -69,7 +69,7 @@ def _module_infos() -> list[Any]:
                 name = f"{info.module_cls.__name__}-{desc}-{'train' if training else 'eval'}"
                 marks = ()
                 if info.module_cls in lazy:
-                    # README, "What cannot be ghosted": run one forward pass first.
+                    # docs/ghosted.md, "What cannot be ghosted": run one forward pass first.
                     marks = pytest.mark.skip(reason="a lazy BatchNorm is rewritten once built")
                 cases.append(pytest.param((info, training, index), id=name, marks=marks))
     return cases
@@ -125,7 +125,7 @@ def compare_module_input(
     ):
         if name == "num_batches_tracked" and empty_training:
             # No ghost batch in an empty batch: fxghost and the reference leave the count, plain
-            # BatchNorm counts the empty batch as one (README, Semantics).
+            # BatchNorm counts the empty batch as one (docs/semantics.md).
             assert int(b_ours) == 3 and int(b_exp) == 4, f"{what}: {name}"
         elif b_exp.dtype == torch.long:
             assert torch.equal(b_ours, b_exp), f"{what}: {name}: {b_ours} != {b_exp}"

@@ -1,7 +1,7 @@
 """Re-execute every notebook in notebooks/ and fail on any cell error.
 
 The notebooks are committed with their outputs; this checks that they still run against the
-current code. Each takes a few minutes at most on 2 CPU cores.
+current code. Each takes well under a minute on 2 CPU cores.
 """
 
 from __future__ import annotations

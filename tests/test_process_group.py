@@ -7,8 +7,8 @@ gradient, the parameter gradients (summed over the group, or as DDP averages the
 processes), and the buffers, which must also be bitwise the same on every process of the group.
 
 All cases run in one spawn of four processes (starting them costs seconds); each rank records
-per-case results that the tests below read. The README's recipe runs apart, as its own script
-under torchrun with two processes, as the README says to run it.
+per-case results that the tests below read. The documented recipe (docs/process-groups.md) runs
+apart, as its own script under torchrun with two processes, as the page says to run it.
 """
 
 from __future__ import annotations
@@ -693,7 +693,7 @@ def test_group_of_one_reports_its_size(results: dict[tuple[str, int], dict[str, 
 
 
 def test_readme_recipe_runs_as_written(tmp_path: Path) -> None:
-    """The README's train.py, run by its first command line: two processes on CPU, one group of
+    """The documented train.py, run by its first command line: two processes on CPU, one group of
     two holding one ghost batch of 16 (8 + 8) per step."""
     command = readme_command()
     assert command == ["torchrun", "--standalone", "--nproc_per_node=2", "train.py"]

@@ -1,5 +1,5 @@
-"""Promises of the README and of ``transform``'s docstring that no other test holds fxghost to:
-empty batches, ``eps`` changed at run time, the tracer options (``concrete_args``,
+"""Promises of the documentation and of ``transform``'s docstring that no other test holds fxghost
+to: empty batches, ``eps`` changed at run time, the tracer options (``concrete_args``,
 ``autowrap_functions``, a custom tracer with them refused), and a GraphModule passed to
 ``transform``."""
 

@@ -378,8 +378,8 @@ def test_transform_does_not_modify_the_model(attempt: Any) -> None:
         _assert_unchanged(before, model)
     else:
         after = _snapshot(model)
-        # A layer that ran records which implementation ran it, for the report (README, "What
-        # is kept"): that attribute and nothing else.
+        # A layer that ran records which implementation ran it, for the report (docs/ghosted.md,
+        # "What is kept"): that attribute and nothing else.
         ran = {
             name: [a for a in attrs if a != fxghost.backends.LAST_RUN_ATTR]
             for name, attrs in after["attributes"].items()

@@ -2,8 +2,8 @@
 
 ``fxghost.reference`` imports fxghost's planning and selection logic, so comparing fxghost with it
 cannot catch a mistake in that shared code. Here its results are checked against a loop written
-from the README's Semantics with ``torch.nn.functional.batch_norm`` alone, and its cumulative
-average (``momentum=None``) against numbers worked out by hand.
+from the documented semantics (docs/semantics.md) with ``torch.nn.functional.batch_norm`` alone,
+and its cumulative average (``momentum=None``) against numbers worked out by hand.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ BATCHES = [((12, 8), 4), ((10, 8), 4), ((8, 11), 3), ((4, 5), 4), ((6,), 1), ((9
 def expected_step(
     x: torch.Tensor, state: dict[str, torch.Tensor | None], bn: nn.Module, g: int, training: bool
 ) -> torch.Tensor:
-    """One forward of ghost BatchNorm as the README states it, on the tensors in ``state``
+    """One forward of ghost BatchNorm as docs/semantics.md states it, on the tensors in ``state``
     (weight, bias, running_mean, running_var, num_batches_tracked), which it updates."""
     mean, var, count = state["running_mean"], state["running_var"], state["num_batches_tracked"]
     if not training and mean is not None:
