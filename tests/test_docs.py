@@ -198,15 +198,20 @@ def test_site_links_into_the_repository(site: Path) -> None:
         assert (site / "performance" / href).resolve() == ROOT / "benchmarks" / "RESULTS.md"
 
 
+def _docs_module(name: str) -> Any:
+    """A Python module of docs/ (the build's hook or griffe extension), imported as mkdocs does."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(DOCS))
+
+
 def test_a_broken_repository_link_fails_the_build(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs")
     from mkdocs.exceptions import PluginError
 
-    sys.path.insert(0, str(DOCS))
-    try:
-        hooks = importlib.import_module("hooks")
-    finally:
-        sys.path.remove(str(DOCS))
+    hooks = _docs_module("hooks")
 
     class Config:
         docs_dir = str(DOCS)
@@ -237,11 +242,7 @@ def test_a_broken_repository_link_fails_the_build(tmp_path: Path) -> None:
 
 def test_docstring_doctests_are_fenced() -> None:
     pytest.importorskip("griffe")
-    sys.path.insert(0, str(DOCS))
-    try:
-        ext = importlib.import_module("griffe_docstrings")
-    finally:
-        sys.path.remove(str(DOCS))
+    ext = _docs_module("griffe_docstrings")
     text = "Intro, :func:`fxghost.transform`.\n\n>>> 1 + 1\n2\n\nArgs:\n    x: a value.\n"
     assert ext.markdown_docstring(text) == (
         "Intro, `fxghost.transform`.\n\n```pycon\n>>> 1 + 1\n2\n```\n\nArgs:\n    x: a value."

@@ -27,7 +27,7 @@ pytest.importorskip("composer.core")
 from composer import Callback, Trainer  # noqa: E402
 from composer.algorithms import GhostBatchNorm as ComposerGhostBatchNorm  # noqa: E402
 from composer.models import ComposerClassifier  # noqa: E402
-from conftest import assert_state_scaled  # noqa: E402
+from conftest import assert_state_scaled, conv_mlp, init_bns  # noqa: E402
 
 import fxghost  # noqa: E402
 import fxghost.composer  # noqa: E402
@@ -45,24 +45,7 @@ REL = 1e-9
 def make_net() -> nn.Module:
     """Conv and BatchNorm2d, then Linear and BatchNorm1d; float64, non-trivial BatchNorm state."""
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 6),
-        nn.BatchNorm1d(6),
-        nn.ReLU(),
-        nn.Linear(6, 3),
-    ).double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.8, 1.2)
-    return net
+    return init_bns(conv_mlp().double())
 
 
 def classifier(net: nn.Module) -> ComposerClassifier:
