@@ -1,5 +1,6 @@
 """What the backends share: the :class:`Backend` interface and the arguments its calls take
-(:class:`NormParams`, :class:`RunningStatsUpdate`), and the helpers of their implementations."""
+(:class:`NormParams`, :class:`RunningStatsUpdate`, :class:`Epilogue`), and the helpers of their
+implementations."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from ._dims import dims
 
 __all__ = [
     "Backend",
+    "Epilogue",
     "NormParams",
     "RunningStatsUpdate",
     "Scratch",
     "UpdateHook",
+    "apply_epilogue",
     "define_op",
     "dense",
     "param_dtypes",
@@ -57,6 +60,37 @@ class NormParams(NamedTuple):
     eps: float
 
 
+class Epilogue(NamedTuple):
+    """What follows the normalization: ``y = relu(norm(x) + residual)``, ``residual`` optional.
+
+    The graph pass fuses a BatchNorm followed by a ReLU, or by a residual add and a ReLU, into
+    one ``ghost_norm`` call that passes this to the backend, one per piece of the batch.
+    """
+
+    #: The add's other operand, grouped exactly like the ``xg`` it goes with (the same shape,
+    #: dtype and device), or ``None`` for a ReLU alone.
+    residual: Tensor | None
+    #: Whether a ReLU follows (always ``True`` for now).
+    relu: bool
+
+
+def apply_epilogue(y: Tensor, epilogue: Epilogue | None) -> Tensor:
+    """``epilogue`` applied in torch ops to ``y``, a backend's sample-first output
+    (``xg.flatten(0, 1)``'s shape), which is fresh: in eager mode it is updated in place (the
+    Functions save their input, not ``y``), under ``torch.compile`` out of place, for inductor
+    to fuse with the normalization."""
+    if epilogue is None:
+        return y
+    residual = None if epilogue.residual is None else epilogue.residual.flatten(0, 1)
+    if torch.compiler.is_compiling():
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if epilogue.relu else y
+    if residual is not None:
+        y = y.add_(residual)
+    return y.relu_() if epilogue.relu else y
+
+
 def per_channel(xg: Tensor) -> int:
     """How many values of each channel a ghost batch of the grouped view ``xg`` holds."""
     # A product of sizes, not numel() // (G * C): under torch.compile with dynamic shapes the
@@ -72,11 +106,22 @@ class Backend:
     name = ""
     label = ""
 
+    #: Whether :meth:`norm` applies an :class:`Epilogue` itself (in its kernels): only then does
+    #: :meth:`norm_batch` pass it one; otherwise it applies the epilogue after the
+    #: normalization, in torch ops (:func:`apply_epilogue`).
+    fuses_epilogues = False
+
     def norm(
-        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, var)`` of a grouped view: ``y`` sample-first and not a view, the biased
-        variance; statistics ``(G, 1, C, 1...)``. With ``update``, these ghost batches, the
+        variance; statistics ``(G, 1, C, 1...)``. With ``epilogue``, ``y`` is
+        ``relu(normalized + residual)`` (the statistics are still the input's). With ``update``,
+        these ghost batches, the
         next ones of the batch, update the running statistics before anything is saved for
         backward: under activation checkpointing PyTorch ends the recomputation as soon as the
         last tensor the backward needs is saved again (its default early stop), and an update
@@ -94,23 +139,46 @@ class Backend:
         tail: Tensor | None,
         params: NormParams,
         update: RunningStatsUpdate | None,
+        epilogue: tuple[Epilogue | None, Epilogue | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """A batch's ``(y_main, y_tail)``: :meth:`norm` of its whole ghost batches ``main``,
         then of its shorter last one ``tail`` when there is one, each updating the running
         statistics with its own ghost batches, as the reference's BatchNorm calls do one after
-        another (or, with :attr:`one_update_per_batch`, both in one update at the end)."""
+        another (or, with :attr:`one_update_per_batch`, both in one update at the end).
+        ``epilogue``: ``main``'s and ``tail``'s, each residual grouped like its piece; passed to
+        :meth:`norm` where it :attr:`fuses_epilogues`, else applied after it
+        (:func:`apply_epilogue`)."""
+        main_epilogue, tail_epilogue = (None, None) if epilogue is None else epilogue
         if not self.one_update_per_batch:
-            y_main = self.norm(main, params, update)[0]
-            return y_main, None if tail is None else self.norm(tail, params, update)[0]
-        y_main, mean, var = self.norm(main, params)
+            y_main = self._norm_piece(main, params, update, main_epilogue)[0]
+            if tail is None:
+                return y_main, None
+            return y_main, self._norm_piece(tail, params, update, tail_epilogue)[0]
+        y_main, mean, var = self._norm_piece(main, params, None, main_epilogue)
         groups = [(mean, var, per_channel(main))]
         y_tail = None
         if tail is not None:
-            y_tail, mean_t, var_t = self.norm(tail, params)
+            y_tail, mean_t, var_t = self._norm_piece(tail, params, None, tail_epilogue)
             groups.append((mean_t, var_t, per_channel(tail)))
         if update is not None:
             self.update_running_stats(update, groups)
         return y_main, y_tail
+
+    def _norm_piece(
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None,
+        epilogue: Epilogue | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`norm` of one piece with its ``epilogue``: in :meth:`norm` where the backend
+        :attr:`fuses_epilogues`, else after it."""
+        if epilogue is None:
+            return self.norm(xg, params, update)
+        if self.fuses_epilogues:
+            return self.norm(xg, params, update, epilogue=epilogue)
+        y, mean, var = self.norm(xg, params, update)
+        return apply_epilogue(y, epilogue), mean, var
 
     def apply_update(
         self, update: RunningStatsUpdate, count: int, mean: Tensor, var: Tensor

@@ -24,10 +24,12 @@ from torch import Tensor
 from .. import _math
 from ._common import (
     Backend,
+    Epilogue,
     NormParams,
     RunningStatsUpdate,
     Scratch,
     UpdateHook,
+    apply_epilogue,
     param_dtypes,
     param_grads,
     per_channel,
@@ -297,14 +299,20 @@ class _Eager(Backend):
     label = "torch"
 
     def norm(
-        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # The Function's in-place steps and canonical layouts are written for float32/float64;
         # 16-bit inputs, whose statistics are float32, take the decomposition.
         hook = self.update_hook(update, xg)
         if xg.dtype in (torch.float32, torch.float64):
-            return TorchOpsGhostNorm.run(xg, params, hook)
-        return ghost_norm_decomposed(xg, *params, hook)
+            y, mean, var = TorchOpsGhostNorm.run(xg, params, hook)
+        else:
+            y, mean, var = ghost_norm_decomposed(xg, *params, hook)
+        return apply_epilogue(y, epilogue), mean, var
 
 
 class _Traced(Backend):
@@ -319,12 +327,16 @@ class _Traced(Backend):
         raise NotImplementedError
 
     def norm(
-        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var = self.traced_norm(xg, params)
         if update is not None:
             self.apply_update(update, per_channel(xg), mean, var)
-        return y, mean, var
+        return apply_epilogue(y, epilogue), mean, var
 
 
 class _Compiled(_Traced):
