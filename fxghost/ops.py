@@ -32,9 +32,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _distributed, _math, backends
+from ._graph_module import has_hooks
 from ._plan import plan_ghost_batches, uses_batch_stats
+from .backends._common import Epilogue  # backends.Epilogue, once backends re-exports it
 
 __all__ = [
+    "EPILOGUES",
     "GhostGroups",
     "checkpoint",
     "ghost_hooks",
@@ -95,6 +98,7 @@ class _GraphOp:
                     if self._step in ("ghost_view", "ghost_norm")
                     else None,
                     "step": self._step,
+                    **({"epilogue": kwargs["epilogue"]} if kwargs.get("epilogue") else {}),
                 }
                 return out
         return self.fn(*args, **kwargs)
@@ -162,6 +166,11 @@ def ghost_view(
     return body.view(plan.full, plan.size, *x.shape[1:]), tail.unsqueeze(0)
 
 
+#: The epilogues :func:`ghost_norm` applies after normalizing: ``relu(y)``, and
+#: ``relu(y + residual)``.
+EPILOGUES = ("relu", "add_relu")
+
+
 @_fx_leaf("ghost_norm")
 def ghost_norm(
     groups: GhostGroups,
@@ -170,6 +179,11 @@ def ghost_norm(
     name: str,
     backend: str = "auto",
     process_group: int | None = None,
+    *,
+    epilogue: str | None = None,
+    residual: Tensor | None = None,
+    activation_module: nn.Module | None = None,
+    add_inplace: bool = False,
 ) -> GhostGroups:
     """Normalize each ghost batch with its own statistics and update ``layer``'s running statistics
     as the chunked reference would; in eval mode with running statistics, plain BatchNorm eval.
@@ -180,6 +194,16 @@ def ghost_norm(
     differentiable) and nothing is updated, ``num_batches_tracked`` included, as in the chunked
     reference (plain BatchNorm would count the empty batch as one).
 
+    With an ``epilogue`` (the graph pass fuses a BatchNorm followed by a ReLU, or by a residual
+    add and a ReLU, into this call), the output is the unfused graph's, bit for bit:
+    ``relu(y)``, or ``relu(y + residual)``. In training with batch statistics the backend
+    applies it to each piece of the batch, the residual split as ``ghost_view`` splits the
+    input (a kernel backend in the same kernel); elsewhere (eval with running statistics, a
+    process group, a batch without samples or values, a residual whose shape, dtype or device
+    differs from the output's), and whenever ``activation_module`` has hooks by then, it
+    computes as the unfused graph does after the normalization: the add, then the ReLU
+    (``activation_module`` itself where there is one, so that its hooks fire).
+
     Args:
         groups: [`ghost_view`][fxghost.ops.ghost_view]'s views of the layer's input.
         layer: the BatchNorm module whose parameters, running statistics, momentum and eps are
@@ -189,17 +213,111 @@ def ghost_norm(
         backend: ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``, as for
             [`fxghost.transform`][fxghost.transform].
         process_group: as for [`ghost_view`][fxghost.ops.ghost_view].
+        epilogue: what follows the normalization: ``None``, ``"relu"`` or ``"add_relu"``.
+        residual: with ``"add_relu"``, the add's other operand: ``(N, C, *spatial)`` like the
+            layer's input (anything else is added as the unfused graph adds it).
+        activation_module: the ``nn.ReLU`` module the epilogue stands for, where the graph
+            called one: called itself, unfused, when it has forward hooks or pre-hooks.
+        add_inplace: whether the graph's add was in place on the normalized output
+            (``out += residual``): a residual of another dtype or shape is then added as the
+            in-place add does.
 
     Returns:
         The normalized samples as [`GhostGroups`][fxghost.ops.GhostGroups], sample-first, for
-        [`ghost_unview`][fxghost.ops.ghost_unview].
+        [`ghost_unview`][fxghost.ops.ghost_unview]; with an epilogue, after it.
 
     Raises:
         ValueError: ``backend`` names kernels that cannot take this input; or, with a process
             group, the group's training batch is smaller than ``ghost_batch_size``, leaves a
             ghost batch with a single value per channel, or failed another process's input
-            checks; or ``layer`` has ``momentum=None`` but no ``num_batches_tracked``.
+            checks; or ``layer`` has ``momentum=None`` but no ``num_batches_tracked``; or
+            ``epilogue`` is not one of those above, ``"add_relu"`` comes without a
+            ``residual``, or ``residual`` or ``activation_module`` without the epilogue that
+            uses them.
     """
+    if epilogue is None and residual is None and activation_module is None:
+        return _normalize(groups, layer, ghost_batch_size, name, backend, process_group)
+    _check_epilogue(name, layer, epilogue, residual, activation_module)
+    main, tail = groups
+    hooked = activation_module is not None and has_hooks(activation_module)
+    if not hooked and process_group is None and uses_batch_stats(layer):
+        pieces = _epilogue_pieces(main, tail, residual)
+        if pieces is not None:
+            return _normalize(groups, layer, ghost_batch_size, name, backend, process_group, pieces)
+    y = ghost_unview.fn(
+        _normalize(groups, layer, ghost_batch_size, name, backend, process_group), name
+    )
+    if residual is not None:
+        y = y.add_(residual) if add_inplace else y + residual
+    return (torch.relu(y) if activation_module is None else activation_module(y)), None
+
+
+def _check_epilogue(
+    name: str,
+    layer: nn.Module,
+    epilogue: str | None,
+    residual: object,
+    activation_module: nn.Module | None,
+) -> None:
+    """A ``ValueError`` naming the layer for arguments of :func:`ghost_norm` that do not make an
+    epilogue."""
+    where = f"fxghost: layer '{name}' ({type(layer).__name__})"
+    if epilogue not in EPILOGUES:
+        raise ValueError(
+            f"{where}: epilogue={epilogue!r}; use one of {', '.join(map(repr, EPILOGUES))} "
+            "(residual= and activation_module= go with one)"
+        )
+    if (epilogue == "add_relu") != (residual is not None):
+        raise ValueError(
+            f"{where}: epilogue='add_relu' takes the add's other operand as residual=, and "
+            "epilogue='relu' none"
+        )
+    if activation_module is not None and not isinstance(activation_module, nn.Module):
+        raise ValueError(
+            f"{where}: activation_module= takes the nn.ReLU module the epilogue stands for, "
+            f"not a {type(activation_module).__name__}"
+        )
+
+
+def _epilogue_pieces(
+    main: Tensor, tail: Tensor | None, residual: object
+) -> tuple[Epilogue | None, Epilogue | None] | None:
+    """The epilogue of each piece of a training batch, the residual split as ``ghost_view``
+    split the input; ``None`` where the epilogue is applied unfused instead: a batch without
+    values, or a residual that is not a tensor of the output's shape, dtype and device (the
+    unfused add broadcasts or promotes it)."""
+    if not main.numel():
+        return None
+    if residual is None:
+        relu = Epilogue(None, True)
+        return relu, None if tail is None else relu
+    if not isinstance(residual, Tensor):
+        return None
+    full = main.shape[0] * main.shape[1]
+    rest = 0 if tail is None else tail.shape[1]
+    if (
+        residual.shape != (full + rest, *main.shape[2:])
+        or residual.dtype != main.dtype
+        or residual.device != main.device
+    ):
+        return None
+    if tail is None:
+        return Epilogue(residual.view(main.shape), True), None
+    body, end = residual.split([full, rest])
+    return Epilogue(body.view(main.shape), True), Epilogue(end.unsqueeze(0), True)
+
+
+def _normalize(
+    groups: GhostGroups,
+    layer: _BatchNorm,
+    ghost_batch_size: int,
+    name: str,
+    backend: str,
+    process_group: int | None,
+    epilogue: tuple[Epilogue | None, Epilogue | None] | None = None,
+) -> GhostGroups:
+    """:func:`ghost_norm` without an epilogue, or in training with batch statistics, with the
+    pieces' ``epilogue`` (:func:`_epilogue_pieces`), passed to the backend."""
     main, tail = groups
     if not uses_batch_stats(layer):
         y = F.batch_norm(
@@ -242,7 +360,7 @@ def ghost_norm(
             layer.momentum,
             (n + ghost_batch_size - 1) // ghost_batch_size,
         )
-    return impl.norm_batch(main, tail, backends.NormParams(weight, bias, eps), update)
+    return impl.norm_batch(main, tail, backends.NormParams(weight, bias, eps), update, epilogue)
 
 
 @_fx_leaf("ghost_unview")
