@@ -57,6 +57,7 @@ def transform(
     strict: bool = False,
     backend: str = "auto",
     process_group: ProcessGroup | None = None,
+    fuse_epilogues: bool = True,
 ) -> nn.Module:
     """Trace ``model`` and rewrite its ``nn.BatchNorm1d/2d/3d`` layers into ghost BatchNorm.
 
@@ -72,7 +73,10 @@ def transform(
     children are rewritten instead, down to a BatchNorm called by untraceable code, which
     becomes a GraphModule of its own with the layer's ``state_dict`` keys. ``strict=True``
     raises [`TracingError`][fxghost.TracingError] instead. Models using timm layers are traced
-    with timm's own rules. A layer's forward hooks and pre-hooks still fire. One
+    with timm's own rules. A layer's forward hooks and pre-hooks still fire. A ReLU right after
+    a layer, or a residual add then a ReLU (``relu(bn(x) + identity)``, as ResNet blocks end),
+    becomes part of the layer's normalization call, with the same results
+    (``fuse_epilogues``). One
     [`PartialRewriteWarning`][fxghost.PartialRewriteWarning] counts the layers that could not be
     ghosted (subclasses of BatchNorm not taught with
     [`fxghost.register_batchnorm`][fxghost.register_batchnorm], SyncBatchNorm, functional calls);
@@ -98,6 +102,12 @@ def transform(
             order, communicating per-channel statistics only (see the documentation's "Ghost
             batches across processes", docs/process-groups.md). ``None``: each process's own
             batch.
+        fuse_epilogues: fuse into a layer's normalization the ReLU that is the only user of
+            its output, or the residual add that is, when a ReLU is the add's only user (the
+            ReLU an ``nn.ReLU`` without hooks, ``torch.relu``, ``F.relu`` or ``.relu()``; each
+            in place or not), so that a kernel backend can run them in one kernel. A fused
+            ``nn.ReLU`` that has hooks by the time it runs is called, unfused, and they fire.
+            ``False`` keeps those nodes as they are, to inspect the graph.
 
     Returns:
         The rewritten module: a ``torch.fx.GraphModule``, or, where ``model`` does not trace as
@@ -111,7 +121,8 @@ def transform(
             ``"auto"`` with a ``process_group`` of several processes, or this process is not a
             member of ``process_group``.
         TypeError: ``leaf_modules`` or ``only`` hold something other than classes and names,
-            or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
+            ``process_group`` is not a ``torch.distributed.ProcessGroup``, or
+            ``fuse_epilogues`` is not a bool.
         RuntimeError: ``backend`` names kernels that cannot run here (``"cpu"`` without a C
             compiler, ``"triton"`` without Triton and a CUDA device).
         fxghost.TracingError: with ``strict=True``, ``model`` or one of its submodules does not
@@ -126,9 +137,15 @@ def transform(
     """
     g = check_ghost_batch_size(ghost_batch_size)
     backends.check(backend)
+    fuse = _check_fuse_epilogues(fuse_epilogues)
     if isinstance(model, fx.GraphModule):
         return ghost_batchnorm_pass(
-            model, g, only=only, backend=backend, process_group=process_group
+            model,
+            g,
+            only=only,
+            backend=backend,
+            process_group=process_group,
+            fuse_epilogues=fuse,
         )
     if tracer is not None and (leaf_modules or autowrap_functions):
         raise ValueError(
@@ -149,6 +166,7 @@ def transform(
         strict=strict,
         backend=backend,
         process_group=group_of(process_group, backend),
+        fuse_epilogues=fuse,
     )
     result = rewrite_module(model, walk, concrete_args=concrete_args)
     return finish(result, model, walk)
@@ -163,6 +181,7 @@ def ghost_batchnorm_pass(
     prefix: str = "",
     backend: str = "auto",
     process_group: ProcessGroup | None = None,
+    fuse_epilogues: bool = True,
 ) -> fx.GraphModule:
     """Rewrite every ``call_module`` node of an exact ``nn.BatchNorm1d/2d/3d`` (or a class taught
     with [`fxghost.register_batchnorm`][fxghost.register_batchnorm]) in ``gm`` into ghost
@@ -184,13 +203,16 @@ def ghost_batchnorm_pass(
             errors and ``only``.
         backend: as for [`transform`][fxghost.transform].
         process_group: as for [`transform`][fxghost.transform].
+        fuse_epilogues: as for [`transform`][fxghost.transform]. A ``gm`` rewritten before
+            keeps the epilogues fused then.
 
     Returns:
         A new GraphModule with ``gm``'s BatchNorm nodes rewritten.
 
     Raises:
         TypeError: ``gm`` is not a ``torch.fx.GraphModule``, ``only`` holds something other
-            than names, or ``process_group`` is not a ``torch.distributed.ProcessGroup``.
+            than names, ``process_group`` is not a ``torch.distributed.ProcessGroup``, or
+            ``fuse_epilogues`` is not a bool.
         ValueError: ``ghost_batch_size`` is not a positive int, ``backend`` is not a backend's
             name, a name or pattern of ``only`` matches no BatchNorm layer, ``backend`` is not
             ``"auto"`` with a ``process_group`` of several processes, or this process is not a
@@ -205,6 +227,7 @@ def ghost_batchnorm_pass(
         ['input_1', '_0_layer', '_0_ghost_view', '_0_ghost_norm', '_0', 'output']
     """
     g = check_ghost_batch_size(ghost_batch_size)
+    fuse = _check_fuse_epilogues(fuse_epilogues)
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(
             f"fxghost: ghost_batchnorm_pass takes a torch.fx.GraphModule, got "
@@ -216,9 +239,18 @@ def ghost_batchnorm_pass(
         GhostTracer,
         backend=backends.check(backend),
         process_group=group_of(process_group, backend),
+        fuse_epilogues=fuse,
     )
     result = rewrite_graph_module(gm, walk, root, prefix)
     return finish(result, root if root is not None else gm, walk, stacklevel=3)
+
+
+def _check_fuse_epilogues(fuse_epilogues: object) -> bool:
+    if not isinstance(fuse_epilogues, bool):
+        raise TypeError(
+            f"fxghost: fuse_epilogues must be True or False, got {type(fuse_epilogues).__name__}"
+        )
+    return fuse_epilogues
 
 
 def group_of(process_group: object, backend: str) -> tuple[int | None, int | None]:

@@ -1,8 +1,12 @@
 """The graph pass on one graph: each ``call_module`` BatchNorm node becomes
-ghost_view -> ghost_norm -> ghost_unview (between the layer's forward hooks, when it has any)."""
+ghost_view -> ghost_norm -> ghost_unview (between the layer's forward hooks, when it has any).
+A ReLU after it, or a residual add then a ReLU, is fused into the ``ghost_norm`` call (its
+``epilogue``), so that a kernel backend can run them in the normalization's kernel."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -30,6 +34,7 @@ __all__ = [
     "PASSED",
     "TRACER_LEAF",
     "Records",
+    "FusedEpilogue",
     "GhostSettings",
     "GhostSite",
     "Rewrite",
@@ -53,6 +58,13 @@ PASSED = "passed as an argument"
 KEPT_AS_PYTHON = (TRACER_LEAF, HOLDS_HOOKS)
 
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm, torch.native_batch_norm)
+# The ReLUs and adds an epilogue fuses (see _GraphRewrite.fusion).
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
+_RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
+#: The adds that write into their first operand.
+_INPLACE_ADDS = (operator.iadd, "add_", "__iadd__")
 #: The ops that take a rewritten layer as an argument.
 GHOST_OPS = (ops.ghost_view, ops.ghost_norm, ops.ghost_pre_hooks, ops.ghost_hooks)
 
@@ -94,10 +106,12 @@ def layer_record(
     *,
     warn: bool | None = None,
     group_size: int | None = None,
+    epilogue: str | None = None,
 ) -> LayerRecord:
     """The report entry of ``module``. ``warn``: whether ``transform``'s warning names it (by
     default: a layer with a ``reason``, except a frozen one, which has nothing to ghost).
-    ``group_size``: the processes its ghost batches span (``process_group=``)."""
+    ``group_size``: the processes its ghost batches span (``process_group=``). ``epilogue``:
+    what its normalization fuses (``"relu"``, ``"add_relu"``)."""
     if warn is None:
         warn = bool(reason) and "Frozen" not in type(module).__name__
     return LayerRecord(
@@ -111,6 +125,7 @@ def layer_record(
         warn=warn,
         layer=module if rewritten else None,
         group_size=group_size if rewritten else None,
+        epilogue=EPILOGUE_LABELS.get(epilogue or "", ""),
     )
 
 
@@ -125,7 +140,14 @@ class Records:
         if old is None:
             self._by_name[record.name] = record
         else:
-            self._by_name[record.name] = LayerRecord(**{**old.__dict__, "calls": old.calls + 1})
+            # A layer called at several sites: each distinct epilogue, where they differ.
+            kinds = ["" if e == "none" else e for e in old.epilogue.split(", ")]
+            if record.epilogue not in kinds:
+                kinds.append(record.epilogue)
+            epilogue = kinds[0] if len(kinds) == 1 else ", ".join(e or "none" for e in kinds)
+            self._by_name[record.name] = LayerRecord(
+                **{**old.__dict__, "calls": old.calls + 1, "epilogue": epilogue}
+            )
 
     def replace(self, record: LayerRecord) -> None:
         """``record`` instead of any entry of the same layer (a part rewritten on its own)."""
@@ -149,11 +171,34 @@ def _has_hooks(module: nn.Module, kind: str) -> bool:
 class GhostSettings(NamedTuple):
     """What the pass does to each layer it selects: ghost batches of ``g`` samples, normalized
     by ``backend`` (``"auto"``: chosen per call, :mod:`fxghost.backends`), spanning the
-    processes of ``group``."""
+    processes of ``group``; with ``fuse_epilogues``, a ReLU after the layer, or a residual add
+    then a ReLU, fused into its normalization."""
 
     g: int
     backend: str = "auto"
     group: GroupRef = NO_GROUP
+    fuse_epilogues: bool = True
+
+
+class FusedEpilogue(NamedTuple):
+    """What a layer's ``ghost_norm`` node applies after normalizing, in place of the graph's
+    ReLU (``kind="relu"``) or residual add and ReLU (``kind="add_relu"``)."""
+
+    #: ``"relu"`` or ``"add_relu"`` (:data:`fxghost.ops.EPILOGUES`).
+    kind: str
+    #: The add's other operand, a node of the new graph (``None`` for a ReLU alone).
+    residual: fx.Node | None
+    #: The target of the ``nn.ReLU`` module the graph called, or ``None`` (a function, a method).
+    activation: str | None
+    #: Whether the add was in place on the layer's output (``out += identity``).
+    add_inplace: bool
+    #: The names of the replaced nodes, in graph order: the add (with one) and the ReLU, whose
+    #: name the subgraph's last node takes.
+    fused: tuple[str, ...]
+
+
+#: How the report shows each epilogue.
+EPILOGUE_LABELS = {"relu": "relu", "add_relu": "add+relu"}
 
 
 class GhostSite(NamedTuple):
@@ -180,6 +225,12 @@ class GhostSite(NamedTuple):
         return cls(name, node.name, node.meta, target, target, f"{target}.")
 
 
+def after_submodules(module: nn.Module, rule: LayerRule) -> list[str]:
+    """The submodules of ``module`` that its rule runs after the normalization, except those
+    that are ``nn.Identity``."""
+    return [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
+
+
 def emit_ghost_subgraph(
     graph: fx.Graph,
     x: Any,
@@ -187,17 +238,26 @@ def emit_ghost_subgraph(
     rule: LayerRule,
     site: GhostSite,
     settings: GhostSettings,
+    epilogue: FusedEpilogue | None = None,
 ) -> fx.Node:
     """Emit view -> normalize -> unview (-> the rule's ``after`` submodules) for ``module`` at
     ``site``, between its forward pre-hooks and forward hooks when it has any.
 
     A ``backend`` other than ``"auto"`` is passed to the normalization node
     (``ghost_norm(..., backend="cpu")``), and a process group's key to the view and
-    normalization nodes, as their ``process_group`` argument.
+    normalization nodes, as their ``process_group`` argument. With an ``epilogue`` (for a layer
+    without hooks or ``after`` submodules), the normalization node applies it, and the last
+    node takes the name of the last node it replaces.
     """
     name, base, g = site.name, site.base, settings.g
-    info = {"source_layer": name, "layer_type": type(module).__name__, "ghost_batch_size": g}
-    after = [sub for sub in rule.after if not isinstance(getattr(module, sub), nn.Identity)]
+    info: dict[str, Any] = {
+        "source_layer": name,
+        "layer_type": type(module).__name__,
+        "ghost_batch_size": g,
+    }
+    if epilogue is not None:
+        info.update(epilogue=epilogue.kind, fused=list(epilogue.fused))
+    after = after_submodules(module, rule)
     post_hooks = _has_hooks(module, "_forward_hooks")
     steps: list[str] = ["unview", *after, *(["hooks"] if post_hooks else [])]
 
@@ -207,7 +267,10 @@ def emit_ghost_subgraph(
         ghost_step = step in ("pre_hooks", "view", "normalize", "unview", "hooks")
         suffix = "" if step == steps[-1] else f"_ghost_{step}" if ghost_step else f"_{step}"
         suffix = suffix.replace("_ghost_normalize", "_ghost_norm")
-        new = graph.create_node(op, tgt, args, kwargs or {}, name=f"{base}{suffix}")
+        node_name = f"{base}{suffix}"
+        if epilogue is not None and step == steps[-1]:
+            node_name = epilogue.fused[-1]
+        new = graph.create_node(op, tgt, args, kwargs or {}, name=node_name)
         new.meta = {**site.meta, "fxghost": {**info, "step": step}}
         return new
 
@@ -221,6 +284,14 @@ def emit_ghost_subgraph(
     key = settings.group.key
     view = make("call_function", ops.ghost_view, (x, layer, g, name), "view", group_kwarg(key))
     chosen = norm_kwargs(settings.backend, key)
+    if epilogue is not None:
+        chosen["epilogue"] = epilogue.kind
+        if epilogue.residual is not None:
+            chosen["residual"] = epilogue.residual
+        if epilogue.activation is not None:
+            chosen["activation_module"] = make("get_attr", epilogue.activation, (), "activation")
+        if epilogue.add_inplace:
+            chosen["add_inplace"] = True
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
     out = make("call_function", ops.ghost_unview, (norm, name), "unview")
     for sub in after:
@@ -370,17 +441,26 @@ class _GraphRewrite:
         # The BatchNorm-like layers the graph reaches (calls, or passes as an argument): the
         # others get a record saying the rewrite did not reach them.
         self.reached: set[str] = set()
+        # Fused epilogues: the add nodes where a layer's subgraph is emitted (the residual may
+        # come after the layer in graph order), with what emits it; and the nodes replaced by a
+        # subgraph emitted already, with its last node.
+        self.deferred: dict[fx.Node, Callable[[], fx.Node]] = {}
+        self.replaced: dict[fx.Node, fx.Node] = {}
 
     def run(self, source: nn.Module) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
         """The new graph (linted), its records, candidates and opaque submodules; ``source`` is
         the module whose layers the records cover."""
         for node in self.old_graph.nodes:
-            self.env[node] = _HANDLERS[self.kind(node)](self, node)
+            new = _HANDLERS[self.kind(node)](self, node)
+            if new is not None:  # None: a layer whose subgraph comes later, at its add
+                self.env[node] = new
         self.record_unreached(source)
         self.graph.lint()
         return self.graph, self.records, self.candidates, self.opaque
 
     def kind(self, node: fx.Node) -> str:
+        if node in self.deferred or node in self.replaced:
+            return "fused"
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             if rule_for(module) is not None:
@@ -399,7 +479,7 @@ class _GraphRewrite:
     def copy(self, node: fx.Node) -> fx.Node:
         return self.graph.node_copy(node, self.env.__getitem__)
 
-    def batchnorm(self, node: fx.Node) -> fx.Node:
+    def batchnorm(self, node: fx.Node) -> fx.Node | None:
         """A layer with a rewrite rule: its ghost subgraph, where selected."""
         target = str(node.target)
         module = self.gm.get_submodule(target)
@@ -418,10 +498,89 @@ class _GraphRewrite:
         x = self.env[cast(fx.Node, node.args[0] if node.args else node.kwargs["input"])]
         rule = cast(LayerRule, rule_for(module))  # kind() found it
         site = GhostSite.of_node(node, name)
-        out = emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings)
+        fusion = self.fusion(node)
         g, size = self.settings.g, self.settings.group.size
-        self.records.add(layer_record(name, module, True, "", g, group_size=size))
+        kind = None if fusion is None else fusion.kind
+        self.records.add(layer_record(name, module, True, "", g, group_size=size, epilogue=kind))
+        if fusion is None:
+            return emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings)
+        emit = functools.partial(self.emit_fused, x, module, rule, site, fusion)
+        if fusion.add is None:
+            return emit()
+        self.deferred[fusion.add] = emit
+        return None
+
+    def emit_fused(
+        self, x: fx.Node, module: nn.Module, rule: LayerRule, site: GhostSite, fusion: _Fusion
+    ) -> fx.Node:
+        """The ghost subgraph of a layer with the epilogue it fuses, its ReLU mapped to its last
+        node."""
+        residual = None if fusion.residual is None else self.env[fusion.residual]
+        replaced = (fusion.relu,) if fusion.add is None else (fusion.add, fusion.relu)
+        epilogue = FusedEpilogue(
+            fusion.kind,
+            residual,
+            fusion.activation,
+            fusion.add_inplace,
+            tuple(n.name for n in replaced),
+        )
+        out = emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings, epilogue)
+        self.replaced[fusion.relu] = out
         return out
+
+    def fused(self, node: fx.Node) -> fx.Node:
+        """An add or ReLU fused into a layer's normalization: the add emits the layer's
+        subgraph; the ReLU stands for its last node."""
+        emit = self.deferred.pop(node, None)
+        return emit() if emit is not None else self.replaced.pop(node)
+
+    def fusion(self, node: fx.Node) -> _Fusion | None:
+        """The epilogue that the ``call_module`` node of a layer fuses, where the pass rewrites
+        it: a ReLU its only user, or an add its only user whose only user is a ReLU (see
+        :func:`_relu_of` and :func:`_add_of`). Nothing when fusion is off, the layer has hooks
+        or ``after`` submodules; nor, for an add: when the layer is its second operand and the
+        add is in place (it writes into the residual, which others may read) or the first
+        operand fuses it; or when a node between the layer and the add (where its subgraph then
+        goes) uses the layer."""
+        if not self.settings.fuse_epilogues or node.op != "call_module" or len(node.users) != 1:
+            return None
+        module = self.gm.get_submodule(str(node.target))
+        rule = rule_for(module)
+        if (
+            rule is None
+            or not self.selector.selects(full_name(self.prefix, str(node.target)))
+            or has_hooks(module)
+            or after_submodules(module, rule)
+        ):
+            return None
+        (user,) = node.users
+        relu = _relu_of(self.gm, user, node)
+        if relu is not None:
+            return _Fusion(user, relu or None, None, None, False)
+        operands = _add_of(user)
+        if operands is None or len(user.users) != 1:
+            return None
+        first, second, inplace = operands
+        if node is second and (inplace or self.fusion(first) is not None):
+            return None  # an in-place add writes into the residual; or the first one fuses
+        relu = _relu_of(self.gm, next(iter(user.users)), user)
+        if relu is None or self.used_between(module, node, user):
+            return None
+        residual = second if node is first else first
+        return _Fusion(next(iter(user.users)), relu or None, user, residual, inplace)
+
+    def used_between(self, module: nn.Module, start: fx.Node, end: fx.Node) -> bool:
+        """Whether a node after ``start`` and before ``end`` calls ``module`` or reads a module
+        holding it: moving its call to ``end`` would change the order of its updates."""
+        node = start.next
+        while node is not end:
+            for used in (node, *node.all_input_nodes):
+                if used.op in ("call_module", "get_attr"):
+                    value = _attr(self.gm, str(used.target))
+                    if isinstance(value, nn.Module) and any(m is module for m in value.modules()):
+                        return True
+            node = node.next
+        return False
 
     def unsupported_batchnorm(self, node: fx.Node) -> fx.Node:
         """A BatchNorm-like layer without a rewrite rule: kept, and reported with why."""
@@ -473,7 +632,14 @@ class _GraphRewrite:
         is_norm = node.target is ops.ghost_norm
         if selected:
             key = self.settings.group.key
-            new.kwargs = norm_kwargs(self.settings.backend, key) if is_norm else group_kwarg(key)
+            if is_norm:
+                # A fused epilogue's arguments stay.
+                kept = {
+                    k: v for k, v in new.kwargs.items() if k not in ("backend", "process_group")
+                }
+                new.kwargs = {**norm_kwargs(self.settings.backend, key), **kept}
+            else:
+                new.kwargs = group_kwarg(key)
         new.meta["fxghost"] = {**node.meta.get("fxghost", {}), "ghost_batch_size": new_g}
         if is_norm:
             layer_target = str(layer_node.target)
@@ -486,8 +652,11 @@ class _GraphRewrite:
                 else _distributed.size_of(cast("int | None", node.kwargs.get("process_group")))
             )
             layer = _attr(self.gm, layer_target)
+            epilogue = cast("str | None", node.kwargs.get("epilogue"))
             self.records.add(
-                layer_record(name, layer, True, note, new_g, warn=False, group_size=size)
+                layer_record(
+                    name, layer, True, note, new_g, warn=False, group_size=size, epilogue=epilogue
+                )
             )
         return new
 
@@ -510,14 +679,79 @@ class _GraphRewrite:
                 self.records.add(layer_record(full, module, False, reason, None, warn=warn))
 
 
-#: Each node kind's handler (see :meth:`_GraphRewrite.kind`).
-_HANDLERS: dict[str, Callable[[_GraphRewrite, fx.Node], fx.Node]] = {
+class _Fusion(NamedTuple):
+    """What a layer's node fuses (:meth:`_GraphRewrite.fusion`): nodes of the old graph."""
+
+    #: The ReLU node, the last one replaced.
+    relu: fx.Node
+    #: The ReLU module's target, or ``None`` (a function or method).
+    activation: str | None
+    #: The add node and its other operand, or ``None`` for a ReLU alone.
+    add: fx.Node | None
+    residual: fx.Node | None
+    #: Whether the add writes into the layer's output.
+    add_inplace: bool
+
+    @property
+    def kind(self) -> str:
+        """The ``epilogue`` of ``ghost_norm``."""
+        return "relu" if self.add is None else "add_relu"
+
+
+def _relu_of(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> str | None:
+    """When ``node`` is a ReLU of ``source`` alone: the target of its ``nn.ReLU`` module (with no
+    hooks), or ``""`` for ``torch.relu``/``relu_``, ``F.relu`` or the ``relu``/``relu_``
+    methods; else ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if type(module) is nn.ReLU and not has_hooks(module) and _only(node, source):
+            return str(node.target)
+        return None
+    if node.op == "call_function" and node.target is F.relu:
+        # F.relu(input, inplace=False): both in place or not read the same values.
+        args, kwargs = node.args, dict(node.kwargs)
+        inplace = args[1:] or [kwargs.pop("inplace", False)]
+        source_arg = args[0] if args else kwargs.pop("input", None)
+        fits = source_arg is source and not kwargs and len(inplace) == 1
+        return "" if fits and isinstance(inplace[0], bool) else None
+    if (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _RELU_METHODS
+    ):
+        return "" if _only(node, source) else None
+    return None
+
+
+def _only(node: fx.Node, source: fx.Node) -> bool:
+    return node.args == (source,) and not node.kwargs
+
+
+def _add_of(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """``(first, second, in_place)`` when ``node`` adds two distinct nodes without scaling."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    if not is_add or len(node.args) != 2:
+        return None
+    kwargs = dict(node.kwargs)
+    alpha = kwargs.pop("alpha", 1)
+    if kwargs or type(alpha) not in (int, float) or alpha != 1:
+        return None
+    first, second = node.args
+    if not (isinstance(first, fx.Node) and isinstance(second, fx.Node)) or first is second:
+        return None
+    return first, second, node.target in _INPLACE_ADDS
+
+
+#: Each node kind's handler (see :meth:`_GraphRewrite.kind`): the node standing for the old
+#: one in the new graph (``None`` for a layer whose fused subgraph comes later).
+_HANDLERS: dict[str, Callable[[_GraphRewrite, fx.Node], fx.Node | None]] = {
     "batchnorm": _GraphRewrite.batchnorm,
     "unsupported_batchnorm": _GraphRewrite.unsupported_batchnorm,
     "black_box": _GraphRewrite.black_box,
     "attribute": _GraphRewrite.attribute,
     "functional_batchnorm": _GraphRewrite.functional_batchnorm,
     "ghost_op": _GraphRewrite.ghost_op,
+    "fused": _GraphRewrite.fused,
     "other": _GraphRewrite.other,
 }
 

@@ -35,6 +35,10 @@ class LayerRecord:
             since the report is.
         group_size: how many processes its ghost batches span
             (``transform(process_group=...)``), or None.
+        epilogue: what its normalization also applies, fused in place of the graph's nodes
+            after it: ``"relu"`` (a ReLU), ``"add+relu"`` (a residual add, then a ReLU), or
+            ``""`` (nothing); for a layer called at several sites with different epilogues,
+            each, ``"none"`` for a site without one (``"relu, none"``).
     """
 
     name: str
@@ -48,6 +52,7 @@ class LayerRecord:
     warn: bool = False
     layer: torch.nn.Module | None = field(default=None, compare=False, repr=False)
     group_size: int | None = None
+    epilogue: str = ""
 
     @property
     def backend(self) -> str:
@@ -108,11 +113,13 @@ class GhostReport:
         """The table's rows.
 
         Returns:
-            One dict per layer, its keys the column headers; the backend and process-group
-            columns only where a layer has run, or has a group.
+            One dict per layer, its keys the column headers; the epilogue, backend and
+            process-group columns only where a layer has a fused epilogue, has run, or has a
+            group.
         """
         ran = any(r.backend for r in self.layers)
         grouped = any(r.group_size for r in self.layers)
+        fused = any(r.epilogue for r in self.layers)
         return [
             {
                 "layer": r.name,
@@ -123,6 +130,7 @@ class GhostReport:
                 if r.rewritten and r.momentum is None
                 else ("" if r.momentum is None else r.momentum),
                 "status": r.status,
+                **({"epilogue": r.epilogue} if fused else {}),
                 **({"backend (last call)": r.backend} if ran else {}),
                 **(
                     {"group": r.group_size or "", "ghost batches (last batch)": r.group_layout}

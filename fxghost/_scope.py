@@ -75,6 +75,9 @@ class Walk:
     #: ``(key, size)`` of the process group ghost batches span, from
     #: :func:`fxghost._distributed.register`; kept as :attr:`group`.
     process_group: InitVar[tuple[int | None, int | None]] = NO_GROUP
+    #: Whether the pass fuses a ReLU, or a residual add and a ReLU, after a layer into its
+    #: normalization (:class:`~fxghost._pass.GhostSettings`).
+    fuse_epilogues: bool = True
     records: Records = field(default_factory=Records)
     candidates: list[str] = field(default_factory=list)
     untraced: list[UntracedPart] = field(default_factory=list)
@@ -86,7 +89,7 @@ class Walk:
     @property
     def settings(self) -> GhostSettings:
         """What the pass does to each layer it selects."""
-        return GhostSettings(self.g, self.backend, self.group)
+        return GhostSettings(self.g, self.backend, self.group, self.fuse_epilogues)
 
 
 def rewrite_module(

@@ -41,7 +41,8 @@ def _net() -> Net:
 
 
 def test_graph_structure_names_and_meta() -> None:
-    gm = fxghost.transform(_net(), ghost_batch_size=8)
+    # The unfused structure: with fusion, bn1 and block.1 end at their ReLUs (test_epilogue).
+    gm = fxghost.transform(_net(), ghost_batch_size=8, fuse_epilogues=False)
     names = [n.name for n in gm.graph.nodes]
     for base in ("bn1", "block_1", "bn_fc"):
         for suffix in ("_layer", "_ghost_view", "_ghost_norm", ""):
