@@ -304,6 +304,30 @@ def test_other_patterns_stay_unfused(how: str) -> None:
     run_side_by_side(model, G, shape, [(3, 3, 2, 2)], transformed=gm)
 
 
+class Shared(nn.Module):
+    """One BatchNorm called three times: its running statistics depend on the order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn(x)  # its add comes after the next call of the same layer: not fused
+        b = self.bn(x * 2.0)  # fused with the add and the ReLU (a is its residual)
+        return torch.sigmoid(self.bn(torch.relu(a + b)))  # not fused: a sigmoid
+
+
+def test_a_layer_called_again_before_the_add_is_not_moved_past_that_call() -> None:
+    torch.manual_seed(0)
+    model = Shared().double()
+    gm = fxghost.transform(model, G)
+    fused = [n.kwargs.get("epilogue") for n in gm.graph.nodes if n.target is ops.ghost_norm]
+    assert fused == [None, "add_relu", None]
+    record = fxghost.report(gm).layers[0]
+    assert (record.calls, record.epilogue) == (3, "none, add+relu")
+    run_side_by_side(model, G, [(12, 3, 2, 2), (10, 3, 2, 2)], [(3, 3, 2, 2)], transformed=gm)
+
+
 def test_a_relu_with_hooks_at_transform_time_stays_a_module_call() -> None:
     model = BnRelu("module").double()
     calls: list[int] = []
