@@ -496,11 +496,13 @@ def test_implementation_for_routes_by_device_dtype_layout_and_compile() -> None:
     assert impl_for(channels_last.unflatten(0, (2, 4))) is cpu_impl
     # Not a dense view (every other sample): the kernels need one, torch ops do not.
     assert impl_for(torch.zeros(2, 8, 3)[:, ::2]) is torch_ops.EAGER
-    assert impl_for(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is torch_ops.EAGER
+    # 16-bit inputs too, read and written in their dtype.
+    assert impl_for(torch.zeros(1, 2, 3, dtype=torch.bfloat16)) is cpu_impl
+    assert impl_for(torch.zeros(1, 2, 3, dtype=torch.float16)) is cpu_impl
     # A chosen backend wins, and says which layer cannot take an input.
     assert impl_for(torch.zeros(1, 2, 3), "torch") is torch_ops.EAGER
     with pytest.raises(ValueError, match="layer 'bn' runs with backend='cpu'"):
-        impl_for(torch.zeros(1, 2, 3, dtype=torch.bfloat16), "cpu", "bn")
+        impl_for(torch.zeros(1, 2, 3, dtype=torch.complex64), "cpu", "bn")
 
 
 def test_torch_backend_compiles_nothing(tmp_path: pytest.TempPathFactory) -> None:

@@ -6,8 +6,9 @@ registration:
 - :mod:`~fxghost.backends.torch_ops` (``"torch"``): plain torch ops, any device and dtype. Under
   ``torch.compile`` the decomposition with BatchNorm's analytic backward, which inductor fuses with
   neighbouring ops.
-- :mod:`~fxghost.backends.cpu` (``"cpu"``): fused C kernels, compiled on first use (CPU, float32
-  and float64).
+- :mod:`~fxghost.backends.cpu` (``"cpu"``): fused C kernels, compiled on first use (CPU, float32,
+  float64, bfloat16 and float16; the 16-bit types read and written as such, computed in float32),
+  with the ReLU and residual-add epilogues that the pass fuses into a BatchNorm.
 - :mod:`~fxghost.backends.triton` (``"triton"``): fused Triton kernels (CUDA, float32, float16,
   bfloat16; on the CPU only under ``TRITON_INTERPRET=1``).
 
@@ -43,7 +44,7 @@ __all__ = [
 #: What ``fxghost.transform(..., backend=...)`` takes.
 NAMES = ("auto", "torch", "cpu", "triton")
 
-_F32_64 = frozenset({torch.float32, torch.float64})
+_CPU_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 _TRITON_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
@@ -72,7 +73,7 @@ _TABLE: tuple[
     # kernels, although a lone layer did not (see benchmarks/RESULTS.md).
     ("compiled", None, None, None, None, "torch"),
     ("eager", "cuda", _TRITON_DTYPES, True, None, "triton"),
-    ("eager", "cpu", _F32_64, True, None, "cpu"),
+    ("eager", "cpu", _CPU_DTYPES, True, None, "cpu"),
     ("eager", None, None, None, None, "torch"),
 )
 
@@ -122,7 +123,7 @@ _auto = functools.cache(_decide)
 
 
 #: The input dtypes each kernel family reads.
-_KERNEL_DTYPES = {"cpu": _F32_64, "triton": _TRITON_DTYPES}
+_KERNEL_DTYPES = {"cpu": _CPU_DTYPES, "triton": _TRITON_DTYPES}
 
 
 def _devices(name: str) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _math
 from . import torch_ops
 from ._build import build, say, verified
-from ._common import Backend, NormParams, RunningStatsUpdate, per_channel
+from ._common import Backend, Epilogue, NormParams, RunningStatsUpdate, apply_epilogue, per_channel
 from ._dims import Dims, dims_of
 from ._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
 
@@ -58,7 +58,12 @@ __all__ = [
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # The C++ op's source first; it includes the kernels' source.
 _OP_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_autograd.cpp", "cpu_kernels.c")]
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_SUFFIX = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
 # Below this many elements a second thread costs more than it saves.
 _PARALLEL_MIN_NUMEL = 1 << 16
 
@@ -68,8 +73,10 @@ def library_path() -> Path | None:
     """The compiled kernels' shared object, built if needed; ``None`` when unavailable."""
     if not _SOURCE.exists():
         return None
-    # -fno-math-errno lets sqrt vectorize; it changes no result (only errno is left unset).
-    std = ["-O3", "-std=c99", "-fno-math-errno"]
+    # -fno-math-errno lets sqrt vectorize, -fno-trapping-math the selects of the 16-bit
+    # conversions and the ReLU; neither changes a result (errno and the floating-point exception
+    # flags are left as they fall).
+    std = ["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math"]
     flag_sets = [[*std, "-march=native", "-fopenmp"], [*std, "-fopenmp"], std]
     return build(
         "cpu_kernels",
@@ -91,10 +98,10 @@ class _Kernels:
         self.running = {}
         for dtype, sfx in _SUFFIX.items():
             fwd = getattr(lib, f"fxg_forward_{sfx}")
-            fwd.argtypes = [ptr] * 7 + [i64] * 4 + [f64, i64]
+            fwd.argtypes = [ptr] * 8 + [i64] * 4 + [f64, i64, i64]
             fwd.restype = ctypes.c_int
             bwd = getattr(lib, f"fxg_backward_{sfx}")
-            bwd.argtypes = [ptr] * 8 + [i64] * 5
+            bwd.argtypes = [ptr] * 10 + [i64] * 5
             bwd.restype = ctypes.c_int
             run = getattr(lib, f"fxg_running_{sfx}")
             run.argtypes = [ptr] * 3 + [i64] * 2 + [f64] * 2 + [ptr] * 2
@@ -123,7 +130,11 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def _run(
-    fn: Any, tensors: tuple[Tensor | None, ...], dims: Dims, extra: tuple[float, ...], numel: int
+    fn: Any,
+    tensors: tuple[Tensor | None, ...],
+    dims: Dims,
+    extra: tuple[float | int, ...],
+    numel: int,
 ) -> None:
     _check(fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel)))
 
@@ -137,13 +148,15 @@ def _kernel_forward(
     x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dims: Dims
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize ``x`` into ``y`` (both dense, elements laid out as the contiguous
-    ``dims = (G, A, C, S)``); returns ``(mean, biased var, rstd)``, each ``(G, C)`` in ``x``'s
-    dtype. ``weight`` and ``bias`` are contiguous in ``x``'s dtype, or ``None``."""
+    ``dims = (G, A, C, S)``); returns ``(mean, biased var, rstd)``, each ``(G, C)`` in the
+    statistics dtype (float32 for 16-bit inputs). ``weight`` and ``bias`` are contiguous in that
+    dtype, or ``None``."""
     kernels = _loaded()
     # Separate small tensors: cheaper per call than unbinding one (a few µs each call).
-    mean, var, rstd = (torch.empty(dims[0], dims[2], dtype=x.dtype) for _ in range(3))
-    tensors = (x, y, weight, bias, mean, var, rstd)
-    _run(kernels.forward[x.dtype], tensors, dims, (float(eps),), x.numel())
+    dtype = _math.stat_dtype(x.dtype)
+    mean, var, rstd = (torch.empty(dims[0], dims[2], dtype=dtype) for _ in range(3))
+    tensors = (x, None, y, weight, bias, mean, var, rstd)
+    _run(kernels.forward[x.dtype], tensors, dims, (float(eps), 0), x.numel())
     return mean, var, rstd
 
 
@@ -157,11 +170,11 @@ def _kernel_backward(
     dims: Dims,
 ) -> tuple[Tensor, Tensor]:
     """The weight and bias gradients before any dtype cast, ``sum(dy * xhat)`` and ``sum(dy)``
-    over all groups (each ``(C,)`` in ``x``'s dtype), and the input gradient written into ``dx``
-    unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`."""
+    over all groups (each ``(C,)`` in the statistics dtype), and the input gradient written into
+    ``dx`` unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`."""
     kernels = _loaded()
-    grad_w, grad_b = (torch.empty(dims[2], dtype=x.dtype) for _ in range(2))
-    tensors = (dy, x, weight, mean, rstd, dx, grad_w, grad_b)
+    grad_w, grad_b = (torch.empty(dims[2], dtype=mean.dtype) for _ in range(2))
+    tensors = (dy, None, x, weight, mean, rstd, dx, None, grad_w, grad_b)
     _run(kernels.backward[x.dtype], tensors, dims, (), x.numel())
     return grad_w, grad_b
 
@@ -188,6 +201,7 @@ def op_library_path() -> Path | None:
         # as in the C build for the results to be the same bit for bit.
         "-ffp-contract=off",
         "-fno-math-errno",  # as in the C build
+        "-fno-trapping-math",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{include}",
         f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
@@ -284,10 +298,12 @@ class CpuKernelGhostNorm(FusedGhostNorm):
 
 
 def _as_param(p: Tensor | None, like: Tensor) -> Tensor | None:
-    """A weight or bias as a contiguous vector in the input's dtype, as the C kernels read it."""
-    if p is None or (p.dtype == like.dtype and p.is_contiguous()):
+    """A weight or bias as a contiguous vector in the statistics dtype of ``like`` (float32 for
+    16-bit inputs), as the C kernels read it."""
+    dtype = _math.stat_dtype(like.dtype)
+    if p is None or (p.dtype == dtype and p.is_contiguous()):
         return p  # only its data is read
-    return p.detach().to(like.dtype).contiguous()
+    return p.detach().to(dtype).contiguous()
 
 
 def _dense_dims(xg: Tensor) -> Dims:
@@ -379,59 +395,88 @@ class _Eager(Backend):
 
     name = "cpu"
     accumulate = staticmethod(_accumulate)
+    fuses_epilogues = True
 
     @property
     def label(self) -> str:  # type: ignore[override]
         return "cpu (C++ op)" if cpp_ops() is not None else "cpu (ctypes)"
 
     def norm(
-        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         d = dims_of(tuple(xg.shape), xg.stride())
         if d is None:  # not laid out as the kernels read: a contiguous copy
             xg = xg.contiguous()
             d = _dense_dims(xg)
         ops = cpp_ops()
-        if ops is None:
-            return CpuKernelGhostNorm.run(xg, params, self.update_hook(update, xg))
-        if update is None:
-            return ops.eager_cpu_ghost_norm.default(xg, *params, d)  # type: ignore[no-any-return]
+        kernel_update = None if update is None else _fused_coefficients(xg, update)
+        if ops is None or (update is not None and kernel_update is None):
+            # The ctypes Function (no C++ op), or buffers the C++ op does not take: the update
+            # from Python, the epilogue after the normalization in torch ops.
+            y, mean, var = CpuKernelGhostNorm.run(xg, params, self.update_hook(update, xg))
+            return apply_epilogue(y, epilogue), mean, var
+        if epilogue is not None and not _fusable(xg, epilogue):
+            y, mean, var = self.norm(xg, params, update)
+            return apply_epilogue(y, epilogue), mean, var
+        residual = None if epilogue is None else epilogue.residual
+        relu = epilogue is not None
+        if update is None or kernel_update is None:  # no update (the other case returned above)
+            return ops.eager_cpu_ghost_norm.default(xg, *params, d, residual, relu)  # type: ignore[no-any-return]
         # The update made in the C++ op's call: made from Python, it cost as much as the
         # normalization on a tabular layer. Every check here runs once per layer call.
-        coefficients = _fused_coefficients(xg, update)
-        if coefficients is None:  # buffers the kernel does not take: the update from Python
-            return CpuKernelGhostNorm.run(xg, params, self.update_hook(update, xg))
         return ops.eager_cpu_ghost_norm_update.default(  # type: ignore[no-any-return]
             xg,
             *params,
             update.running_mean,
             update.running_var,
             update.num_batches_tracked,
-            *coefficients,
+            *kernel_update,
             _math.bessel(per_channel(xg)),
             d,
+            residual,
+            relu,
         )
+
+
+def _fusable(xg: Tensor, epilogue: Epilogue) -> bool:
+    """Whether the C++ op can run ``epilogue`` in its kernel: a residual laid out as ``xg``."""
+    r = epilogue.residual
+    return epilogue.relu and (
+        r is None
+        or (
+            type(r) is Tensor
+            and r.dtype == xg.dtype
+            and r.shape == xg.shape
+            and r.stride() == xg.stride()
+        )
+    )
 
 
 def _fused_coefficients(xg: Tensor, update: RunningStatsUpdate) -> tuple[Tensor, float] | None:
     """``(weights, decay)`` of ``update`` for the C++ op's fused update (its ghost batches
     weighted, the running statistics decayed), or ``None`` where its buffers are not contiguous
-    tensors in the input's dtype, as the kernel reads them."""
+    tensors in the statistics dtype (the input's, float32 for 16-bit inputs), as the kernel reads
+    them."""
     running_mean, running_var = update.running_mean, update.running_var
+    dtype = _math.stat_dtype(xg.dtype)
     if (
-        running_mean.dtype != xg.dtype
-        or running_var.dtype != xg.dtype
+        running_mean.dtype != dtype
+        or running_var.dtype != dtype
         or not (running_mean.is_contiguous() and running_var.is_contiguous())
     ):
         return None
     if update.momentum is not None:
         return _math.ema_coefficients(
-            update.momentum, update.requested, xg.shape[0], xg.dtype, xg.device
+            update.momentum, update.requested, xg.shape[0], dtype, xg.device
         )
     if update.num_batches_tracked is None:
         return None  # the Python update says why momentum=None cannot be kept without it
     return _math.cumulative_coefficients(
-        int(update.num_batches_tracked), xg.shape[0], xg.dtype, xg.device
+        int(update.num_batches_tracked), xg.shape[0], dtype, xg.device
     )
 
 

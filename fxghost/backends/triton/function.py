@@ -11,7 +11,16 @@ from torch import Tensor
 
 from ... import _math
 from .. import torch_ops
-from .._common import Backend, NormParams, RunningStatsUpdate, UpdateHook, dense, per_channel
+from .._common import (
+    Backend,
+    Epilogue,
+    NormParams,
+    RunningStatsUpdate,
+    UpdateHook,
+    apply_epilogue,
+    dense,
+    per_channel,
+)
 from .._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
 from .host import RunningUpdate, backward_apply, backward_sums, forward_stats, normalize
 from .launch import geometry, supported
@@ -118,8 +127,15 @@ class _Eager(Backend):
     label = "triton"
 
     def norm(
-        self, xg: Tensor, params: NormParams, update: RunningStatsUpdate | None = None
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        if epilogue is not None:  # not fused in the kernels yet: after them, in torch ops
+            y, mean, var = self.norm(xg, params, update)
+            return apply_epilogue(y, epilogue), mean, var
         xg = dense(xg)
         fused = None if update is None else _fused_update(xg, update)
         hook = fused if fused is not None else self.update_hook(update, xg)
