@@ -195,6 +195,9 @@ class FusedEpilogue(NamedTuple):
     #: The names of the replaced nodes, in graph order: the add (with one) and the ReLU, whose
     #: name the subgraph's last node takes.
     fused: tuple[str, ...]
+    #: The ReLU node's meta, which the subgraph's last node takes (it stands for the ReLU's
+    #: output: its shape metadata, stack trace and the user's own keys).
+    meta: dict[str, Any]
 
 
 #: How the report shows each epilogue.
@@ -268,10 +271,11 @@ def emit_ghost_subgraph(
         suffix = "" if step == steps[-1] else f"_ghost_{step}" if ghost_step else f"_{step}"
         suffix = suffix.replace("_ghost_normalize", "_ghost_norm")
         node_name = f"{base}{suffix}"
+        meta = site.meta
         if epilogue is not None and step == steps[-1]:
-            node_name = epilogue.fused[-1]
+            node_name, meta = epilogue.fused[-1], epilogue.meta
         new = graph.create_node(op, tgt, args, kwargs or {}, name=node_name)
-        new.meta = {**site.meta, "fxghost": {**info, "step": step}}
+        new.meta = {**meta, "fxghost": {**info, "step": step}}
         return new
 
     layer = make("get_attr", site.layer_target, (), "layer")
@@ -523,6 +527,7 @@ class _GraphRewrite:
             fusion.activation,
             fusion.add_inplace,
             tuple(n.name for n in replaced),
+            fusion.relu.meta,
         )
         out = emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings, epilogue)
         self.replaced[fusion.relu] = out

@@ -34,7 +34,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _distributed, _math, backends
 from ._graph_module import has_hooks
 from ._plan import plan_ghost_batches, uses_batch_stats
-from .backends._common import Epilogue  # backends.Epilogue, once backends re-exports it
 
 __all__ = [
     "EPILOGUES",
@@ -281,7 +280,7 @@ def _check_epilogue(
 
 def _epilogue_pieces(
     main: Tensor, tail: Tensor | None, residual: object
-) -> tuple[Epilogue | None, Epilogue | None] | None:
+) -> tuple[backends.Epilogue | None, backends.Epilogue | None] | None:
     """The epilogue of each piece of a training batch, the residual split as ``ghost_view``
     split the input; ``None`` where the epilogue is applied unfused instead: a batch without
     values, or a residual that is not a tensor of the output's shape, dtype and device (the
@@ -289,7 +288,7 @@ def _epilogue_pieces(
     if not main.numel():
         return None
     if residual is None:
-        relu = Epilogue(None, True)
+        relu = backends.Epilogue(None, True)
         return relu, None if tail is None else relu
     if not isinstance(residual, Tensor):
         return None
@@ -302,9 +301,9 @@ def _epilogue_pieces(
     ):
         return None
     if tail is None:
-        return Epilogue(residual.view(main.shape), True), None
+        return backends.Epilogue(residual.view(main.shape), True), None
     body, end = residual.split([full, rest])
-    return Epilogue(body.view(main.shape), True), Epilogue(end.unsqueeze(0), True)
+    return backends.Epilogue(body.view(main.shape), True), backends.Epilogue(end.unsqueeze(0), True)
 
 
 def _normalize(
@@ -314,7 +313,7 @@ def _normalize(
     name: str,
     backend: str,
     process_group: int | None,
-    epilogue: tuple[Epilogue | None, Epilogue | None] | None = None,
+    epilogue: tuple[backends.Epilogue | None, backends.Epilogue | None] | None = None,
 ) -> GhostGroups:
     """:func:`ghost_norm` without an epilogue, or in training with batch statistics, with the
     pieces' ``epilogue`` (:func:`_epilogue_pieces`), passed to the backend."""

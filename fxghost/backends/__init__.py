@@ -26,12 +26,13 @@ import torch
 from torch import Tensor
 
 from . import cpu, torch_ops, triton
-from ._common import Backend, NormParams, RunningStatsUpdate
+from ._common import Backend, Epilogue, NormParams, RunningStatsUpdate
 from ._dims import dims_of
 
 __all__ = [
     "NAMES",
     "Backend",
+    "Epilogue",
     "NormParams",
     "RunningStatsUpdate",
     "check",
