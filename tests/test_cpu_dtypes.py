@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import assert_ulp_close, init_bns
 from torch import nn
+from torch._dynamo.backends.debugging import aot_eager
 
 import fxghost
 from fxghost import backends
@@ -201,7 +202,13 @@ def test_bfloat16_autocast_channels_last_runs_the_kernels_fused() -> None:
         ("add+relu", "cpu (C++ op)"),
     ]
     compiled_gm = fxghost.transform(model, 4, backend="cpu")
-    compiled = torch.compile(compiled_gm, backend="aot_eager", fullgraph=True)
+    traced_ops: list[str] = []
+
+    def capture(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., object]:
+        traced_ops.extend(str(n.target) for n in graph.graph.nodes if n.op == "call_function")
+        return aot_eager(graph, inputs)  # type: ignore[no-any-return]
+
+    compiled = torch.compile(compiled_gm, backend=capture, fullgraph=True)
     x_eager, x_compiled = (x.clone().requires_grad_() for _ in range(2))
     results = []
     for net, xi in ((gm, x_eager), (compiled, x_compiled)):
@@ -210,6 +217,9 @@ def test_bfloat16_autocast_channels_last_runs_the_kernels_fused() -> None:
         y.float().square().sum().backward()
         results.append((y, xi.grad))
     assert backends.last_run(compiled_gm.bn2) == "cpu (custom op, compiled)"
+    # Both layers' epilogues in the kernels' custom op: no ReLU or add left for inductor.
+    assert traced_ops.count("fxghost.cpu_ghost_norm_relu.default") == 2
+    assert not any("relu" in t and "fxghost" not in t for t in traced_ops), traced_ops
     (y_eager, dx_eager), (y_compiled, dx_compiled) = results
     assert torch.equal(y_compiled, y_eager), "output"
     assert torch.equal(dx_compiled, dx_eager), "input gradient"

@@ -67,10 +67,35 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
 BATCHES = {"whole": 2 * GHOST, "tail": 2 * GHOST - 2}
 
 
+class _AddReLU(nn.Module):
+    """A BatchNorm, then a residual add of its input and a ReLU: one fused call."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.bn(x) + x)
+
+
+# name: MODELS["2d"]'s BatchNorm with an epilogue that transform fuses into its normalization.
+EPILOGUES: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "2d_relu": lambda bn: nn.Sequential(bn, nn.ReLU()),
+    "2d_add_relu": _AddReLU,
+}
+
+
 def _model(name: str) -> nn.Module:
-    """``MODELS[name]``'s BatchNorm in float64, in a Sequential."""
+    """``MODELS[name]``'s BatchNorm in float64, in a Sequential; or for a name of
+    ``EPILOGUES``, a 2-D one with that epilogue."""
     torch.manual_seed(0)
+    if name in EPILOGUES:
+        return EPILOGUES[name](init_bn(nn.BatchNorm2d(2), torch.float64))
     return nn.Sequential(init_bn(MODELS[name][0](), torch.float64))
+
+
+def _sample(name: str) -> tuple[int, ...]:
+    return MODELS["2d" if name in EPILOGUES else name][1]
 
 
 @pytest.fixture
@@ -125,6 +150,30 @@ def test_gradgradcheck(use: Callable[[str], str], impl: str, model_name: str, ba
     _, sample, channels_last = MODELS[model_name]
     model = fxghost.transform(_model(model_name), GHOST, backend=backend).train()
     x = _input((BATCHES[batch], *sample), channels_last, torch.float64).requires_grad_()
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
+
+    def f(x: Tensor, *params: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, params, strict=True)), (x,))
+
+    assert any(IMPLS[impl] in n for n in _nodes(f(x, *params))), f"{impl} did not run"
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("model_name", list(EPILOGUES))
+def test_gradgradcheck_fused_epilogue(
+    use: Callable[[str], str], impl: str, model_name: str
+) -> None:
+    """Through a fused ReLU (and residual add), first and second derivatives match numerical
+    ones: the backward's mask is ReLU's own, differentiable in the incoming gradient."""
+    backend = use(impl)
+    model = fxghost.transform(_model(model_name), GHOST, backend=backend).train()
+    kinds = [n.kwargs.get("epilogue") for n in model.graph.nodes if "epilogue" in n.kwargs]
+    assert kinds == [model_name.removeprefix("2d_")]
+    x = _input((BATCHES["tail"], *_sample(model_name)), False, torch.float64)
+    x = x.requires_grad_()
     names = [name for name, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in model.named_parameters())
 
@@ -241,7 +290,9 @@ def _compiled_penalty(model: nn.Module, x: Tensor, backend: str) -> list[Tensor]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "eager"])
-@pytest.mark.parametrize("model_name", ["1d", "2d", "1d_no_bias", "2d_no_weight"])
+@pytest.mark.parametrize(
+    "model_name", ["1d", "2d", "1d_no_bias", "2d_no_weight", "2d_relu", "2d_add_relu"]
+)
 @pytest.mark.parametrize("ours", ["auto", pytest.param("cpu", marks=needs_kernels)])
 def test_compiled_double_backward_behaves_as_plain(
     backend: str, model_name: str, ours: str
@@ -249,8 +300,9 @@ def test_compiled_double_backward_behaves_as_plain(
     """Under torch.compile a transformed model does what plain BatchNorm does: AOT autograd
     refuses double backward for both (the same error); dynamo alone runs the ops eagerly, and
     the second derivatives are the reference's. With "auto" the layers take the composite op
-    with the decomposition, with "cpu" the C kernels' custom op."""
-    model, sample = _model(model_name), MODELS[model_name][1]
+    with the decomposition, with "cpu" the C kernels' custom ops (with a fused epilogue, the
+    epilogue's)."""
+    model, sample = _model(model_name), _sample(model_name)
     x = _input((BATCHES["tail"], *sample), False, torch.float64)
     torch.manual_seed(1)
     plain = _compiled_penalty(copy.deepcopy(model), x, backend)

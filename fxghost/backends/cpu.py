@@ -37,7 +37,18 @@ from torch import Tensor
 from .. import _math
 from . import torch_ops
 from ._build import build, say, verified
-from ._common import Backend, Epilogue, NormParams, RunningStatsUpdate, apply_epilogue, per_channel
+from ._common import (
+    Backend,
+    Epilogue,
+    NormParams,
+    RunningStatsUpdate,
+    apply_epilogue,
+    define_op,
+    param_dtypes,
+    param_grads,
+    per_channel,
+    standard,
+)
 from ._dims import Dims, dims_of
 from ._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
 
@@ -50,6 +61,7 @@ __all__ = [
     "c_kernels",
     "cpp_ops",
     "custom_op_norm",
+    "custom_op_norm_relu",
     "library_path",
     "op_available",
     "op_library_path",
@@ -351,6 +363,133 @@ def _op_backward(
 custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op_backward)
 
 
+def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
+    """``t``, or a copy of it with ``like``'s strides (what the kernels read as one layout)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
+
+def _epilogue_forward(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, rstd)`` with ``y = relu(bn(xg) + residual)`` (``relu(bn(xg))`` without
+    a residual), ``y`` laid out as ``xg`` as the fake promises."""
+    x = xg if dims_of(tuple(xg.shape), xg.stride()) is not None else xg.contiguous()
+    d = _dense_dims(x)
+    res = None if residual is None else _laid_out_as(residual, x)
+    y = torch.empty_like(x.flatten(0, 1))
+    kernels = _loaded()
+    dtype = _math.stat_dtype(x.dtype)
+    mean, var, rstd = (torch.empty(d[0], d[2], dtype=dtype) for _ in range(3))
+    tensors = (x, res, y, _as_param(weight, x), _as_param(bias, x), mean, var, rstd)
+    _run(kernels.forward[x.dtype], tensors, d, (float(eps), 1), x.numel())
+    if x is not xg:  # the layout the trace promised
+        y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
+    return y, mean, var, rstd
+
+
+def _epilogue_backward(
+    dy: Tensor,
+    y: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(grad_x, dweight, dbias, grad_residual)`` of :func:`_epilogue_forward`, ``dy`` and
+    ``y`` grouped like ``xg``: the incoming gradient masked where ``y <= 0``, as ReLU's backward
+    masks it; ``grad_residual`` is that masked gradient (empty unless ``residual_grad``)."""
+    x = xg if dims_of(tuple(xg.shape), xg.stride()) is not None else xg.contiguous()
+    d = _dense_dims(x)
+    g, m = _laid_out_as(dy, x), _laid_out_as(y, x)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if residual_grad else x.new_empty(0)
+    grad_w, grad_b = (torch.empty(d[2], dtype=mean.dtype) for _ in range(2))
+    tensors = (g, m, x, _as_param(weight, x), mean, rstd, dx, dres if residual_grad else None)
+    _run(_loaded().backward[x.dtype], (*tensors, grad_w, grad_b), d, (), x.numel())
+    if x is not xg:
+        dx = torch.empty_like(xg).copy_(dx)
+        dres = torch.empty_like(xg).copy_(dres) if residual_grad else dres
+    return dx, grad_w, grad_b, dres
+
+
+def _epilogue_forward_fake(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None
+) -> tuple[Tensor, ...]:
+    dtype = _math.stat_dtype(xg.dtype)
+    stats = [xg.new_empty((xg.shape[0], xg.shape[2]), dtype=dtype) for _ in "mvr"]
+    return (torch.empty_like(xg.flatten(0, 1)), *stats)
+
+
+def _epilogue_backward_fake(
+    dy: Tensor,
+    y: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    residual_grad: bool,
+) -> tuple[Tensor, ...]:
+    params = [xg.new_empty(xg.shape[2], dtype=mean.dtype) for _ in "wb"]
+    dres = torch.empty_like(xg) if residual_grad else xg.new_empty(0)
+    return (torch.empty_like(xg), *params, dres)
+
+
+_epilogue_op = define_op(
+    "cpu_ghost_norm_relu",
+    _epilogue_forward,
+    _epilogue_forward_fake,
+    "(Tensor xg, Tensor? weight, Tensor? bias, float eps, Tensor? residual)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    device_types=("cpu",),
+)
+_epilogue_backward_op = define_op(
+    "cpu_ghost_norm_relu_backward",
+    _epilogue_backward,
+    _epilogue_backward_fake,
+    "(Tensor dy, Tensor y, Tensor xg, Tensor? weight, Tensor mean, Tensor rstd,"
+    " bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+    device_types=("cpu",),
+)
+
+
+def _epilogue_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    xg, weight, bias, ctx.eps, residual = inputs
+    ctx.param_dtypes = param_dtypes(weight, bias)
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(xg, weight, output[1], output[3], output[0])
+
+
+def _epilogue_autograd(ctx: Any, dy: Tensor, *_unused: Tensor | None) -> tuple[Tensor | None, ...]:
+    xg, weight, mean, rstd, y = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    residual_grad = ctx.has_residual and needs[4]
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see FusedGhostNorm)
+        g = torch.ops.aten.threshold_backward(dy, y.detach(), 0)
+        grad_x, dweight, dbias = _math.differentiable_backward(g, xg, weight, ctx.eps, needs)
+        dres = g.view(xg.shape) if residual_grad else None
+    else:
+        grouped = xg.shape
+        grad_x, dweight, dbias, dres = _epilogue_backward_op(
+            dy.view(grouped), y.view(grouped), xg, weight, mean, rstd, residual_grad
+        )
+        dres = dres if residual_grad else None
+    return grad_x, *param_grads(ctx, dweight, dbias), None, dres
+
+
+_epilogue_op.register_autograd(_epilogue_autograd, setup_context=_epilogue_setup)
+
+
+def custom_op_norm_relu(
+    xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` with the ReLU epilogue (after adding ``residual``, grouped like
+    ``xg``), in the kernels as custom ops for torch.compile; the statistics as
+    :func:`custom_op_norm` gives them."""
+    y, mean, var, _ = _epilogue_op(xg, weight, bias, eps, residual)
+    return y, standard(mean, xg.shape), standard(var, xg.shape)
+
+
 def _accumulate(
     mean: Tensor,
     var: Tensor,
@@ -481,4 +620,6 @@ def _fused_coefficients(xg: Tensor, update: RunningStatsUpdate) -> tuple[Tensor,
 
 
 EAGER: Backend = _Eager()
-COMPILED: Backend = torch_ops.CustomOpCompiled("cpu", "cpu (custom op, compiled)", custom_op_norm)
+COMPILED: Backend = torch_ops.CustomOpCompiled(
+    "cpu", "cpu (custom op, compiled)", custom_op_norm, custom_op_norm_relu
+)

@@ -15,7 +15,7 @@ through them instead, so that exported programs hold only aten ops.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -361,15 +361,48 @@ class _Exporting(_Traced):
         return ghost_norm_compiled(xg, *params)
 
 
+#: ``(xg, weight, bias, eps, residual) -> (y, mean, var)`` with ``y = relu(bn(xg) + residual)``
+#: (``relu(bn(xg))`` where ``residual`` is None): a kernel family's fused epilogue as a custom op.
+EpilogueNormFn = Callable[
+    [Tensor, "Tensor | None", "Tensor | None", float, "Tensor | None"],
+    tuple[Tensor, Tensor, Tensor],
+]
+
+
 class CustomOpCompiled(_Traced):
-    """A kernel family under ``torch.compile``: its kernels as a custom op (``norm``), and the
+    """A kernel family under ``torch.compile``: its kernels as a custom op (``norm``), with the
+    ReLU and residual-add epilogue in another (``epilogue_norm``) where it has one, and the
     running-statistics update as the torch backend's composite op."""
 
-    def __init__(self, name: str, label: str, norm: NormFn) -> None:
+    def __init__(
+        self, name: str, label: str, norm: NormFn, epilogue_norm: EpilogueNormFn | None = None
+    ) -> None:
         self.name, self.label, self._norm = name, label, norm
+        self._epilogue_norm = epilogue_norm
+        self.fuses_epilogues = epilogue_norm is not None
 
     def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
         return self._norm(xg, *params)
+
+    def norm(
+        self,
+        xg: Tensor,
+        params: NormParams,
+        update: RunningStatsUpdate | None = None,
+        epilogue: Epilogue | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        residual = None if epilogue is None else epilogue.residual
+        if (
+            epilogue is None
+            or self._epilogue_norm is None
+            or not epilogue.relu
+            or (residual is not None and residual.dtype != xg.dtype)
+        ):
+            return super().norm(xg, params, update, epilogue)
+        y, mean, var = self._epilogue_norm(xg, *params, residual)
+        if update is not None:
+            self.apply_update(update, per_channel(xg), mean, var)
+        return y, mean, var
 
     def update_running_stats(
         self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]
