@@ -433,3 +433,183 @@ def check_last_batchnorm_of_a_checkpointed_block(momentum: float | None) -> None
         model.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
     assert int(model.block[1].num_batches_tracked) == 2 * (2 + 3)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused ReLU and residual-add epilogue: bit for bit the unfused graph
+# --------------------------------------------------------------------------------------------
+
+EPILOGUE_LAYOUTS = ("nchw", "nhwc", "nc")  # contiguous and channels_last 4D, tabular (N, C)
+FUSED_BACKWARD = "TritonEpilogueGhostNormBackward"
+
+
+def _same(actual: Tensor | None, expected: Tensor | None, what: str) -> None:
+    """torch.equal, with NaNs where the other has NaNs."""
+    assert actual is not None and expected is not None, what
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    nan = actual.isnan()
+    assert torch.equal(nan, expected.isnan()), f"{what}: NaNs differ"
+    assert torch.equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0)), what
+
+
+def _epilogue_inputs(
+    layout: str, dtype: torch.dtype, add: bool, nan: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(xg, weight, bias, residual)``: 2 ghost batches of 4, a NaN in the input (one
+    channel of the second group), and a residual laid out as ``xg`` with exact zeros (sample
+    1) and values that cancel the normalization exactly (sample 2: the sum is an exact 0)."""
+    from fxghost.backends import triton as _triton
+    from fxghost.backends._common import NormParams
+
+    xg = _grouped(layout, 2, 4, dtype)
+    C = xg.shape[2]
+    if nan:
+        xg[(1, 3, 1) + (0,) * (xg.dim() - 3)] = float("nan")
+    weight = torch.rand(C) + 0.5
+    bias = torch.randn(C)
+    if not add:
+        return xg, weight, bias, None
+    residual = torch.empty_like(xg).copy_(torch.randn(xg.shape, dtype=torch.float64))
+    assert residual.stride() == xg.stride()
+    with torch.no_grad():
+        bn = _triton.EAGER.norm(xg, NormParams(weight, bias, EPS))[0].view(xg.shape)
+    residual[:, 1] = 0.0
+    residual[:, 2] = -bn[:, 2]
+    return xg, weight, bias, residual
+
+
+def _epilogue_step(
+    xg: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    dy: Tensor,
+    fused: bool,
+    momentum: float | None = 0.1,
+) -> dict[str, Any]:
+    """Forward and backward of the Triton backend with the epilogue (``fused``), or without it
+    followed by torch's add and ReLU: outputs, the gradients of every input that needs one,
+    and the running statistics."""
+    from fxghost.backends import triton as _triton
+    from fxghost.backends._common import Epilogue, NormParams, RunningStatsUpdate
+
+    C = xg.shape[2]
+    running = (torch.zeros(C), torch.ones(C), torch.tensor(3))
+    update = RunningStatsUpdate(*running, momentum, xg.shape[0] * xg.shape[1])
+    leaves = [t for t in (xg, weight, bias, residual) if t is not None and t.requires_grad]
+    params = NormParams(weight, bias, EPS)
+    if fused:
+        epilogue = Epilogue(residual, True)
+        y, mean, var = _triton.EAGER.norm(xg, params, update, epilogue)
+    else:
+        y, mean, var = _triton.EAGER.norm(xg, params, update)
+        y = torch.relu(y if residual is None else y + residual.flatten(0, 1))
+    grads = torch.autograd.grad(y, leaves, dy) if leaves else ()
+    return {
+        "y": y,
+        "backward": type(y.grad_fn).__name__,
+        "stats": (mean, var, *running),
+        "grads": dict(zip([id(t) for t in leaves], grads, strict=True)),
+    }
+
+
+def _assert_same_steps(
+    xg: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, what: str, **kw: Any
+) -> dict[str, Any]:
+    """The fused step and the unfused one give the same results bit for bit; returns the
+    fused one's."""
+    dy = torch.randn(xg.flatten(0, 1).shape, dtype=torch.float64).to(xg.dtype)
+    fused = _epilogue_step(xg, weight, bias, residual, dy, True, **kw)
+    unfused = _epilogue_step(xg, weight, bias, residual, dy, False, **kw)
+    y = fused["y"]
+    _same(y, unfused["y"], f"{what}: y")
+    # Sample-first, fresh, laid out as the input.
+    assert y.shape == xg.flatten(0, 1).shape and y._base is None, what
+    assert y.view(xg.shape).stride() == xg.stride(), what
+    for i, (a, b) in enumerate(zip(fused["stats"], unfused["stats"], strict=True)):
+        _same(a, b, f"{what}: statistics {i}")
+    assert fused["grads"].keys() == unfused["grads"].keys(), what
+    names = {id(weight): "weight", id(bias): "bias", id(xg): "input", id(residual): "residual"}
+    for key, grad in fused["grads"].items():
+        _same(grad, unfused["grads"][key], f"{what}: {names[key]} gradient")
+    return fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def check_epilogue_is_the_unfused_graph(dtype: torch.dtype) -> None:
+    """relu(bn(x)) and relu(bn(x) + residual) in the kernels: output, statistics, running
+    statistics (the update in the kernels, and from Python), and the input, weight, bias and
+    residual gradients, bit for bit the unfused ops', NaN included."""
+    torch.manual_seed(0)
+    for i, layout in enumerate(EPILOGUE_LAYOUTS):
+        for add in (False, True):
+            what = f"{layout}, {'add_relu' if add else 'relu'}"
+            xg, weight, bias, residual = _epilogue_inputs(layout, dtype, add)
+            for t in (xg, weight, bias, residual):
+                if t is not None:
+                    t.requires_grad_()
+            momentum = None if i == 1 else 0.1
+            fused = _assert_same_steps(xg, weight, bias, residual, what, momentum=momentum)
+            assert fused["backward"] == FUSED_BACKWARD, what
+            y = fused["y"]
+            assert (y == 0).any() and y.isnan().any() and (y > 0).any(), what
+
+
+def check_epilogue_gradients_asked_for(small_tiles: None) -> None:
+    """Only the gradients asked for (no residual gradient; the residual's alone, without the
+    input's or the parameters'), with small tiles: reductions split over several programs."""
+    torch.manual_seed(1)
+    xg, weight, bias, residual = _epilogue_inputs("nc", torch.float32, True)
+    assert residual is not None
+    xg.requires_grad_()
+    weight.requires_grad_()
+    fused = _assert_same_steps(xg, weight, bias, residual, "input and weight gradients")
+    assert fused["grads"].keys() == {id(xg), id(weight)}
+    residual.requires_grad_()
+    xg.requires_grad_(False)
+    weight.requires_grad_(False)
+    fused = _assert_same_steps(xg, weight, bias, residual, "residual gradient alone")
+    assert fused["grads"].keys() == {id(residual)}
+    assert fused["backward"] == FUSED_BACKWARD
+
+
+def check_epilogue_residual_of_another_layout_falls_back() -> None:
+    """A residual whose strides differ from the input's: the epilogue follows the kernels in
+    torch ops, and the results are still the unfused graph's."""
+    torch.manual_seed(2)
+    xg, weight, bias, residual = _epilogue_inputs("nchw", torch.float32, True)
+    assert residual is not None
+    other = residual.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    other = other.view(residual.shape)
+    assert other.stride() != xg.stride()
+    for t in (xg, weight, bias, other):
+        t.requires_grad_()
+    fused = _assert_same_steps(xg, weight, bias, other, "channels_last residual")
+    assert fused["backward"] != FUSED_BACKWARD
+
+
+def check_epilogue_double_backward() -> None:
+    """create_graph=True: differentiable first-order gradients (the masked gradient through
+    torch's threshold_backward), and second-order ones, those of the unfused graph."""
+    from fxghost.backends import triton as _triton
+    from fxghost.backends._common import Epilogue, NormParams
+
+    torch.manual_seed(3)
+    xg, weight, bias, residual = _epilogue_inputs("nhwc", torch.float32, True, nan=False)
+    assert residual is not None
+    leaves = [t.requires_grad_() for t in (xg, weight, bias, residual)]
+    dy = torch.randn(xg.flatten(0, 1).shape)
+    v = torch.randn(xg.shape)
+    results = []
+    for fused in (True, False):
+        params = NormParams(weight, bias, EPS)
+        if fused:
+            y = _triton.EAGER.norm(xg, params, None, Epilogue(residual, True))[0]
+            assert type(y.grad_fn).__name__ == FUSED_BACKWARD
+        else:
+            y = torch.relu(_triton.EAGER.norm(xg, params)[0] + residual.flatten(0, 1))
+        grads = torch.autograd.grad(y, leaves, dy, create_graph=True)
+        second = torch.autograd.grad((grads[0] * v).sum(), (xg, weight), allow_unused=True)
+        results.append((*grads, *second))
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, i=i: f"gradient {i}: {m}")

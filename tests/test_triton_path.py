@@ -121,3 +121,63 @@ def check_triton_custom_ops_opcheck() -> None:
     torch.library.opcheck(
         torch.ops.fxghost.triton_ghost_norm_backward.default, (dy, xg, w, mean, rstd)
     )
+
+
+class _Block(nn.Module):
+    """conv -> BatchNorm -> ReLU -> conv -> BatchNorm, += a shortcut, ReLU: both epilogues."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += self.shortcut(x)
+        return self.relu(out)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels_last"), [(torch.float32, False), (torch.bfloat16, True)]
+)
+def check_fused_epilogues_are_the_unfused_graph(dtype: torch.dtype, channels_last: bool) -> None:
+    """Through the pass: a residual block with the ReLU and add-ReLU epilogues fused into the
+    Triton kernels gives the unfused graph's outputs, gradients and running statistics bit for
+    bit, whole ghost batches and a shorter last one, and in eval."""
+    import copy
+
+    _require_triton_path()
+    torch.manual_seed(0)
+    model = _Block(3, 4).to(DEVICE, dtype)
+    twin = copy.deepcopy(model)
+    fused = fxghost.transform(model, 4, backend="triton")
+    unfused = fxghost.transform(twin, 4, backend="triton", fuse_epilogues=False)
+    epilogues = [n.kwargs.get("epilogue") for n in fused.graph.nodes if n.kwargs.get("epilogue")]
+    assert sorted(epilogues) == ["add_relu", "relu"]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for n, training in ((8, True), (10, True), (6, False)):
+        x = torch.randn(n, 3, 5, 5).to(dtype).contiguous(memory_format=fmt)
+        dy = torch.randn(n, 4, 5, 5).to(dtype)
+        outputs = []
+        for gm in (fused, unfused):
+            gm.train(training)
+            xi = x.clone().requires_grad_(training)
+            y = gm(xi)
+            if training:
+                y.backward(dy)
+            outputs.append((y.detach(), xi.grad))
+        (y1, g1), (y2, g2) = outputs
+        assert torch.equal(y1, y2), n
+        assert (g1 is None and g2 is None) or torch.equal(g1, g2), n
+        for (name, a), b in zip(
+            model.state_dict().items(), twin.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), f"N={n}: {name}"
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)

@@ -7,8 +7,8 @@ One module per job:
   (:func:`available`) and interpreting (:func:`interpreting`);
 - :mod:`.launch`: how a grouped view is tiled and launched, cached per shape
   (:class:`~.launch.LaunchPlan`), and the launcher that skips Triton's per-call dispatch;
-- :mod:`.host`: the host functions, one per job of the kernels (statistics, normalization,
-  backward sums, input gradient);
+- :mod:`.host`: the host functions, one per job of the kernels (statistics, normalization
+  with its optional ReLU and residual-add epilogue, backward sums, input gradient);
 - :mod:`.function`: the autograd Function, the custom ops for ``torch.compile``, and the
   backend objects :data:`EAGER` and :data:`COMPILED`.
 
@@ -22,6 +22,7 @@ from .function import COMPILED, EAGER
 from .host import (
     RunningUpdate,
     backward_apply,
+    backward_apply_masked,
     backward_reduce,
     backward_sums,
     forward_stats,
@@ -37,6 +38,7 @@ __all__ = [
     "RunningUpdate",
     "available",
     "backward_apply",
+    "backward_apply_masked",
     "backward_reduce",
     "backward_sums",
     "forward_stats",

@@ -1,10 +1,12 @@
-"""The Triton backend as fxghost runs it: the autograd Function over the host functions (eager
-mode), the kernels as custom ops (under ``torch.compile`` with ``backend="triton"``), and the two
+"""The Triton backend as fxghost runs it: the autograd Functions over the host functions (eager
+mode; one of them with the fused ReLU and residual-add epilogue), the kernels as custom ops
+(under ``torch.compile`` with ``backend="triton"``), and the two
 :class:`~fxghost.backends.Backend` objects, :data:`EAGER` and :data:`COMPILED`."""
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,13 +21,24 @@ from .._common import (
     UpdateHook,
     apply_epilogue,
     dense,
+    param_dtypes,
+    param_grads,
     per_channel,
+    standard,
 )
 from .._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
-from .host import RunningUpdate, backward_apply, backward_sums, forward_stats, normalize
+from .host import (
+    RunningUpdate,
+    backward_apply,
+    backward_apply_masked,
+    backward_sums,
+    forward_stats,
+    lays_out_as,
+    normalize,
+)
 from .launch import geometry, supported
 
-__all__ = ["COMPILED", "EAGER", "TritonGhostNorm", "custom_op_norm"]
+__all__ = ["COMPILED", "EAGER", "TritonEpilogueGhostNorm", "TritonGhostNorm", "custom_op_norm"]
 
 
 def _triton_forward(
@@ -84,6 +97,72 @@ class TritonGhostNorm(FusedGhostNorm):
         return cls.apply(xg, *params, cls.kernels, update)  # type: ignore[no-any-return]
 
 
+class TritonEpilogueGhostNorm(torch.autograd.Function):
+    """:class:`TritonGhostNorm` with the ReLU epilogue in its kernels:
+    ``y = relu(norm(x) + residual)`` (``residual`` optional, laid out as ``xg``), bit for bit the
+    unfused graph's (the normalization rounded to the input dtype, the sum rounded again, then
+    ReLU). It saves ``y`` besides what :class:`TritonGhostNorm` saves, as an unfused ReLU would:
+    the backward kernels mask the incoming gradient with it as ReLU's backward does, and the
+    masked gradient is the residual's. Under ``create_graph=True``,
+    :func:`fxghost._math.differentiable_backward` of that masked gradient
+    (``threshold_backward``, differentiable in ``dy``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        xg: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        eps: float,
+        update: RunningUpdate | UpdateHook | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        kernel_update = update if isinstance(update, RunningUpdate) else None
+        mean, var, rstd, scale, shift = forward_stats(xg, weight, bias, eps, kernel_update)
+        mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
+        if update is not None and kernel_update is None:
+            update(mean_s, var_s)  # type: ignore[operator]
+        y = torch.empty_like(xg.flatten(0, 1))
+        normalize(xg, scale, shift, out=y.view(xg.shape), residual=residual, relu=True)
+        ctx.save_for_backward(xg, weight, mean, rstd, y)
+        # mean and var are not differentiable: no zero gradients need to be made up for them.
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        ctx.param_dtypes = param_dtypes(weight, bias)
+        ctx.has_residual = residual is not None
+        ctx.mark_non_differentiable(mean_s, var_s)
+        return y, mean_s, var_s
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        # Gradients of (xg, weight, bias, residual), then None for eps and the update.
+        if dy is None:  # grads are not materialized, and only y is differentiable
+            return None, None, None, None, None, None
+        xg, weight, mean, rstd, y = ctx.saved_tensors
+        needs_x, needs_w, needs_b, needs_r = ctx.needs_input_grad[:4]
+        needs_r = needs_r and ctx.has_residual
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            g = torch.ops.aten.threshold_backward(dy, y.detach(), 0)
+            grad_x, dweight, dbias = _math.differentiable_backward(
+                g, xg, weight, ctx.eps, ctx.needs_input_grad
+            )
+            dres = g.view(xg.shape) if needs_r else None
+        else:
+            # Sample-first to grouped: views whatever the strides (dim 0 split into (G, c)).
+            dyg, mask = dy.view(xg.shape), y.view(xg.shape)
+            dweight = dbias = None
+            sums = (mean, mean)  # only the residual's gradient: the sums are not read
+            if needs_x or needs_w or needs_b:
+                sum_dy, sum_dy_xhat, dbias, dweight = backward_sums(dyg, xg, mean, rstd, mask)
+                sums = (sum_dy, sum_dy_xhat)
+            grad_x, dres = backward_apply_masked(
+                dyg, xg, mean, rstd, weight, *sums, _per_group(xg), mask, needs_x, needs_r
+            )
+        return grad_x, *param_grads(ctx, dweight, dbias), dres, None, None
+
+
 # The kernels as custom ops, for torch.compile with backend="triton" (by default inductor gets
 # the torch backend's decomposition, which it fuses with neighbouring ops). On the CPU they run
 # only under the Triton interpreter.
@@ -121,10 +200,13 @@ custom_op_norm = register_norm_ops(
 
 class _Eager(Backend):
     """Eager calls: :class:`TritonGhostNorm` on a dense view, the running statistics updated by
-    its kernels where they can (:func:`_fused_update`)."""
+    its kernels where they can (:func:`_fused_update`); with an epilogue,
+    :class:`TritonEpilogueGhostNorm`, unless the residual is not laid out as the input (then
+    the epilogue follows the kernels, in torch ops)."""
 
     name = "triton"
     label = "triton"
+    fuses_epilogues = True
 
     def norm(
         self,
@@ -133,13 +215,23 @@ class _Eager(Backend):
         update: RunningStatsUpdate | None = None,
         epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if epilogue is not None:  # not fused in the kernels yet: after them, in torch ops
-            y, mean, var = self.norm(xg, params, update)
-            return apply_epilogue(y, epilogue), mean, var
         xg = dense(xg)
         fused = None if update is None else _fused_update(xg, update)
         hook = fused if fused is not None else self.update_hook(update, xg)
-        return TritonGhostNorm.run(xg, params, hook)
+        if epilogue is None:
+            return TritonGhostNorm.run(xg, params, hook)
+        if not _fusable(xg, epilogue):  # after the kernels, in torch ops
+            y, mean, var = TritonGhostNorm.run(xg, params, hook)
+            return apply_epilogue(y, epilogue), mean, var
+        weight, bias, eps = params
+        return TritonEpilogueGhostNorm.apply(xg, weight, bias, epilogue.residual, eps, hook)  # type: ignore[no-any-return]
+
+
+def _fusable(xg: Tensor, epilogue: Epilogue) -> bool:
+    """Whether the kernels can apply ``epilogue``: a ReLU, after a residual (if any) that they
+    can read with ``xg``'s offsets (its dtype, its layout)."""
+    r = epilogue.residual
+    return epilogue.relu and (r is None or (isinstance(r, Tensor) and lays_out_as(r, xg)))
 
 
 def _fused_update(xg: Tensor, update: RunningStatsUpdate) -> RunningUpdate | None:

@@ -18,10 +18,17 @@ both read memory in long contiguous runs.
   ``stats_finish_kernel`` merges per ``(group, channel)``. Splitting a group over several programs
   keeps the GPU busy when there are few groups or channels; centring at every step keeps large
   counts with a large mean exact (no ``E[x^2] - E[x]^2`` cancellation).
-* ``normalize_kernel``: one tile per program, ``y = x * scale + shift`` in float32.
+* ``normalize_kernel``: one tile per program, ``y = x * scale + shift`` in float32; with the
+  fused epilogue, ``y = relu(y + residual)``, rounded as the unfused ops round.
 * ``backward_reduce_kernel``: per-lane float32 sums of ``dy`` and ``dy * (x - mean)``, split like
   the statistics; ``backward_finish_kernel`` sums the partials.
 * ``backward_apply_kernel``: one tile per program, the BatchNorm input gradient.
+
+With the ReLU epilogue, the backward kernels mask ``dy`` with the saved output ``y`` as ReLU's own
+backward does (``threshold_backward(dy, y, 0)``: 0 where ``y <= 0``, so a NaN output passes its
+gradient), in the same order of operations as the unfused graph: the sums and ``dx`` are then the
+unfused ones bit for bit, and ``backward_apply_kernel`` also writes the masked ``dy``, the
+residual's gradient.
 
 Everything accumulates in float32. The kernels' pointer parameters (named ``*_ptr``) come first,
 then the scalars, then the constexprs: :func:`fxghost.backends.triton.launch.run_kernel` relies on
@@ -81,6 +88,42 @@ def interpreting() -> bool:
 
 def _jit(fn: Callable[..., Any]) -> Any:
     return triton.jit(fn) if triton is not None else fn
+
+
+# Whether the kernels run in the interpreter, as a constexpr the kernels read (compiled for a
+# GPU, the branches it guards are dropped).
+_INTERPRETED = tl.constexpr(interpreting()) if tl is not None else False
+
+
+@_jit
+def _bf16_bits(v):  # pragma: no cover - traced by triton
+    """The bits of the float32 ``v`` rounded to the nearest bfloat16, ties to even (a NaN stays
+    a NaN), as uint32 ``0x0000XXXX``."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+    return tl.where(v != v, (bits >> 16) | 0x40, rounded)
+
+
+@_jit
+def _to_output(v, ty: tl.constexpr):  # pragma: no cover - traced by triton
+    """The float32 ``v`` in the output dtype ``ty``, rounded to nearest even as a GPU and torch
+    round it. The interpreter truncates float32 to bfloat16 (and mishandles subnormals): there
+    the conversion is made on the bits, so that interpreted results are the GPU's, and a fused
+    epilogue rounds as the unfused torch ops do."""
+    if _INTERPRETED:
+        if ty == tl.bfloat16:
+            return _bf16_bits(v).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(ty)
+
+
+@_jit
+def _rounded(v, ty: tl.constexpr):  # pragma: no cover - traced by triton
+    """The float32 ``v`` rounded to the dtype ``ty`` as :func:`_to_output` rounds it, in
+    float32 (exact: every value of ``ty`` is a float32)."""
+    if _INTERPRETED:
+        if ty == tl.bfloat16:
+            return (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
+    return v.to(ty).to(tl.float32)
 
 
 @_jit
@@ -288,12 +331,15 @@ def normalize_kernel(
     y_ptr,
     scale_ptr,
     shift_ptr,
+    res_ptr,
     A,
     C,
     B,
     n_cb,
     n_bt,
     n_tiles,
+    RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
     BA: tl.constexpr,
     BCH: tl.constexpr,
     BB: tl.constexpr,
@@ -311,7 +357,18 @@ def normalize_kernel(
     offs, mask = _tile((k // n_bt) * BA, ch, (k % n_bt) * BB, A, C, B, BA, BCH, BB)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * scale + shift
-    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    ty = y_ptr.dtype.element_ty
+    if RESIDUAL or RELU:
+        # The epilogue as the unfused graph computes it: the normalization's output rounded to
+        # the output dtype, the residual added in float32 and the sum rounded again, then ReLU
+        # (v < 0 ? 0 : v: a NaN stays NaN, as torch.relu's). Free for float32.
+        y = _rounded(y, ty)
+        if RESIDUAL:
+            r = tl.load(res_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _rounded(y + r, ty)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)
+    tl.store(y_ptr + base + offs, _to_output(y, ty), mask=mask)
 
 
 @_jit
@@ -321,6 +378,7 @@ def backward_reduce_kernel(
     mean_ptr,
     rstd_ptr,
     part_ptr,
+    m_ptr,
     G,
     A,
     C,
@@ -330,6 +388,7 @@ def backward_reduce_kernel(
     n_tiles,
     tiles_per_split,
     SPLIT,
+    MASKED: tl.constexpr,
     BA: tl.constexpr,
     BCH: tl.constexpr,
     BB: tl.constexpr,
@@ -350,6 +409,9 @@ def backward_reduce_kernel(
     for k in range(k0, k1):
         offs, mask = _tile((k // n_bt) * BA, ch, (k % n_bt) * BB, A, C, B, BA, BCH, BB)
         dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if MASKED:  # ReLU's backward: no gradient where the saved output is <= 0
+            m = tl.load(m_ptr + base + offs, mask=mask, other=1.0).to(tl.float32)
+            dy = tl.where(m <= 0.0, 0.0, dy)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         acc_dy += dy
         acc_dyx += dy * (x - mean)  # masked lanes: dy == 0
@@ -414,6 +476,8 @@ def backward_apply_kernel(
     weight_ptr,
     sum_dy_ptr,
     sum_dyx_ptr,
+    m_ptr,
+    dres_ptr,
     inv_count,
     A,
     C,
@@ -422,6 +486,9 @@ def backward_apply_kernel(
     n_bt,
     n_tiles,
     HAS_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,
+    RESIDUAL_GRAD: tl.constexpr,
     BA: tl.constexpr,
     BCH: tl.constexpr,
     BB: tl.constexpr,
@@ -444,6 +511,14 @@ def backward_apply_kernel(
     base = g.to(tl.int64) * A * C * B
     offs, mask = _tile((k // n_bt) * BA, ch, (k % n_bt) * BB, A, C, B, BA, BCH, BB)
     dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    dx = a[None, :, None] * (dy - b[None, :, None] - (x - mean[None, :, None]) * c[None, :, None])
-    tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if MASKED:  # as in backward_reduce_kernel
+        m = tl.load(m_ptr + base + offs, mask=mask, other=1.0).to(tl.float32)
+        dy = tl.where(m <= 0.0, 0.0, dy)
+    if RESIDUAL_GRAD:  # the add's gradient: the masked dy itself (exact in dy's dtype)
+        tl.store(dres_ptr + base + offs, _to_output(dy, dres_ptr.dtype.element_ty), mask=mask)
+    if INPUT_GRAD:
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dx = a[None, :, None] * (
+            dy - b[None, :, None] - (x - mean[None, :, None]) * c[None, :, None]
+        )
+        tl.store(dx_ptr + base + offs, _to_output(dx, dx_ptr.dtype.element_ty), mask=mask)
