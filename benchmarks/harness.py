@@ -267,6 +267,7 @@ class Job:
     make: Callable[[], tuple[Builder, dict[str, Any]]]
     timing: Timing
     batch: int | None = None  # models: samples per step
+    impls: tuple[str, ...] | None = None  # the implementations this job runs, where not all
 
     @property
     def title(self) -> str:

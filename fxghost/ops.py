@@ -348,7 +348,7 @@ def _normalize(
                 nbt.add_(main.shape[0] + (tail is not None))
         y_tail = None if tail is None else _math.no_ghost_batch(tail[0], weight, bias, eps)
         return _math.no_ghost_batch(main.flatten(0, 1), weight, bias, eps), y_tail
-    impl = backends.implementation_for(main, backend, name)
+    impl = backends.implementation_for(main, backend, name, fused=epilogue is not None)
     backends.record(layer, impl)
     update = None
     if tracks:

@@ -218,12 +218,12 @@ def test_ratios_are_speeds_within_a_case() -> None:
 
 
 def test_ghost_size_override_runs_each_case_once_per_size() -> None:
-    """The CPU suite lists (256,64,16,16) once per ghost size; an override must not repeat it."""
+    """The CPU suite lists (128,64,16,16) once per ghost size; an override must not repeat it."""
     timing = harness.Timing(0, 1)
     jobs = suite.jobs(["layer"], ["eager"], "cpu", False, [16, 32], timing, timing)
     keys = [(j.mode, j.case, j.g) for j in jobs]
     assert len(keys) == len(set(keys))
-    assert sorted(g for _, c, g in keys if c == "(256,64,16,16) fp32") == [16, 32]
+    assert sorted(g for _, c, g in keys if c == "(128,64,16,16) fp32") == [16, 32]
 
 
 @pytest.mark.skipif(harness.resource is None, reason="no getrusage on this platform")

@@ -95,11 +95,30 @@ def test_compile_runs_cpu_kernels_as_custom_ops(channels_last: bool) -> None:
     assert_same_state(model, reference, "after one step")
     forward = "\n".join(g.code for g in backend.fw_graphs)
     backward = "\n".join(g.code for g in backend.bw_graphs)
-    # The BatchNorm2d's main and tail groups, and the BatchNorm1d's.
-    assert forward.count("fxghost.cpu_ghost_norm.default") == 4
-    assert backward.count("fxghost.cpu_ghost_norm_backward.default") == 4
+    # The BatchNorm2d's main and tail groups with its fused ReLU, and the BatchNorm1d's.
+    assert forward.count("fxghost.cpu_ghost_norm_relu.default") == 2
+    assert forward.count("fxghost.cpu_ghost_norm.default") == 2
+    assert backward.count("fxghost.cpu_ghost_norm_relu_backward.default") == 2
+    assert backward.count("fxghost.cpu_ghost_norm_backward.default") == 2
     assert "var_mean" not in forward
     assert {r.backend for r in fxghost.report(gm).rewritten} == {"cpu (custom op, compiled)"}
+
+
+@pytest.mark.skipif(not cpu.available(), reason="no C compiler: the CPU kernels are not built here")
+def test_auto_under_compile_on_cpu_chooses_by_fused_epilogue() -> None:
+    """Under torch.compile on the CPU, "auto" runs a layer that ends in a fused ReLU as the
+    decomposition (inductor fuses it with its neighbours: whole networks ran faster so) and a
+    layer without one in the C kernels' custom op (a layer alone ran faster so)."""
+    torch._dynamo.reset()
+    gm = fxghost.transform(_small_net(), 4)
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(10, 3, 5, 3, dtype=torch.float64)).sum().backward()
+    report = fxghost.report(gm)
+    assert {r.name: (r.epilogue, r.backend) for r in report.rewritten} == {
+        "1": ("relu", "torch (compiled)"),
+        "5": ("", "cpu (custom op, compiled)"),
+    }
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(("momentum", "affine"), [(0.1, True), (None, True), (0.3, False)])
@@ -119,7 +138,8 @@ def test_dynamo_records_each_layer_as_composite_ops(momentum: float | None, affi
         dynamo_graphs.append(gm)
         return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
 
-    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    gm = fxghost.transform(model, 4, backend="torch")
+    compiled = torch.compile(gm, fullgraph=True, backend=backend)
     # Uneven: a tail ghost batch of 2.
     run_side_by_side(model, 4, [(10, 3, 5, 3)] * 2, transformed=compiled)
     (graph,) = dynamo_graphs
@@ -136,7 +156,8 @@ def test_compiled_backward_uses_the_saved_statistics() -> None:
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(6, 5), make_bn("1d_NC")).double()
     backend = RecordGraphs()
-    compiled = torch.compile(fxghost.transform(model, 4), fullgraph=True, backend=backend)
+    gm = fxghost.transform(model, 4, backend="torch")
+    compiled = torch.compile(gm, fullgraph=True, backend=backend)
     compiled(torch.randn(16, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
     forward = "\n".join(g.code for g in backend.fw_graphs)
     backward = "\n".join(g.code for g in backend.bw_graphs)

@@ -713,8 +713,10 @@ def test_readme_recipe_runs_as_written(tmp_path: Path) -> None:
     rows = [r.split() for r in proc.stdout.splitlines() if r.split()[:2] == ["1", "BatchNorm2d"]]
     assert len(rows) == 1, proc.stdout  # printed by rank 0 only
     (row,) = rows
+    # The recipe's layer ends in a ReLU, which the pass fuses (the epilogue column).
     assert row[1:2] + row[6:] == [
         "BatchNorm2d",
+        "relu",
         "torch",
         "(process",
         "group)",

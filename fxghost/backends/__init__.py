@@ -52,30 +52,43 @@ _TRITON_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 class Case(NamedTuple):
     """What the choice depends on: how the call runs (``"eager"``, ``"compiled"`` under
     ``torch.compile``, ``"exporting"`` under ``torch.export``), the device type, the dtype,
-    whether the grouped view is dense (laid out as the kernels read) and whether it has spatial
-    dims (conv layers) or not (tabular ``(N, C)``)."""
+    whether the grouped view is dense (laid out as the kernels read), whether it has spatial
+    dims (conv layers) or not (tabular ``(N, C)``), and whether the call applies a fused
+    epilogue (a ReLU, or a residual add and a ReLU, after the normalization)."""
 
     mode: str
     device: str
     dtype: torch.dtype
     dense: bool | None  # None: not asked (under torch.compile)
     spatial: bool
+    fused: bool = False
 
 
 # The "auto" choice: the first row that matches. ``None`` matches anything.
-# mode         device  dtypes          dense  spatial  backend
+# mode         device  dtypes          dense  spatial  fused  backend
 _TABLE: tuple[
-    tuple[str | None, str | None, frozenset[torch.dtype] | None, bool | None, bool | None, str], ...
+    tuple[
+        str | None,
+        str | None,
+        frozenset[torch.dtype] | None,
+        bool | None,
+        bool | None,
+        bool | None,
+        str,
+    ],
+    ...,
 ] = (
     # torch.export: plain aten ops only, so that exported programs load without fxghost.
-    ("exporting", None, None, None, None, "torch"),
-    # Under torch.compile inductor fuses the decomposition with the convolution's output and the
-    # ReLU and residual add around it: whole networks ran faster with it than with opaque
-    # kernels, although a lone layer did not (see benchmarks/RESULTS.md).
-    ("compiled", None, None, None, None, "torch"),
-    ("eager", "cuda", _TRITON_DTYPES, True, None, "triton"),
-    ("eager", "cpu", _CPU_DTYPES, True, None, "cpu"),
-    ("eager", None, None, None, None, "torch"),
+    ("exporting", None, None, None, None, None, "torch"),
+    # Under torch.compile on the CPU, measured (benchmarks/RESULTS.md): a layer alone ran faster
+    # in the C kernels as custom ops than in inductor's code for the decomposition (1.3-2x), and
+    # whole networks whose layers end in a fused ReLU ran faster with the decomposition, which
+    # inductor fuses with its neighbours (a ResNet-18 step 4-7%, an MLP 4-9%).
+    ("compiled", "cpu", _CPU_DTYPES, None, None, False, "cpu"),
+    ("compiled", None, None, None, None, None, "torch"),
+    ("eager", "cuda", _TRITON_DTYPES, True, None, None, "triton"),
+    ("eager", "cpu", _CPU_DTYPES, True, None, None, "cpu"),
+    ("eager", None, None, None, None, None, "torch"),
 )
 
 _FAMILIES = {"torch": torch_ops, "cpu": cpu, "triton": triton}
@@ -105,17 +118,25 @@ def _exporting() -> bool:
 
 
 def _decide(case: Case) -> str:
-    for mode, device, dtypes, dense, spatial, name in _TABLE:
+    for mode, device, dtypes, dense, spatial, fused, name in _TABLE:
         if (
             mode in (None, case.mode)
             and device in (None, case.device)
             and (dtypes is None or case.dtype in dtypes)
             and dense in (None, case.dense)
             and spatial in (None, case.spatial)
-            and (name == "torch" or _usable(name, case.device))
+            and fused in (None, case.fused)
+            and (name == "torch" or _runs_here(name, case.device))
         ):
             return name
     return "torch"
+
+
+@torch.compiler.assume_constant_result
+def _runs_here(name: str, device: str) -> bool:
+    """:func:`_usable`, run as Python while dynamo traces (a constant of the graph): finding the
+    kernels may build them, which dynamo cannot trace."""
+    return _usable(name, device)
 
 
 # Eager calls look their case up; under torch.compile _decide runs uncached, once per trace
@@ -154,14 +175,17 @@ def _implementation(name: str, mode: str) -> Backend:
     return family.COMPILED  # type: ignore[no-any-return]
 
 
-def implementation_for(xg: Tensor, backend: str = "auto", layer: str = "") -> Backend:
-    """The implementation that runs a call on the grouped view ``xg``: ``backend``'s, or with
-    ``"auto"`` the first matching row of the table above. Under ``torch.compile`` the choice is
-    made while tracing, from ``xg``'s dtype and layout (which may be symbolic)."""
+def implementation_for(
+    xg: Tensor, backend: str = "auto", layer: str = "", *, fused: bool = False
+) -> Backend:
+    """The implementation that runs a call on the grouped view ``xg`` (with a fused epilogue
+    where ``fused``): ``backend``'s, or with ``"auto"`` the first matching row of the table
+    above. Under ``torch.compile`` the choice is made while tracing, from ``xg``'s dtype and
+    layout (which may be symbolic)."""
     if torch.compiler.is_compiling():
         # The compiled rows do not ask for the layout: not tested (under tracing each test adds
         # guards on the strides), and the custom ops make any layout dense themselves.
-        case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3)
+        case = Case(_mode(), xg.device.type, xg.dtype, None, xg.dim() > 3, fused)
         name = _decide(case) if backend == "auto" else backend
     elif type(xg) not in (Tensor, torch.nn.Parameter):
         # A tensor subclass (an un-waited functional collective, a DTensor) is not memory the
@@ -175,7 +199,7 @@ def implementation_for(xg: Tensor, backend: str = "auto", layer: str = "") -> Ba
         return _implementation("torch", "eager")
     else:
         dense = dims_of(tuple(xg.shape), xg.stride()) is not None
-        case = Case("eager", xg.device.type, xg.dtype, dense, xg.dim() > 3)
+        case = Case("eager", xg.device.type, xg.dtype, dense, xg.dim() > 3, fused)
         name = _auto(case) if backend == "auto" else backend
     if name != "torch" and backend != "auto":
         _check_case(name, case, layer)
