@@ -30,8 +30,10 @@ def _small_net() -> nn.Module:
 
 # Torch 2.7's inductor fails to schedule the backward of a Linear then a BatchNorm1d with a
 # symbolic batch size, for plain BatchNorm1d too (KeyError in decide_inplace_update); 2.8 does not.
+# fxghost's BatchNorm1d there (no fused ReLU) runs the C kernels' custom op where they are built,
+# which inductor does not schedule: only the decomposition meets the bug.
 _INDUCTOR_2_7 = pytest.mark.xfail(
-    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 8),
+    tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 8) and not cpu.available(),
     reason="torch 2.7's inductor cannot compile Linear -> BatchNorm1d's backward with dynamic=True",
     strict=True,
 )
