@@ -80,10 +80,11 @@ _TABLE: tuple[
 ] = (
     # torch.export: plain aten ops only, so that exported programs load without fxghost.
     ("exporting", None, None, None, None, None, "torch"),
-    # Under torch.compile on the CPU, measured (benchmarks/RESULTS.md): a layer alone ran faster
-    # in the C kernels as custom ops than in inductor's code for the decomposition (1.3-2x), and
-    # whole networks whose layers end in a fused ReLU ran faster with the decomposition, which
-    # inductor fuses with its neighbours (a ResNet-18 step 4-7%, an MLP 4-9%).
+    # Under torch.compile on the CPU, measured (benchmarks/RESULTS.md): a tabular layer alone ran
+    # about twice as fast in the C kernels as custom ops as in inductor's code for the
+    # decomposition (a conv layer went either way), and whole networks whose layers end in a
+    # fused ReLU ran faster with the decomposition, which inductor fuses with its neighbours (a
+    # ResNet-18 step 4-7%, an MLP 4-9%).
     ("compiled", "cpu", _CPU_DTYPES, None, None, False, "cpu"),
     ("compiled", None, None, None, None, None, "torch"),
     ("eager", "cuda", _TRITON_DTYPES, True, None, None, "triton"),
