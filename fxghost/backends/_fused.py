@@ -5,7 +5,7 @@ kernels as custom ops for ``torch.compile``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "NormFn",
     "Saved",
     "register_norm_ops",
+    "relu_differentiable_backward",
 ]
 
 # (xg, weight, bias, eps) -> (y, mean, var): y sample-first, shaped like xg.flatten(0, 1), and not
@@ -127,6 +128,25 @@ def _input_and_param_grads(
     else:
         grad_x, dweight, dbias = kernels()
     return grad_x, *param_grads(ctx, dweight, dbias)
+
+
+def relu_differentiable_backward(
+    dy: Tensor,
+    y: Tensor,
+    xg: Tensor,
+    weight: Tensor | None,
+    eps: float | Tensor,
+    needs_input_grad: Sequence[bool],
+    residual_grad: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, dweight, dbias, grad_residual)`` of a normalization with a fused ReLU epilogue
+    (output ``y``) in differentiable ops, for ``create_graph=True``: ``dy`` masked as ReLU's own
+    backward masks it (``threshold_backward``, differentiable in ``dy``), then
+    :func:`fxghost._math.differentiable_backward`; the residual's gradient is the masked ``dy``,
+    grouped like ``xg`` (``None`` unless ``residual_grad``)."""
+    g = torch.ops.aten.threshold_backward(dy, y.detach(), 0)
+    grad_x, dweight, dbias = _math.differentiable_backward(g, xg, weight, eps, needs_input_grad)
+    return grad_x, dweight, dbias, g.view(xg.shape) if residual_grad else None
 
 
 _NORM_SCHEMA = (

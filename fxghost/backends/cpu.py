@@ -50,7 +50,13 @@ from ._common import (
     standard,
 )
 from ._dims import Dims, dims_of
-from ._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
+from ._fused import (
+    FusedGhostNorm,
+    Kernels,
+    Saved,
+    register_norm_ops,
+    relu_differentiable_backward,
+)
 
 __all__ = [
     "COMPILED",
@@ -151,24 +157,37 @@ def _run(
     _check(fn(*(_ptr(t) for t in tensors), *dims, *extra, _threads(numel)))
 
 
+def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
+    """``t``, or a copy of it with ``like``'s strides (what the kernels read as one layout)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
+
+
 def _check(failed: int) -> None:
     if failed:
         raise MemoryError("fxghost: the CPU kernels could not allocate their scratch memory")
 
 
 def _kernel_forward(
-    x: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, dims: Dims
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    dims: Dims,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize ``x`` into ``y`` (both dense, elements laid out as the contiguous
-    ``dims = (G, A, C, S)``); returns ``(mean, biased var, rstd)``, each ``(G, C)`` in the
-    statistics dtype (float32 for 16-bit inputs). ``weight`` and ``bias`` are contiguous in that
-    dtype, or ``None``."""
+    ``dims = (G, A, C, S)``), with the epilogue ``relu(... + residual)`` where ``relu`` (the
+    residual, laid out as ``x``, optional); returns ``(mean, biased var, rstd)``, each ``(G, C)``
+    in the statistics dtype (float32 for 16-bit inputs). ``weight`` and ``bias`` are contiguous
+    in that dtype, or ``None``."""
     kernels = _loaded()
     # Separate small tensors: cheaper per call than unbinding one (a few µs each call).
     dtype = _math.stat_dtype(x.dtype)
     mean, var, rstd = (torch.empty(dims[0], dims[2], dtype=dtype) for _ in range(3))
-    tensors = (x, None, y, weight, bias, mean, var, rstd)
-    _run(kernels.forward[x.dtype], tensors, dims, (float(eps), 0), x.numel())
+    tensors = (x, residual, y, weight, bias, mean, var, rstd)
+    _run(kernels.forward[x.dtype], tensors, dims, (float(eps), int(relu)), x.numel())
     return mean, var, rstd
 
 
@@ -180,13 +199,18 @@ def _kernel_backward(
     rstd: Tensor,
     dx: Tensor | None,
     dims: Dims,
+    mask: Tensor | None = None,
+    dres: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The weight and bias gradients before any dtype cast, ``sum(dy * xhat)`` and ``sum(dy)``
     over all groups (each ``(C,)`` in the statistics dtype), and the input gradient written into
-    ``dx`` unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`."""
+    ``dx`` unless it is ``None``; ``dy``, ``x`` and ``dx`` laid out alike, as in :func:`forward`.
+    With a ReLU epilogue, ``mask`` is the forward's output, which masks ``dy`` as ReLU's backward
+    does, and the masked ``dy`` (the residual's gradient) is written into ``dres`` unless it is
+    ``None``."""
     kernels = _loaded()
     grad_w, grad_b = (torch.empty(dims[2], dtype=mean.dtype) for _ in range(2))
-    tensors = (dy, None, x, weight, mean, rstd, dx, None, grad_w, grad_b)
+    tensors = (dy, mask, x, weight, mean, rstd, dx, dres, grad_w, grad_b)
     _run(kernels.backward[x.dtype], tensors, dims, (), x.numel())
     return grad_w, grad_b
 
@@ -294,8 +318,7 @@ def _cpu_backward(
     dy: Tensor, saved: Saved, input_grad: bool, dims: Dims
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     xg, weight, mean, rstd = saved
-    if dy.stride() != xg.stride():  # the incoming gradient may have any layout: bring it to x's
-        dy = torch.empty_like(xg).copy_(dy)
+    dy = _laid_out_as(dy, xg)  # the incoming gradient may have any layout: bring it to x's
     grad_x = torch.empty_like(xg) if input_grad else None
     dweight, dbias = _kernel_backward(dy, xg, _as_param(weight, xg), mean, rstd, grad_x, dims)
     return grad_x, dweight, dbias
@@ -363,28 +386,21 @@ def _op_backward(
 custom_op_norm = register_norm_ops("cpu_ghost_norm", ("cpu",), _op_forward, _op_backward)
 
 
-def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
-    """``t``, or a copy of it with ``like``'s strides (what the kernels read as one layout)."""
-    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
-
-
 def _epilogue_forward(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, rstd)`` with ``y = relu(bn(xg) + residual)`` (``relu(bn(xg))`` without
     a residual), ``y`` laid out as ``xg`` as the fake promises."""
-    x = xg if dims_of(tuple(xg.shape), xg.stride()) is not None else xg.contiguous()
-    d = _dense_dims(x)
-    res = None if residual is None else _laid_out_as(residual, x)
-    y = torch.empty_like(x.flatten(0, 1))
-    kernels = _loaded()
-    dtype = _math.stat_dtype(x.dtype)
-    mean, var, rstd = (torch.empty(d[0], d[2], dtype=dtype) for _ in range(3))
-    tensors = (x, res, y, _as_param(weight, x), _as_param(bias, x), mean, var, rstd)
-    _run(kernels.forward[x.dtype], tensors, d, (float(eps), 1), x.numel())
-    if x is not xg:  # the layout the trace promised
-        y = torch.empty_like(xg.flatten(0, 1)).copy_(y)
-    return y, mean, var, rstd
+
+    def run(x: Tensor, d: Dims) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        res = None if residual is None else _laid_out_as(residual, x)
+        y = torch.empty_like(x.flatten(0, 1))
+        params = (_as_param(weight, x), _as_param(bias, x))
+        return y, *_kernel_forward(x, y, *params, eps, d, res, relu=True)
+
+    return _on_dense(  # type: ignore[return-value]
+        xg, lambda t: torch.empty_like(t.flatten(0, 1)), run
+    )
 
 
 def _epilogue_backward(
@@ -404,9 +420,9 @@ def _epilogue_backward(
     g, m = _laid_out_as(dy, x), _laid_out_as(y, x)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if residual_grad else x.new_empty(0)
-    grad_w, grad_b = (torch.empty(d[2], dtype=mean.dtype) for _ in range(2))
-    tensors = (g, m, x, _as_param(weight, x), mean, rstd, dx, dres if residual_grad else None)
-    _run(_loaded().backward[x.dtype], (*tensors, grad_w, grad_b), d, (), x.numel())
+    grad_w, grad_b = _kernel_backward(
+        g, x, _as_param(weight, x), mean, rstd, dx, d, m, dres if residual_grad else None
+    )
     if x is not xg:
         dx = torch.empty_like(xg).copy_(dx)
         dres = torch.empty_like(xg).copy_(dres) if residual_grad else dres
@@ -465,9 +481,9 @@ def _epilogue_autograd(ctx: Any, dy: Tensor, *_unused: Tensor | None) -> tuple[T
     needs = ctx.needs_input_grad
     residual_grad = ctx.has_residual and needs[4]
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see FusedGhostNorm)
-        g = torch.ops.aten.threshold_backward(dy, y.detach(), 0)
-        grad_x, dweight, dbias = _math.differentiable_backward(g, xg, weight, ctx.eps, needs)
-        dres = g.view(xg.shape) if residual_grad else None
+        grad_x, dweight, dbias, dres = relu_differentiable_backward(
+            dy, y, xg, weight, ctx.eps, needs, residual_grad
+        )
     else:
         grouped = xg.shape
         grad_x, dweight, dbias, dres = _epilogue_backward_op(

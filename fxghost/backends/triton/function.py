@@ -26,7 +26,13 @@ from .._common import (
     per_channel,
     standard,
 )
-from .._fused import FusedGhostNorm, Kernels, Saved, register_norm_ops
+from .._fused import (
+    FusedGhostNorm,
+    Kernels,
+    Saved,
+    register_norm_ops,
+    relu_differentiable_backward,
+)
 from .host import (
     RunningUpdate,
     backward_apply,
@@ -144,11 +150,9 @@ class TritonEpilogueGhostNorm(torch.autograd.Function):
         needs_x, needs_w, needs_b, needs_r = ctx.needs_input_grad[:4]
         needs_r = needs_r and ctx.has_residual
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops
-            g = torch.ops.aten.threshold_backward(dy, y.detach(), 0)
-            grad_x, dweight, dbias = _math.differentiable_backward(
-                g, xg, weight, ctx.eps, ctx.needs_input_grad
+            grad_x, dweight, dbias, dres = relu_differentiable_backward(
+                dy, y, xg, weight, ctx.eps, ctx.needs_input_grad, needs_r
             )
-            dres = g.view(xg.shape) if needs_r else None
         else:
             # Sample-first to grouped: views whatever the strides (dim 0 split into (G, c)).
             dyg, mask = dy.view(xg.shape), y.view(xg.shape)
