@@ -65,6 +65,9 @@ class Result:
     first_call_s: float | None = None  # the first call, compilation included in compiled mode
     step_mem_mib: float | None = None  # peak memory of one step above what was live before it
     mem_kind: str = "n/a"
+    # Bytes of the distinct storages autograd saves for backward in one step: exact where the
+    # peak is allocator-dependent (on CPU it moves by 10% from step to step).
+    saved_mib: float | None = None
     graph_breaks: int | None = None
     graph_break_reasons: list[str] = field(default_factory=list)
     graphs: int | None = None
@@ -205,6 +208,22 @@ class CpuPeakMemory:
         before = self._kib("VmRSS")
         step()
         return max(self._kib("VmHWM") - before, 0) / 1024
+
+
+def saved_activation_mib(step: Step) -> float:
+    """MiB of the distinct storages that ``step``'s forward saves for backward (activations and
+    the parameters that ops save). All of them are alive together when the forward ends, so
+    their data pointers tell them apart."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values()) / 2**20
 
 
 def cuda_step_memory(step: Step) -> float:
@@ -431,14 +450,29 @@ def run_job(
             del ts[timing.repeats :]
         for fs in faults.values():
             del fs[timing.repeats :]
+        # Resident peaks on CPU vary from step to step with glibc's choices: the median of
+        # interleaved measurements.
+        peaks: dict[str, list[float]] = {impl: [] for impl in steps}
+        for _ in range(1 if device.type == "cuda" else 3):
+            for impl in list(steps):
+                r = results[impl]
+                try:
+                    if device.type == "cuda":
+                        peak: float | None = cuda_step_memory(steps[impl])
+                        r.mem_kind = "cuda allocated"
+                    else:
+                        peak = cpu_mem.measure(steps[impl])
+                        r.mem_kind = "rss median of 3" if peak is not None else "n/a"
+                    if peak is not None:
+                        peaks[impl].append(peak)
+                except Exception as exc:
+                    r.error = f"{type(exc).__name__}: {exc}"
+                    del steps[impl]
         for impl in list(steps):
             r = results[impl]
+            r.step_mem_mib = statistics.median(peaks[impl]) if peaks[impl] else None
             try:
-                if device.type == "cuda":
-                    r.step_mem_mib, r.mem_kind = cuda_step_memory(steps[impl]), "cuda allocated"
-                else:
-                    r.step_mem_mib = cpu_mem.measure(steps[impl])
-                    r.mem_kind = "rss" if r.step_mem_mib is not None else "n/a"
+                r.saved_mib = saved_activation_mib(steps[impl])
             except Exception as exc:
                 r.error = f"{type(exc).__name__}: {exc}"
                 continue

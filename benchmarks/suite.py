@@ -422,6 +422,7 @@ def _table(section: str, results: Sequence[Result]) -> str:
             _fmt(r.speed_vs_plain),
             _fmt(r.speed_vs_chunked),
             _fmt(r.step_mem_mib, 1) if r.step_mem_mib is not None else r.mem_kind,
+            _fmt(r.saved_mib, 1),
             _fmt(r.first_call_s, 1 if r.mode == "compiled" else 3),
             "" if r.graph_breaks is None else r.graph_breaks,
         ]
@@ -431,7 +432,14 @@ def _table(section: str, results: Sequence[Result]) -> str:
         headers.append("faults/step")
     if section == "model":
         headers.append("samples/s")
-    headers += ["vs plain", "vs chunked", "step mem MiB", "first call s", "graph breaks"]
+    headers += [
+        "vs plain",
+        "vs chunked",
+        "step mem MiB",
+        "saved MiB",
+        "first call s",
+        "graph breaks",
+    ]
     rows = [row + [""] * (len(headers) - len(row)) for row in rows]  # error rows are short
     return tabulate(rows, headers=headers, disable_numparse=True)
 

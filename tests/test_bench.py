@@ -186,6 +186,19 @@ def test_rounds_run_blocks_of_steps_and_time_all_but_the_first_of_each(
     assert calls[: len(expected)] == expected
 
 
+def test_saved_activations_count_each_storage_once() -> None:
+    a = torch.randn(1000, requires_grad=True)
+    b = torch.randn(1000, requires_grad=True)
+
+    def step() -> None:
+        # The first mul saves a and b, relu its output; the second mul saves views of that
+        # output and of a, whose storages are already counted.
+        (torch.relu(a * b)[:500] * a[:500]).sum().backward()
+
+    assert harness.saved_activation_mib(step) * 2**20 == (1000 + 1000 + 1000) * 4
+    assert a.grad is not None  # the step really ran its backward
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_each_implementation_follows_each_other_equally_often(n: int) -> None:
     """Over a cycle of rounds, each implementation's blocks come right after each other
