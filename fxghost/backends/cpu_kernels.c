@@ -191,6 +191,163 @@ static inline uint16_t f16_st(float f) {
 #define ST(v) bf16_st(v)
 #include "cpu_kernels.c"
 
+#if defined(__F16C__) && defined(__AVX__)
+/* float16 rows staged through float with the F16C conversions, when the compiler targets them:
+   GCC does not vectorize conversions of _Float16, and the software conversions above, though
+   vectorized, cost more than the arithmetic (2.5x plain BatchNorm's time on a conv layer). A
+   tile of each input row goes to a float buffer, the float32 row function runs on it, and its
+   outputs are rounded back. The float32 functions compute in float, as the float16 ones do, in
+   the same order (rows go in groups of 4, which the 4-row and 2-row groupings of the column sums
+   keep), and F16C converts exactly and rounds to nearest even: the results are the software
+   path's bit for bit, NaNs aside (F16C keeps a NaN's payload). */
+#define STAGE 256
+#define STAGE_ROWS 4
+#define F16_RNE (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+static inline void f16_stage(const uint16_t *restrict h, float *restrict f, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(f + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+    for (; j < n; j++) f[j] = _cvtsh_ss(h[j]);
+}
+
+static inline void f16_unstage(const float *restrict f, uint16_t *restrict h, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(f + j), F16_RNE));
+    for (; j < n; j++) h[j] = _cvtss_sh(f[j], F16_RNE);
+}
+
+/* Elements [j, j + n) of `rows` rows ld apart, to rows STAGE apart. */
+static inline void f16_stage_rows(const uint16_t *x, int64_t ld, int64_t rows, int64_t n,
+                                  float *restrict f) {
+    for (int64_t r = 0; r < rows; r++) f16_stage(x + r * ld, f + r * STAGE, n);
+}
+
+ROW_FN void col_sum_f16(const uint16_t *restrict x, int64_t ld, int64_t n, int64_t len,
+                        float *restrict acc) {
+    float bx[STAGE_ROWS * STAGE];
+    for (int64_t r = 0; r < n; r += STAGE_ROWS)
+        for (int64_t j = 0; j < len; j += STAGE) {
+            int64_t rows = MIN(STAGE_ROWS, n - r), tl = MIN(STAGE, len - j);
+            f16_stage_rows(x + r * ld + j, ld, rows, tl, bx);
+            col_sum_f32(bx, STAGE, rows, tl, acc + j);
+        }
+}
+
+ROW_FN void col_sq_f16(const uint16_t *restrict x, int64_t ld, int64_t n, int64_t len,
+                       const float *restrict cen, float *restrict acc) {
+    float bx[STAGE_ROWS * STAGE];
+    for (int64_t r = 0; r < n; r += STAGE_ROWS)
+        for (int64_t j = 0; j < len; j += STAGE) {
+            int64_t rows = MIN(STAGE_ROWS, n - r), tl = MIN(STAGE, len - j);
+            f16_stage_rows(x + r * ld + j, ld, rows, tl, bx);
+            col_sq_f32(bx, STAGE, rows, tl, cen + j, acc + j);
+        }
+}
+
+ROW_FN void col_dy_f16(const uint16_t *restrict dy, const uint16_t *restrict m,
+                       const uint16_t *restrict x, int64_t ld, int64_t n, int64_t len,
+                       const float *restrict cen, float *restrict a0, float *restrict a1) {
+    float bd[STAGE_ROWS * STAGE], bm[STAGE_ROWS * STAGE], bx[STAGE_ROWS * STAGE];
+    for (int64_t r = 0; r < n; r += STAGE_ROWS)
+        for (int64_t j = 0; j < len; j += STAGE) {
+            int64_t rows = MIN(STAGE_ROWS, n - r), tl = MIN(STAGE, len - j), o = r * ld + j;
+            f16_stage_rows(dy + o, ld, rows, tl, bd);
+            if (m) f16_stage_rows(m + o, ld, rows, tl, bm);
+            f16_stage_rows(x + o, ld, rows, tl, bx);
+            col_dy_f32(bd, m ? bm : NULL, bx, STAGE, rows, tl, cen + j, a0 + j, a1 + j);
+        }
+}
+
+ROW_FN void norm_row_f16(const uint16_t *restrict p, const float *restrict cen,
+                         const float *restrict k, const float *restrict h, uint16_t *restrict q,
+                         int64_t len, int nt) {
+    float bp[STAGE], bq[STAGE];
+    (void)nt;
+    for (int64_t j = 0; j < len; j += STAGE) {
+        int64_t tl = MIN(STAGE, len - j);
+        f16_stage(p + j, bp, tl);
+        norm_row_f32(bp, cen + j, k + j, h + j, bq, tl, 0);
+        f16_unstage(bq, q + j, tl);
+    }
+}
+
+/* Rounds each of v[0, n) to float16 and back. */
+static inline void f16_round(float *restrict v, uint16_t *restrict tmp, int64_t n) {
+    f16_unstage(v, tmp, n);
+    f16_stage(tmp, v, n);
+}
+
+ROW_FN void norm_row_epilogue_f16(const uint16_t *restrict p, const uint16_t *restrict r,
+                                  const float *restrict cen, const float *restrict k,
+                                  const float *restrict h, uint16_t *restrict q, int64_t len) {
+    float bp[STAGE], bq[STAGE];
+    uint16_t bh[STAGE];
+    for (int64_t j = 0; j < len; j += STAGE) {
+        int64_t tl = MIN(STAGE, len - j);
+        f16_stage(p + j, bp, tl);
+        norm_row_f32(bp, cen + j, k + j, h + j, bq, tl, 0);
+        f16_round(bq, bh, tl); /* bn(x) in float16, as the unfused ops have it */
+        if (r) {
+            f16_stage(r + j, bp, tl);
+            for (int64_t i = 0; i < tl; i++) bq[i] += bp[i];
+            f16_round(bq, bh, tl);
+        }
+        for (int64_t i = 0; i < tl; i++) bq[i] = bq[i] < 0 ? 0.0f : bq[i];
+        f16_unstage(bq, q + j, tl);
+    }
+}
+
+ROW_FN void grad_row_f16(const uint16_t *restrict d, const uint16_t *restrict p,
+                         const float *restrict cen, const float *restrict k,
+                         const float *restrict kb, const float *restrict kc,
+                         uint16_t *restrict q, int64_t len, int nt) {
+    float bd[STAGE], bp[STAGE], bq[STAGE];
+    (void)nt;
+    for (int64_t j = 0; j < len; j += STAGE) {
+        int64_t tl = MIN(STAGE, len - j);
+        f16_stage(d + j, bd, tl);
+        f16_stage(p + j, bp, tl);
+        grad_row_f32(bd, bp, cen + j, k + j, kb + j, kc + j, bq, tl, 0);
+        f16_unstage(bq, q + j, tl);
+    }
+}
+
+/* q may be d, as in the other types' grad_row_masked: a tile of d is staged before q's is
+   written. */
+ROW_FN void grad_row_masked_f16(const uint16_t *d, const uint16_t *restrict m,
+                                const uint16_t *restrict p, const float *restrict cen,
+                                const float *restrict k, const float *restrict kb,
+                                const float *restrict kc, uint16_t *q, uint16_t *restrict dr,
+                                int64_t len) {
+    float bd[STAGE], bm[STAGE], bp[STAGE], bq[STAGE], br[STAGE];
+    for (int64_t j = 0; j < len; j += STAGE) {
+        int64_t tl = MIN(STAGE, len - j);
+        f16_stage(d + j, bd, tl);
+        f16_stage(m + j, bm, tl);
+        f16_stage(p + j, bp, tl);
+        grad_row_masked_f32(bd, bm, bp, cen + j, k + j, kb + j, kc + j, bq, dr ? br : NULL, tl);
+        f16_unstage(bq, q + j, tl);
+        if (dr) f16_unstage(br, dr + j, tl);
+    }
+}
+
+ROW_FN void grad_row_inplace_f16(uint16_t *d, const uint16_t *restrict p,
+                                 const float *restrict cen, const float *restrict k,
+                                 const float *restrict kb, const float *restrict kc, int64_t len) {
+    float bd[STAGE], bp[STAGE];
+    for (int64_t j = 0; j < len; j += STAGE) {
+        int64_t tl = MIN(STAGE, len - j);
+        f16_stage(d + j, bd, tl);
+        f16_stage(p + j, bp, tl);
+        grad_row_inplace_f32(bd, bp, cen + j, k + j, kb + j, kc + j, tl);
+        f16_unstage(bd, d + j, tl);
+    }
+}
+#define STAGED_ROWS
+#endif
+
 #define T uint16_t
 #define F float
 #define SFX f16
@@ -200,6 +357,16 @@ static inline uint16_t f16_st(float f) {
 
 #else
 
+/* The incoming gradient of element j of a row: dy, or with a ReLU epilogue (m, its output, not
+   NULL) 0 where the output is <= 0, as ReLU's backward (threshold_backward) has it: a NaN output
+   passes its gradient. */
+static inline F NAME(grad)(T d, T m) {
+    F v = LD(d); /* loaded whatever the mask says, so that the select vectorizes */
+    return LD(m) <= 0 ? (F)0 : v;
+}
+#define GRAD(dy, m, j) NAME(grad)((dy)[j], (m)[j])
+
+#ifndef STAGED_ROWS /* else defined before this file was included */
 /* acc[j] += x[r * ld + j] over n rows; four rows per load and store of the accumulators. */
 ROW_FN void NAME(col_sum)(const T *restrict x, int64_t ld, int64_t n, int64_t len,
                           F *restrict acc) {
@@ -227,15 +394,6 @@ ROW_FN void NAME(col_sq)(const T *restrict x, int64_t ld, int64_t n, int64_t len
             acc[j] += d * d;
         }
 }
-
-/* The incoming gradient of element j of a row: dy, or with a ReLU epilogue (m, its output, not
-   NULL) 0 where the output is <= 0, as ReLU's backward (threshold_backward) has it: a NaN output
-   passes its gradient. */
-static inline F NAME(grad)(T d, T m) {
-    F v = LD(d); /* loaded whatever the mask says, so that the select vectorizes */
-    return LD(m) <= 0 ? (F)0 : v;
-}
-#define GRAD(dy, m, j) NAME(grad)((dy)[j], (m)[j])
 
 /* a0[j] += g[r * ld + j] and a1[j] += g[r * ld + j] * (x[r * ld + j] - cen[j]) over n rows,
    g the incoming gradient (GRAD). m and dy are read at the same offsets. */
@@ -269,6 +427,8 @@ ROW_FN void NAME(col_dy)(const T *restrict dy, const T *restrict m, const T *res
             a1[j] += LD(dy[j]) * (LD(x[j]) - cen[j]);
         }
 }
+
+#endif
 
 /* out[c] += sum of acc[c * S ... c * S + S) in double, and acc is zeroed. */
 static void NAME(carry)(F *restrict acc, int64_t nb, int64_t S, double *restrict out) {
@@ -304,6 +464,7 @@ static int64_t NAME(stream_head)(const T *q, int64_t len, int nt) {
 }
 #endif
 
+#ifndef STAGED_ROWS
 /* q[j] = (p[j] - cen[j]) * k[j] + h[j] */
 ROW_FN void NAME(norm_row)(const T *restrict p, const F *restrict cen, const F *restrict k,
                            const F *restrict h, T *restrict q, int64_t len, int nt) {
@@ -380,6 +541,17 @@ ROW_FN void NAME(grad_row_masked)(const T *d, const T *restrict m, const T *rest
     }
 }
 
+/* d[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j]: grad_row with dx written over dy, each
+   element read before it is written. Plain stores: the lines were just read, so they are in
+   cache and a store costs no extra read. */
+ROW_FN void NAME(grad_row_inplace)(T *d, const T *restrict p, const F *restrict cen,
+                                   const F *restrict k, const F *restrict kb,
+                                   const F *restrict kc, int64_t len) {
+    for (int64_t j = 0; j < len; j++)
+        d[j] = ST(LD(d[j]) * k[j] + (LD(p[j]) - cen[j]) * kb[j] + kc[j]);
+}
+#endif
+
 /* The per-channel results of a forward block, from its mean mu and centred sum of squares m2
    over `seen` values: mean, biased variance and rstd, and the coefficients of
    y = (x - cen) * k + h. Its own function so that restrict-qualified pointers let the loop
@@ -419,16 +591,6 @@ static void NAME(backward_coefs)(int64_t nb, const double *restrict sdy,
         kbv[c] = (F)(-kk * r * sdxh / n);
         kcv[c] = (F)(-kk * sdy[c] / n);
     }
-}
-
-/* d[j] = d[j] * k[j] + (p[j] - cen[j]) * kb[j] + kc[j]: grad_row with dx written over dy, each
-   element read before it is written. Plain stores: the lines were just read, so they are in
-   cache and a store costs no extra read. */
-ROW_FN void NAME(grad_row_inplace)(T *d, const T *restrict p, const F *restrict cen,
-                                   const F *restrict k, const F *restrict kb,
-                                   const F *restrict kc, int64_t len) {
-    for (int64_t j = 0; j < len; j++)
-        d[j] = ST(LD(d[j]) * k[j] + (LD(p[j]) - cen[j]) * kb[j] + kc[j]);
 }
 
 /* Per-thread scratch: 6 * nb doubles and 9 segments of len values of F. */
@@ -697,6 +859,7 @@ int NAME(fxg_running)(const F *mean, const F *var, const F *wts, int64_t G, int6
 #undef LD
 #undef ST
 #undef GRAD
+#undef STAGED_ROWS
 #undef VEC
 #undef VLEN
 #undef VLOAD
