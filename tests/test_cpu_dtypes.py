@@ -5,7 +5,12 @@ epilogues bit for bit the unfused ops, on every dtype and layout."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import platform
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +228,67 @@ def test_bfloat16_autocast_channels_last_runs_the_kernels_fused() -> None:
     (y_eager, dx_eager), (y_compiled, dx_compiled) = results
     assert torch.equal(y_compiled, y_eager), "output"
     assert torch.equal(dx_compiled, dx_eager), "input gradient"
+
+
+def _f16_entry_points(path: str) -> tuple[Callable[..., int], Callable[..., int]]:
+    lib = ctypes.CDLL(path)
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fwd, bwd = lib.fxg_forward_f16, lib.fxg_backward_f16
+    fwd.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_double, i64, i64]
+    bwd.argtypes = [ptr] * 10 + [i64] * 5
+    fwd.restype = bwd.restype = ctypes.c_int
+    return fwd, bwd
+
+
+def _f16_pass(entry: tuple[Callable[..., int], Callable[..., int]], data: dict) -> list:
+    """Forward (with the add-ReLU epilogue) and backward through one build's float16 kernels."""
+    fwd, bwd = entry
+    x, r, w, b, dy = (data[k] for k in ("x", "r", "w", "b", "dy"))
+    G, A, C, S = data["dims"]
+    y = torch.empty_like(x)
+    mean, var, rstd = (torch.empty(G, C) for _ in range(3))
+    p = [t.data_ptr() for t in (x, r, y, w, b, mean, var, rstd)]
+    assert fwd(*p, G, A, C, S, EPS, 1, 1) == 0
+    dx, dr, gw, gb = torch.empty_like(x), torch.empty_like(x), torch.empty(C), torch.empty(C)
+    q = [t.data_ptr() for t in (dy, y, x, w, mean, rstd, dx, dr, gw, gb)]
+    assert bwd(*q, G, A, C, S, 1) == 0
+    return [y, dx, dr, mean, rstd, gw, gb]
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None,
+    reason="the F16C build and its software twin are x86 builds with a C compiler",
+)
+def test_float16_f16c_staging_is_bitwise_the_software_conversions(tmp_path: Path) -> None:
+    """Where the compiler targets F16C, float16 rows go through float buffers with its vector
+    conversions; elsewhere through branch-free software conversions. Both builds of the same
+    source give the same bits, with outputs spanning float16's subnormals to its overflow."""
+    main = cpu.library_path()
+    assert main is not None
+    source = Path(cpu.__file__).with_name("cpu_kernels.c")
+    flags = ["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+    software = tmp_path / "software.so"
+    subprocess.run(
+        ["cc", *flags, "-mno-f16c", "-fPIC", "-shared", str(source), "-lm", "-o", str(software)],
+        check=True,
+    )
+    torch.manual_seed(3)
+    G, A, C, S = 3, 8, 12, 37  # rows of 444 elements: a full tile of 256, a tail; 8 rows
+    scales = torch.logspace(-7, 5, C)  # y from float16's subnormals to beyond its range
+    data = {
+        "dims": (G, A, C, S),
+        "x": (torch.randn(G, A, C, S) * 3 + 1).half(),
+        "r": torch.randn(G, A, C, S).half(),
+        "w": scales.clone(),
+        "b": torch.randn(C) * scales,
+        "dy": (torch.randn(G, A, C, S) * scales.view(C, 1)).half(),
+    }
+    got = _f16_pass(_f16_entry_points(str(main)), data)
+    want = _f16_pass(_f16_entry_points(str(software)), data)
+    bits = got[0].view(torch.int16)
+    assert got[0].isinf().any() and ((bits & 0x7C00 == 0) & (bits & 0x3FF != 0)).any()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(
+            a.view(torch.int16 if a.dtype == torch.half else torch.int32),
+            b.view(torch.int16 if b.dtype == torch.half else torch.int32),
+        )
