@@ -105,8 +105,10 @@ def transform(
         fuse_epilogues: fuse into a layer's normalization the ReLU that is the only user of
             its output, or the residual add that is, when a ReLU is the add's only user (the
             ReLU an ``nn.ReLU`` without hooks, ``torch.relu``, ``F.relu`` or ``.relu()``; each
-            in place or not), so that a kernel backend can run them in one kernel. A fused
-            ``nn.ReLU`` that has hooks by the time it runs is called, unfused, and they fire.
+            in place or not), so that a kernel backend can run them in one kernel; with any
+            ``nn.Identity`` modules without hooks that the graph calls in between (timm's
+            ``drop_block``). A fused ``nn.ReLU`` or ``nn.Identity`` that has hooks by the time
+            it runs is called, unfused, and they fire.
             ``False`` keeps those nodes as they are, to inspect the graph.
 
     Returns:

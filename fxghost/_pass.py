@@ -1,7 +1,8 @@
 """The graph pass on one graph: each ``call_module`` BatchNorm node becomes
 ghost_view -> ghost_norm -> ghost_unview (between the layer's forward hooks, when it has any).
 A ReLU after it, or a residual add then a ReLU, is fused into the ``ghost_norm`` call (its
-``epilogue``), so that a kernel backend can run them in the normalization's kernel."""
+``epilogue``), so that a kernel backend can run them in the normalization's kernel; pass-through
+``nn.Identity`` calls in between (timm's ``drop_block``) are fused with them."""
 
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ class GhostSettings(NamedTuple):
     """What the pass does to each layer it selects: ghost batches of ``g`` samples, normalized
     by ``backend`` (``"auto"``: chosen per call, :mod:`fxghost.backends`), spanning the
     processes of ``group``; with ``fuse_epilogues``, a ReLU after the layer, or a residual add
-    then a ReLU, fused into its normalization."""
+    then a ReLU, fused into its normalization (with any pass-through ``nn.Identity`` calls in
+    between)."""
 
     g: int
     backend: str = "auto"
@@ -182,18 +184,22 @@ class GhostSettings(NamedTuple):
 
 class FusedEpilogue(NamedTuple):
     """What a layer's ``ghost_norm`` node applies after normalizing, in place of the graph's
-    ReLU (``kind="relu"``) or residual add and ReLU (``kind="add_relu"``)."""
+    ReLU (``kind="relu"``) or residual add and ReLU (``kind="add_relu"``), and of the
+    pass-through ``nn.Identity`` calls around them."""
 
     #: ``"relu"`` or ``"add_relu"`` (:data:`fxghost.ops.EPILOGUES`).
     kind: str
     #: The add's other operand, a node of the new graph (``None`` for a ReLU alone).
     residual: fx.Node | None
+    #: The targets of the ``nn.Identity`` modules the graph called, in call order: between the
+    #: layer and the add (or, without one, the ReLU), and between the add and the ReLU.
+    identities: tuple[tuple[str, ...], tuple[str, ...]]
     #: The target of the ``nn.ReLU`` module the graph called, or ``None`` (a function, a method).
     activation: str | None
     #: Whether the add was in place on the layer's output (``out += identity``).
     add_inplace: bool
-    #: The names of the replaced nodes, in graph order: the add (with one) and the ReLU, whose
-    #: name the subgraph's last node takes.
+    #: The names of the replaced nodes, in graph order: the ``nn.Identity`` calls, the add (with
+    #: one) and the ReLU, whose name the subgraph's last node takes.
     fused: tuple[str, ...]
     #: The ReLU node's meta, which the subgraph's last node takes (it stands for the ReLU's
     #: output: its shape metadata, stack trace and the user's own keys).
@@ -292,8 +298,19 @@ def emit_ghost_subgraph(
         chosen["epilogue"] = epilogue.kind
         if epilogue.residual is not None:
             chosen["residual"] = epilogue.residual
+        # The node holds the modules the epilogue stands for: the graph still reaches the
+        # user's modules, and once one has hooks it calls them (ghost_norm's epilogue_steps).
+        before_add, after_add = epilogue.identities
+        calls: list[fx.Node | str] = [make("get_attr", t, (), "identity") for t in before_add]
+        if epilogue.kind == "add_relu":
+            calls.append("add")
+        calls += [make("get_attr", t, (), "identity") for t in after_add]
         if epilogue.activation is not None:
-            chosen["activation_module"] = make("get_attr", epilogue.activation, (), "activation")
+            calls.append(make("get_attr", epilogue.activation, (), "activation"))
+        else:
+            calls.append("relu")
+        if any(isinstance(call, fx.Node) for call in calls):
+            chosen["epilogue_steps"] = tuple(calls)
         if epilogue.add_inplace:
             chosen["add_inplace"] = True
     norm = make("call_function", ops.ghost_norm, (view, layer, g, name), "normalize", chosen)
@@ -447,9 +464,11 @@ class _GraphRewrite:
         self.reached: set[str] = set()
         # Fused epilogues: the add nodes where a layer's subgraph is emitted (the residual may
         # come after the layer in graph order), with what emits it; and the nodes replaced by a
-        # subgraph emitted already, with its last node.
+        # subgraph emitted already, with its last node; and the nn.Identity calls before an add
+        # whose subgraph comes later, which nothing in the new graph stands for.
         self.deferred: dict[fx.Node, Callable[[], fx.Node]] = {}
         self.replaced: dict[fx.Node, fx.Node] = {}
+        self.absorbed: set[fx.Node] = set()
 
     def run(self, source: nn.Module) -> tuple[fx.Graph, Records, list[str], dict[str, str]]:
         """The new graph (linted), its records, candidates and opaque submodules; ``source`` is
@@ -463,7 +482,7 @@ class _GraphRewrite:
         return self.graph, self.records, self.candidates, self.opaque
 
     def kind(self, node: fx.Node) -> str:
-        if node in self.deferred or node in self.replaced:
+        if node in self.deferred or node in self.replaced or node in self.absorbed:
             return "fused"
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
@@ -512,41 +531,53 @@ class _GraphRewrite:
         if fusion.add is None:
             return emit()
         self.deferred[fusion.add] = emit
+        self.absorbed.update(fusion.before)
         return None
 
     def emit_fused(
         self, x: fx.Node, module: nn.Module, rule: LayerRule, site: GhostSite, fusion: _Fusion
     ) -> fx.Node:
-        """The ghost subgraph of a layer with the epilogue it fuses, its ReLU mapped to its last
-        node."""
+        """The ghost subgraph of a layer with the epilogue it fuses, the nodes after it that it
+        replaces (its ReLU last) mapped to its last node."""
         residual = None if fusion.residual is None else self.env[fusion.residual]
-        replaced = (fusion.relu,) if fusion.add is None else (fusion.add, fusion.relu)
+        add = () if fusion.add is None else (fusion.add,)
+        replaced = (*fusion.before, *add, *fusion.after, fusion.relu)
         epilogue = FusedEpilogue(
             fusion.kind,
             residual,
+            (_targets(fusion.before), _targets(fusion.after)),
             fusion.activation,
             fusion.add_inplace,
             tuple(n.name for n in replaced),
             fusion.relu.meta,
         )
         out = emit_ghost_subgraph(self.graph, x, module, rule, site, self.settings, epilogue)
-        self.replaced[fusion.relu] = out
+        # Those before the add were passed already (see absorbed); the add itself emitted this.
+        for node in (*fusion.after, fusion.relu) if add else (*fusion.before, fusion.relu):
+            self.replaced[node] = out
         return out
 
-    def fused(self, node: fx.Node) -> fx.Node:
-        """An add or ReLU fused into a layer's normalization: the add emits the layer's
-        subgraph; the ReLU stands for its last node."""
+    def fused(self, node: fx.Node) -> fx.Node | None:
+        """A node fused into a layer's normalization: the add emits the layer's subgraph; an
+        ``nn.Identity`` call before the add stands for nothing; those after the layer's subgraph
+        and the ReLU stand for its last node."""
         emit = self.deferred.pop(node, None)
-        return emit() if emit is not None else self.replaced.pop(node)
+        if emit is not None:
+            return emit()
+        if node in self.absorbed:
+            self.absorbed.discard(node)
+            return None
+        return self.replaced.pop(node)
 
     def fusion(self, node: fx.Node) -> _Fusion | None:
         """The epilogue that the ``call_module`` node of a layer fuses, where the pass rewrites
         it: a ReLU its only user, or an add its only user whose only user is a ReLU (see
-        :func:`_relu_of` and :func:`_add_of`). Nothing when fusion is off, the layer has hooks
-        or ``after`` submodules; nor, for an add: when the layer is its second operand and the
-        add is in place (it writes into the residual, which others may read) or the first
-        operand fuses it; or when a node between the layer and the add (where its subgraph then
-        goes) uses the layer."""
+        :func:`_relu_of` and :func:`_add_of`), each possibly through a chain of pass-through
+        ``nn.Identity`` calls (see :func:`_passes_through`). Nothing when fusion is off, the
+        layer has hooks or ``after`` submodules; nor, for an add: when the layer is its second
+        operand and the add is in place (it writes into the residual, which others may read) or
+        the first operand fuses it; or when a node between the layer and the add (where its
+        subgraph then goes) uses the layer."""
         if not self.settings.fuse_epilogues or node.op != "call_module" or len(node.users) != 1:
             return None
         module = self.gm.get_submodule(str(node.target))
@@ -558,27 +589,38 @@ class _GraphRewrite:
             or after_submodules(module, rule)
         ):
             return None
-        (user,) = node.users
-        relu = _relu_of(self.gm, user, node)
+        before, end, user = _through_identities(self.gm, node)
+        if user is None:
+            return None
+        relu = _relu_of(self.gm, user, end)
         if relu is not None:
-            return _Fusion(user, relu or None, None, None, False)
+            return _Fusion(user, relu or None, None, None, False, before, ())
         operands = _add_of(user)
-        if operands is None or len(user.users) != 1:
+        if operands is None:
             return None
         first, second, inplace = operands
-        if node is second and (inplace or self.fusion(first) is not None):
+        if end is second and (
+            inplace or self.fusion(_before_identities(self.gm, first)) is not None
+        ):
             return None  # an in-place add writes into the residual; or the first one fuses
-        relu = _relu_of(self.gm, next(iter(user.users)), user)
-        if relu is None or self.used_between(module, node, user):
+        after, add_end, last = _through_identities(self.gm, user)
+        relu = None if last is None else _relu_of(self.gm, last, add_end)
+        if last is None or relu is None or self.used_between(module, node, user, before):
             return None
-        residual = second if node is first else first
-        return _Fusion(next(iter(user.users)), relu or None, user, residual, inplace)
+        residual = second if end is first else first
+        return _Fusion(last, relu or None, user, residual, inplace, before, after)
 
-    def used_between(self, module: nn.Module, start: fx.Node, end: fx.Node) -> bool:
-        """Whether a node after ``start`` and before ``end`` calls ``module`` or reads a module
-        holding it: moving its call to ``end`` would change the order of its updates."""
+    def used_between(
+        self, module: nn.Module, start: fx.Node, end: fx.Node, moved: tuple[fx.Node, ...]
+    ) -> bool:
+        """Whether a node after ``start`` and before ``end``, except the ``moved`` ones (which
+        the fused call replaces), calls ``module`` or reads a module holding it: moving its
+        call to ``end`` would change the order of its updates."""
         node = start.next
         while node is not end:
+            if node in moved:
+                node = node.next
+                continue
             for used in (node, *node.all_input_nodes):
                 if used.op in ("call_module", "get_attr"):
                     value = _attr(self.gm, str(used.target))
@@ -696,6 +738,10 @@ class _Fusion(NamedTuple):
     residual: fx.Node | None
     #: Whether the add writes into the layer's output.
     add_inplace: bool
+    #: The pass-through ``nn.Identity`` calls between the layer and the add (or, without one,
+    #: the ReLU), and between the add and the ReLU, in graph order.
+    before: tuple[fx.Node, ...]
+    after: tuple[fx.Node, ...]
 
     @property
     def kind(self) -> str:
@@ -728,6 +774,48 @@ def _relu_of(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> str | None:
 
 def _only(node: fx.Node, source: fx.Node) -> bool:
     return node.args == (source,) and not node.kwargs
+
+
+def _passes_through(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` calls, on ``source`` alone, an ``nn.Identity`` module (exactly, not a
+    subclass, whose forward may do something) that has no hooks: it returns ``source`` itself,
+    so an epilogue may stand for it."""
+    if node.op != "call_module" or not _only(node, source):
+        return False
+    module = gm.get_submodule(str(node.target))
+    return type(module) is nn.Identity and not has_hooks(module)
+
+
+def _through_identities(
+    gm: fx.GraphModule, source: fx.Node
+) -> tuple[tuple[fx.Node, ...], fx.Node, fx.Node | None]:
+    """Follow ``source``'s only user through pass-through ``nn.Identity`` calls (each the only
+    user of the one before): ``(those calls, the last of them or source, its only user)``, the
+    user ``None`` where a node on the way has several users or none."""
+    chain: list[fx.Node] = []
+    end = source
+    while len(end.users) == 1:
+        (user,) = end.users
+        if not _passes_through(gm, user, end):
+            return tuple(chain), end, user
+        chain.append(user)
+        end = user
+    return tuple(chain), end, None
+
+
+def _before_identities(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The node that a chain of pass-through ``nn.Identity`` calls ending at ``node`` starts
+    from (``node`` itself when it is no such call)."""
+    while node.args and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        if len(source.users) != 1 or not _passes_through(gm, node, source):
+            break
+        node = source
+    return node
+
+
+def _targets(nodes: tuple[fx.Node, ...]) -> tuple[str, ...]:
+    return tuple(str(n.target) for n in nodes)
 
 
 def _add_of(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:

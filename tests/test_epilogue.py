@@ -1,5 +1,6 @@
 """Fused epilogues: BatchNorm -> ReLU and BatchNorm -> add -> ReLU become one ``ghost_norm`` node
-(``transform(fuse_epilogues=True)``, the default), which gives the unfused graph's results."""
+(``transform(fuse_epilogues=True)``, the default), which gives the unfused graph's results; also
+through pass-through ``nn.Identity`` calls between them (timm's ``drop_block``)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,61 @@ def res_net(how: str = "iadd") -> nn.Module:
     return nn.Sequential(Block(how, downsample=True, channels=3), Block(how, downsample=False))
 
 
+class BnIdentityRelu(nn.Module):
+    """conv -> BatchNorm -> ``nn.Identity`` calls (one, or two) -> a ReLU module or function."""
+
+    def __init__(self, identities: int, module_relu: bool) -> None:
+        super().__init__()
+        self.module_relu = module_relu
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.drops = nn.Sequential(*(nn.Identity() for _ in range(identities)))
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        for drop in self.drops:
+            y = drop(y)
+        return self.head(self.relu(y) if self.module_relu else torch.relu(y))
+
+
+class IdentityBlock(nn.Module):
+    """A BasicBlock with ``nn.Identity`` calls as timm's have them, and more: ``drop_block``
+    between ``bn1`` and the ReLU, ``drop_path`` between ``bn2`` and the add, ``post`` between the
+    add and the ReLU, and ``short_drop`` on the shortcut (a conv and a BatchNorm, computed after
+    ``bn2``); the add written as ``how`` says."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.drop_block = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.drop_path = nn.Identity()
+        self.post = nn.Identity()
+        self.downsample = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.short_drop = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.drop_block(self.bn1(self.conv1(x))))
+        out = self.drop_path(self.bn2(self.conv2(out)))
+        identity = self.short_drop(self.downsample(x))
+        if self.how == "iadd":
+            out += identity
+        elif self.how == "add":
+            out = out + identity
+        else:  # both operands reach a BatchNorm through an nn.Identity: the first one fuses
+            out = identity + out
+        return self.relu(self.post(out))
+
+
+IDENTITY_ADDS = ["iadd", "add", "radd"]
+
+
 def norm_nodes(gm: nn.Module) -> dict[str, fx.Node]:
     """Each ``ghost_norm`` node of ``gm``'s graph, by layer."""
     return {str(n.args[3]): n for n in gm.graph.nodes if n.target is ops.ghost_norm}
@@ -149,7 +205,11 @@ def test_bn_relu_fuses_and_matches_reference(how: str, backend: str) -> None:
     assert epilogues(gm) == {"bn": "relu"}
     assert relus_and_adds(gm) == []
     norm = norm_nodes(gm)["bn"]
-    assert ("activation_module" in norm.kwargs) == how.startswith("module")
+    steps = norm.kwargs.get("epilogue_steps")
+    if how.startswith("module"):
+        assert [s.target for s in steps] == ["relu"]
+    else:
+        assert steps is None
     assert "residual" not in norm.kwargs
     run_side_by_side(model, G, TRAIN, EVAL, transformed=gm)
 
@@ -187,6 +247,65 @@ def test_bn_add_relu_fuses_and_matches_reference(how: str, backend: str) -> None
     run_side_by_side(model, G, TRAIN, EVAL, transformed=gm)
 
 
+def steps_of(norm: fx.Node) -> list[str] | None:
+    """A ``ghost_norm`` node's ``epilogue_steps``: each module's target, or the op's name."""
+    steps = norm.kwargs.get("epilogue_steps")
+    return None if steps is None else [s if isinstance(s, str) else s.target for s in steps]
+
+
+def module_calls(gm: nn.Module) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("module_relu", [True, False], ids=["nn.ReLU", "torch.relu"])
+@pytest.mark.parametrize("identities", [1, 2])
+def test_bn_identity_relu_fuses_and_matches_reference(
+    identities: int, module_relu: bool, backend: str
+) -> None:
+    """BatchNorm -> nn.Identity (one, or a chain) -> ReLU fuses; the node holds the Identity
+    modules, which stay the model's, and its meta names them among the nodes it replaced."""
+    torch.manual_seed(0)
+    model = BnIdentityRelu(identities, module_relu).double()
+    gm = fxghost.transform(model, G, backend=backend)
+    assert epilogues(gm) == {"bn": "relu"}
+    assert module_calls(gm) == ["conv", "head"]
+    drops = [f"drops.{i}" for i in range(identities)]
+    norm = norm_nodes(gm)["bn"]
+    assert steps_of(norm) == [*drops, "relu"]
+    assert isinstance(norm.kwargs["epilogue_steps"][-1], str) != module_relu
+    assert all(gm.get_submodule(d) is model.get_submodule(d) for d in drops)
+    fused = norm.meta["fxghost"]["fused"]
+    assert fused == [*(d.replace(".", "_") for d in drops), "relu"]
+    assert fxghost.report(gm).layers[0].epilogue == "relu"
+    run_side_by_side(model, G, TRAIN, EVAL, transformed=gm)
+
+
+@pytest.mark.parametrize("how", IDENTITY_ADDS)
+def test_bn_identity_add_identity_relu_fuses_and_matches_reference(how: str, backend: str) -> None:
+    """BatchNorm -> nn.Identity -> add -> nn.Identity -> ReLU fuses, the first operand's chain
+    (``radd``: the shortcut's BatchNorm through ``short_drop``) where both lead to a
+    BatchNorm."""
+    torch.manual_seed(0)
+    model = IdentityBlock(how).double()
+    gm = fxghost.transform(model, G, backend=backend)
+    fused, other, before = ("bn2", "downsample.1", "drop_path")
+    if how == "radd":
+        fused, other, before = ("downsample.1", "bn2", "short_drop")
+    assert epilogues(gm) == {"bn1": "relu", fused: "add_relu", other: None}
+    assert relus_and_adds(gm) == []
+    left = {"drop_path", "short_drop"} - {before}
+    assert [c for c in module_calls(gm) if "drop" in c or c == "post"] == sorted(left)
+    nodes = norm_nodes(gm)
+    assert steps_of(nodes["bn1"]) == ["drop_block", "relu"]
+    assert steps_of(nodes[fused]) == [before, "add", "post", "relu"]
+    assert nodes[fused].kwargs.get("add_inplace", False) == (how == "iadd")
+    assert nodes[fused].meta["fxghost"]["fused"][0] == before
+    assert nodes[fused].meta["fxghost"]["fused"][2:] == ["post", "relu_1"]
+    for name in ("drop_block", "drop_path", "post", "short_drop"):
+        assert getattr(gm, name) is getattr(model, name)
+    run_side_by_side(model, G, TRAIN, EVAL, transformed=gm)
+
+
 @pytest.mark.parametrize(("make", "what"), [(lambda: BnRelu("module"), "relu"), (res_net, "add")])
 def test_float32_matches_reference(make: Callable[[], nn.Module], what: str, backend: str) -> None:
     torch.manual_seed(0)
@@ -197,32 +316,35 @@ def test_float32_matches_reference(make: Callable[[], nn.Module], what: str, bac
 
 
 def _step(
-    gm: nn.Module, x: torch.Tensor, dy: torch.Tensor, training: bool
+    gm: nn.Module, x: torch.Tensor, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One call of ``gm`` on ``x``, and in training a backward from a gradient that depends on
+    the output's shape alone (the same for two models of the same shapes)."""
     gm.train(training)
     x = x.clone().requires_grad_(training)
     y = gm(x)
     if training:
-        y.backward(dy)
+        gen = torch.Generator().manual_seed(y.numel())
+        y.backward(torch.randn(y.shape, generator=gen, dtype=y.dtype))
     return y.detach(), x.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_is_bitwise_the_unfused_graph(dtype: torch.dtype, backend: str) -> None:
-    """The fused graph computes what the unfused one does, bit for bit: outputs, gradients and
-    running statistics, with a tail, in eval, and for a batch without samples."""
-    torch.manual_seed(0)
-    model = res_net().to(dtype)
-    twin = copy.deepcopy(model)
-    fused = fxghost.transform(model, G, backend=backend)
-    unfused = fxghost.transform(twin, G, backend=backend, fuse_epilogues=False)
-    assert not any(norm.kwargs.get("epilogue") for norm in norm_nodes(unfused).values())
+def assert_same_as_unfused(
+    model: nn.Module,
+    fused: nn.Module,
+    twin: nn.Module,
+    unfused: nn.Module,
+    steps: list[tuple[tuple[int, ...], bool]],
+    dtype: torch.dtype = torch.float64,
+) -> None:
+    """``fused`` (of ``model``) and ``unfused`` (of ``twin``, a copy of it) compute the same, bit
+    for bit, at each ``(shape, training)`` step: outputs, input and parameter gradients, running
+    statistics and num_batches_tracked."""
     gen = torch.Generator().manual_seed(1)
-    for shape, training in [*((s, True) for s in TRAIN), ((0, 3, 5, 5), True), (EVAL[0], False)]:
+    for shape, training in steps:
         x = torch.randn(shape, generator=gen, dtype=dtype)
-        dy = torch.randn((shape[0], 4, *shape[2:]), generator=gen, dtype=dtype)
-        y1, g1 = _step(fused, x, dy, training)
-        y2, g2 = _step(unfused, x, dy, training)
+        y1, g1 = _step(fused, x, training)
+        y2, g2 = _step(unfused, x, training)
         assert torch.equal(y1, y2), shape
         assert (g1 is None and g2 is None) or torch.equal(g1, g2), shape
         for (name, a), b in zip(
@@ -233,6 +355,28 @@ def test_fused_is_bitwise_the_unfused_graph(dtype: torch.dtype, backend: str) ->
             assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
         model.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)
+
+
+BITWISE_STEPS = [*((s, True) for s in TRAIN), ((0, 3, 5, 5), True), (EVAL[0], False)]
+
+
+@pytest.mark.parametrize(
+    "make", [res_net, lambda: IdentityBlock("iadd")], ids=["plain", "identity"]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_is_bitwise_the_unfused_graph(
+    make: Callable[[], nn.Module], dtype: torch.dtype, backend: str
+) -> None:
+    """The fused graph computes what the unfused one does, bit for bit: outputs, gradients and
+    running statistics, with a tail, in eval, and for a batch without samples."""
+    torch.manual_seed(0)
+    model = make().to(dtype)
+    twin = copy.deepcopy(model)
+    fused = fxghost.transform(model, G, backend=backend)
+    unfused = fxghost.transform(twin, G, backend=backend, fuse_epilogues=False)
+    assert any(norm.kwargs.get("epilogue") for norm in norm_nodes(fused).values())
+    assert not any(norm.kwargs.get("epilogue") for norm in norm_nodes(unfused).values())
+    assert_same_as_unfused(model, fused, twin, unfused, BITWISE_STEPS, dtype)
 
 
 def test_torchvision_resnet18_fuses_every_block() -> None:
@@ -251,17 +395,53 @@ def test_torchvision_resnet18_fuses_every_block() -> None:
     assert rows["layer2.0.downsample.1"]["epilogue"] == ""
 
 
-def test_timm_resnet_fuses_its_residual_adds() -> None:
-    """timm's BasicBlock calls ``drop_block`` (an ``nn.Identity``) between ``bn1`` and ``act1``:
-    those stay unfused, the stem's ReLU and every residual add and ReLU fuse."""
+# timm's ResNets: the report's epilogue of the stem's bn1 and of each block's BatchNorms, but the
+# shortcuts'. BasicBlock: bn1 -> drop_block -> act1, bn2 -> add -> act2; Bottleneck: bn2 ->
+# drop_block -> act2, bn3 -> add -> act3. (drop_path is None, or a DropPath: no nn.Identity.)
+TIMM_RESNETS = {
+    "resnet18": {"bn1": "relu", "bn2": "add+relu"},
+    "resnet50": {"bn1": "relu", "bn2": "relu", "bn3": "add+relu"},
+}
+# 16 pixels (1x1 in layer4) keep resnet50's steps in float64 under a second.
+TIMM_PIXELS = 16
+
+
+@pytest.mark.parametrize("arch", TIMM_RESNETS)
+def test_timm_resnets_fuse_every_block(arch: str) -> None:
+    """timm's blocks call ``drop_block`` (an ``nn.Identity`` by default) between a BatchNorm and
+    its ReLU: it fuses with them, so every BatchNorm followed by a ReLU fuses (only the
+    shortcuts' do not, which the add reads). The Identity stays the model's, where it was, and a
+    hook registered on it later fires; the results are the unfused graph's, bit for bit."""
     timm = pytest.importorskip("timm")
-    gm = fxghost.transform(timm.create_model("resnet18", pretrained=False, num_classes=3), 8)
-    found = epilogues(gm)
-    assert found["bn1"] == "relu"
-    bn2 = {n: e for n, e in found.items() if n.endswith("bn2")}
-    assert len(bn2) == 8 and set(bn2.values()) == {"add_relu"}
-    assert all(e is None for n, e in found.items() if "downsample" in n)
-    assert not any(n.target is operator.iadd for n in gm.graph.nodes)
+    labels, pixels = TIMM_RESNETS[arch], TIMM_PIXELS
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=3).double()
+    twin = copy.deepcopy(model)
+    gm = fxghost.transform(model, G)
+    rows = fxghost.report(gm).rows()
+    for row in rows:
+        name = str(row["layer"])
+        expected = "" if "downsample" in name else labels[name.rsplit(".", 1)[-1]]
+        assert row["epilogue"] == expected, name
+    assert sum(not r["epilogue"] for r in rows) == (3 if arch == "resnet18" else 4)
+    assert relus_and_adds(gm) == []
+    drop_blocks = [n for n in gm.graph.nodes if str(n.target).endswith("drop_block")]
+    assert drop_blocks and all(n.op == "get_attr" for n in drop_blocks)
+    assert gm.layer1[0].drop_block is model.layer1[0].drop_block
+    steps = [((8, 3, pixels, pixels), True), ((3, 3, pixels, pixels), False)]
+    assert_same_as_unfused(model, gm, twin, fxghost.transform(twin, G, fuse_epilogues=False), steps)
+    seen: list[torch.Tensor] = []
+    # A copy: act1, in place, then writes into what drop_block passed on.
+    hook = model.layer1[0].drop_block.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].clone())
+    )
+    gm.train()(torch.randn(8, 3, pixels, pixels, dtype=torch.float64))
+    hook.remove()
+    assert len(seen) == 1 and bool((seen[0] < 0).any())  # the BatchNorm's output, pre-ReLU
+
+
+class SubIdentity(nn.Identity):
+    """An ``nn.Identity`` subclass: its forward may do anything, so it is no pass-through."""
 
 
 class TwoUses(nn.Module):
@@ -272,11 +452,22 @@ class TwoUses(nn.Module):
         self.how = how
         self.bn = nn.BatchNorm2d(3)
         self.act = nn.LeakyReLU() if how == "leaky" else nn.GELU() if how == "gelu" else nn.ReLU()
+        self.drop = SubIdentity() if how == "identity_subclass" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn(x)
         if self.how == "bn_twice":  # the BatchNorm's output has another use
             return self.act(y) + y
+        if self.how == "identity_twice":  # the Identity's output has another use
+            d = self.drop(y)
+            return self.act(d) + d
+        if self.how == "identity_subclass":
+            return self.act(self.drop(y))
+        if self.how == "identity_after_add_twice":  # so has the add's, through the Identity
+            s = self.drop(y + x)
+            return self.act(s) * s
+        if self.how == "identity_on_the_residual_only":  # y is no operand of the add
+            return self.act(self.drop(x) + y * 2.0)
         if self.how == "add_twice":  # the add's output has another use
             s = y + x
             return self.act(s) * s
@@ -291,13 +482,17 @@ class TwoUses(nn.Module):
         return self.act(y)
 
 
-@pytest.mark.parametrize(
-    "how", ["bn_twice", "add_twice", "residual_inplace", "alpha", "constant", "leaky", "gelu"]
-)
+UNFUSED = ["bn_twice", "add_twice", "residual_inplace", "alpha", "constant", "leaky", "gelu"]
+UNFUSED += ["identity_twice", "identity_subclass", "identity_after_add_twice"]
+UNFUSED += ["identity_on_the_residual_only"]
+
+
+@pytest.mark.parametrize("how", UNFUSED)
 def test_other_patterns_stay_unfused(how: str) -> None:
     torch.manual_seed(0)
     model = TwoUses(how).double()
-    gm = fxghost.transform(model, G)
+    # A leaf, SubIdentity stays a module call (traced into, it would be no call at all).
+    gm = fxghost.transform(model, G, leaf_modules=[SubIdentity])
     assert epilogues(gm) == {"bn": None}
     assert fxghost.report(gm).layers[0].epilogue == ""
     shape = [(12, 3, 2, 2), (10, 3, 2, 2)]
@@ -381,6 +576,64 @@ def test_hook_registered_after_transform_fires_and_results_match(backend: str) -
     assert seen == []
 
 
+def test_hooks_on_fused_identities_registered_after_transform_fire(backend: str) -> None:
+    """Forward pre-hooks and hooks registered after ``transform`` on the ``nn.Identity`` modules
+    of fused epilogues fire, in the unfused graph's order, on its values (the BatchNorm's output
+    before the ReLU, the sum before it); a hook's returned output counts; and the results are
+    the unfused graph's, bit for bit. Removed, the epilogues run fused again."""
+    torch.manual_seed(0)
+    model = IdentityBlock("iadd").double()
+    twin = copy.deepcopy(model)
+    fused = fxghost.transform(model, G, backend=backend)
+    unfused = fxghost.transform(twin, G, backend=backend, fuse_epilogues=False)
+    assert epilogues(fused)["bn2"] == "add_relu"
+    seen: dict[int, list[tuple[str, torch.Tensor]]] = {id(model): [], id(twin): []}
+
+    def pre_hook(log: list[tuple[str, torch.Tensor]], name: str) -> Callable[..., None]:
+        # A copy: the in-place ReLU then writes into what the Identity passed on.
+        return lambda m, args: log.append((name, args[0].clone()))
+
+    def hook(log: list[tuple[str, torch.Tensor]], name: str) -> Callable[..., torch.Tensor]:
+        def halve(m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            log.append((name, out.clone()))
+            return out * 0.5
+
+        return halve
+
+    handles = []
+    for owner in (model, twin):
+        log = seen[id(owner)]
+        handles += [
+            owner.drop_block.register_forward_pre_hook(pre_hook(log, "drop_block")),
+            owner.drop_block.register_forward_hook(hook(log, "drop_block_out")),
+            owner.drop_path.register_forward_hook(hook(log, "drop_path")),
+            owner.post.register_forward_hook(hook(log, "post")),
+        ]
+    assert_same_as_unfused(model, fused, twin, unfused, BITWISE_STEPS)
+    assert len(seen[id(model)]) == 4 * len(BITWISE_STEPS)
+    for (name, a), (other, b) in zip(seen[id(model)], seen[id(twin)], strict=True):
+        assert name == other and torch.equal(a, b), name
+    first_step = seen[id(model)][:4]
+    assert [name for name, _ in first_step] == ["drop_block", "drop_block_out", "drop_path", "post"]
+    assert all(bool((t < 0).any()) for _, t in first_step)  # before the ReLU
+    for handle in handles:
+        handle.remove()
+    seen[id(model)].clear()
+    assert_same_as_unfused(model, fused, twin, unfused, BITWISE_STEPS[:1])
+    assert seen[id(model)] == []
+
+
+def test_an_identity_with_hooks_at_transform_time_keeps_the_graph() -> None:
+    model = BnIdentityRelu(1, module_relu=True).double()
+    calls: list[int] = []
+    model.drops[0].register_forward_hook(lambda m, i, o: calls.append(1))
+    gm = fxghost.transform(model, G)
+    assert epilogues(gm) == {"bn": None}
+    assert module_calls(gm) == ["conv", "drops.0", "relu", "head"]
+    run_side_by_side(model, G, TRAIN[:1], EVAL, transformed=gm)
+    assert len(calls) == 2 * 2  # both models, each step
+
+
 def test_eval_and_dual_graph_module_fuse_both_graphs() -> None:
     class ModeBranch(nn.Module):
         def __init__(self) -> None:
@@ -410,15 +663,21 @@ def test_eval_and_dual_graph_module_fuse_both_graphs() -> None:
     run_side_by_side(model, G, TRAIN, [*EVAL, (17, 3, 5, 5)], transformed=gm)
 
 
-def test_rerunning_the_pass_keeps_fused_nodes_and_applies_a_new_ghost_size() -> None:
+@pytest.mark.parametrize(
+    "make", [res_net, lambda: IdentityBlock("iadd")], ids=["plain", "identity"]
+)
+def test_rerunning_the_pass_keeps_fused_nodes_and_applies_a_new_ghost_size(
+    make: Callable[[], nn.Module],
+) -> None:
     torch.manual_seed(0)
-    model = res_net().double()
+    model = make().double()
     gm = fxghost.transform(model, G, backend="torch")
     again = fxghost.ghost_batchnorm_pass(gm, 3, root=model)
     for name, norm in norm_nodes(again).items():
         old = norm_nodes(gm)[name]
         assert norm.args[2] == 3
         assert set(norm.kwargs) == set(old.kwargs) - {"backend"}, name  # "auto" now
+        assert steps_of(norm) == steps_of(old), name
     assert {n.name for n in again.graph.nodes} == {n.name for n in gm.graph.nodes}
     assert fxghost.report(again).layers[1].epilogue == "add+relu"
     run_side_by_side(model, 3, [(12, 3, 5, 5), (10, 3, 5, 5)], EVAL, transformed=again)
@@ -435,6 +694,69 @@ def test_ghost_norm_checks_its_epilogue() -> None:
         ops.ghost_norm(groups, bn, 4, "bn", epilogue="relu", residual=torch.randn(8, 3))
     with pytest.raises(ValueError, match="layer 'bn'"):
         ops.ghost_norm(groups, bn, 4, "bn", residual=torch.randn(8, 3))
+    identity, relu, r = nn.Identity(), nn.ReLU(), torch.randn(8, 3)
+    with pytest.raises(ValueError, match="layer 'bn'.*epilogue="):
+        ops.ghost_norm(groups, bn, 4, "bn", epilogue_steps=(relu,))
+    wrong: list[tuple[str, tuple[Any, ...]]] = [
+        ("relu", (relu, identity)),  # the ReLU not last
+        ("relu", (identity,)),  # no ReLU
+        ("relu", ()),
+        ("relu", ("add", relu)),  # an add without the epilogue
+        ("add_relu", (identity, relu)),  # the add missing
+        ("add_relu", ("add", "add", "relu")),
+        ("relu", (nn.Dropout(), relu)),  # not a pass-through
+        ("relu", (SubIdentity(), relu)),
+        ("relu", (nn.LeakyReLU(),)),
+        ("relu", ("gelu",)),
+    ]
+    for epilogue, steps in wrong:
+        residual = r if epilogue == "add_relu" else None
+        with pytest.raises(ValueError, match="layer 'bn'.*epilogue_steps=.*nn.Identity"):
+            ops.ghost_norm(
+                groups, bn, 4, "bn", epilogue=epilogue, residual=residual, epilogue_steps=steps
+            )
+    with pytest.raises(ValueError, match="layer 'bn'.*pass epilogue_steps= alone"):
+        ops.ghost_norm(
+            groups, bn, 4, "bn", epilogue="relu", epilogue_steps=(relu,), activation_module=relu
+        )
+    with pytest.raises(ValueError, match="layer 'bn'.*nn.ReLU.*not a GELU"):
+        ops.ghost_norm(groups, bn, 4, "bn", epilogue="relu", activation_module=nn.GELU())
+
+
+def test_ghost_norm_runs_hooked_epilogue_steps_in_order() -> None:
+    """While a module of ``epilogue_steps`` has hooks, each step runs as the unfused graph ran
+    it, on the values it saw; ``activation_module=``, the older spelling, still works."""
+    torch.manual_seed(0)
+    x, residual = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    before, after, relu = nn.Identity(), nn.Identity(), nn.ReLU()
+    calls: list[tuple[str, torch.Tensor]] = []
+    for name, module in (("before", before), ("after", after), ("relu", relu)):
+        module.register_forward_pre_hook(lambda m, a, name=name: calls.append((name, a[0].clone())))
+    bn, twin = nn.BatchNorm1d(3).double(), nn.BatchNorm1d(3).double()
+    y, tail = ops.ghost_norm(
+        ops.ghost_view(x, bn, 4, "bn"),
+        bn,
+        4,
+        "bn",
+        epilogue="add_relu",
+        residual=residual,
+        epilogue_steps=(before, "add", after, relu),
+    )
+    normalized = ops.ghost_unview(
+        ops.ghost_norm(ops.ghost_view(x, twin, 4, "bn"), twin, 4, "bn"), "bn"
+    )
+    assert tail is None and torch.equal(y, torch.relu(normalized + residual))
+    assert [name for name, _ in calls] == ["before", "after", "relu"]
+    assert torch.equal(calls[0][1], normalized)
+    assert torch.equal(calls[1][1], normalized + residual)
+    calls.clear()
+    old, _ = ops.ghost_norm(
+        ops.ghost_view(x, bn, 4, "bn"), bn, 4, "bn", epilogue="relu", activation_module=relu
+    )
+    new, _ = ops.ghost_norm(
+        ops.ghost_view(x, twin, 4, "bn"), twin, 4, "bn", epilogue="relu", epilogue_steps=(relu,)
+    )
+    assert torch.equal(old, new) and [name for name, _ in calls] == ["relu", "relu"]
 
 
 @pytest.mark.parametrize(
