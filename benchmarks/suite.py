@@ -135,6 +135,7 @@ def layer_cases(device: str, quick: bool) -> list[LayerCase]:
         LayerCase((128, 64, 16, 16), (16,), compile=False),
         LayerCase((128, 64, 16, 16), (32,), channels_last=True, compile=False),
         LayerCase((128, 64, 16, 16), (32,), torch.bfloat16, channels_last=True, compile=False),
+        LayerCase((128, 64, 16, 16), (32,), torch.float16, channels_last=True, compile=False),
         LayerCase((8192, 256), (128,)),
         LayerCase((8192, 256), (32,), compile=False),
     ]
