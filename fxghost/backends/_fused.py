@@ -86,15 +86,9 @@ class FusedGhostNorm(torch.autograd.Function):
         update: UpdateHook | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var, rstd, extra = kernels.forward(xg, NormParams(weight, bias, eps))
-        mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
-        if update is not None:
-            update(mean_s, var_s)
+        mean_s, var_s = statistics_outputs(ctx, xg, weight, bias, eps, mean, var, update)
         ctx.save_for_backward(xg, weight, mean, rstd)
-        # mean and var are not differentiable: no zero gradients need to be made up for them.
-        ctx.set_materialize_grads(False)
-        ctx.kernels, ctx.extra, ctx.eps = kernels.backward, extra, eps
-        ctx.param_dtypes = param_dtypes(weight, bias)
-        ctx.mark_non_differentiable(mean_s, var_s)
+        ctx.kernels, ctx.extra = kernels.backward, extra
         return y, mean_s, var_s
 
     @staticmethod
@@ -113,6 +107,31 @@ class FusedGhostNorm(torch.autograd.Function):
             return ctx.kernels(grouped, saved, ctx.needs_input_grad[0], ctx.extra)  # type: ignore[no-any-return]
 
         return *_input_and_param_grads(ctx, dy, saved, kernels), None, None, None
+
+
+def statistics_outputs(
+    ctx: Any,
+    xg: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    mean: Tensor,
+    var: Tensor,
+    update: UpdateHook | None,
+) -> tuple[Tensor, Tensor]:
+    """A fused Function's statistics outputs, ``(G, 1, C, 1...)`` and not differentiable, with
+    the running-statistics ``update`` hook run on them (call this before saving anything, see
+    :meth:`Backend.norm`), and ``ctx`` set for a backward that reads ``eps`` and the
+    parameters' dtypes."""
+    mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
+    if update is not None:
+        update(mean_s, var_s)
+    # mean and var are not differentiable: no zero gradients need to be made up for them.
+    ctx.set_materialize_grads(False)
+    ctx.eps = eps
+    ctx.param_dtypes = param_dtypes(weight, bias)
+    ctx.mark_non_differentiable(mean_s, var_s)
+    return mean_s, var_s
 
 
 def _input_and_param_grads(
@@ -157,7 +176,7 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _kernel_norm_fake(
+def kernel_norm_fake(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, ...]:
     stats = [
@@ -166,7 +185,7 @@ def _kernel_norm_fake(
     return (torch.empty_like(xg.flatten(0, 1)), *stats)
 
 
-def _kernel_norm_backward_fake(
+def kernel_norm_backward_fake(
     dy: Tensor, xg: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = _math.stat_dtype(xg.dtype)
@@ -194,11 +213,11 @@ def register_norm_ops(
     (grad_x, dweight, dbias)``, ``dy`` grouped like ``xg``) as custom ops with fake
     implementations and autograd: what torch.compile sees of a backend's kernels, opaque to
     inductor. Returns the norm function over the forward op, with :data:`NormFn`'s outputs."""
-    fwd = define_op(name, forward, _kernel_norm_fake, _NORM_SCHEMA, device_types=device_types)
+    fwd = define_op(name, forward, kernel_norm_fake, _NORM_SCHEMA, device_types=device_types)
     bwd = define_op(
         f"{name}_backward",
         backward,
-        _kernel_norm_backward_fake,
+        kernel_norm_backward_fake,
         _BACKWARD_SCHEMA,
         device_types=device_types,
     )

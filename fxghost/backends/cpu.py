@@ -54,6 +54,8 @@ from ._fused import (
     FusedGhostNorm,
     Kernels,
     Saved,
+    kernel_norm_backward_fake,
+    kernel_norm_fake,
     register_norm_ops,
     relu_differentiable_backward,
 )
@@ -432,9 +434,7 @@ def _epilogue_backward(
 def _epilogue_forward_fake(
     xg: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor | None
 ) -> tuple[Tensor, ...]:
-    dtype = _math.stat_dtype(xg.dtype)
-    stats = [xg.new_empty((xg.shape[0], xg.shape[2]), dtype=dtype) for _ in "mvr"]
-    return (torch.empty_like(xg.flatten(0, 1)), *stats)
+    return kernel_norm_fake(xg, weight, bias, eps)
 
 
 def _epilogue_backward_fake(
@@ -446,9 +446,8 @@ def _epilogue_backward_fake(
     rstd: Tensor,
     residual_grad: bool,
 ) -> tuple[Tensor, ...]:
-    params = [xg.new_empty(xg.shape[2], dtype=mean.dtype) for _ in "wb"]
     dres = torch.empty_like(xg) if residual_grad else xg.new_empty(0)
-    return (torch.empty_like(xg), *params, dres)
+    return (*kernel_norm_backward_fake(dy, xg, weight, mean, rstd), dres)
 
 
 _epilogue_op = define_op(

@@ -326,6 +326,13 @@ class _Traced(Backend):
     def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
+    def fused_norm(
+        self, xg: Tensor, params: NormParams, epilogue: Epilogue
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(y, mean, var)`` with ``epilogue`` applied in the kernels, or ``None`` where they
+        do not apply it (then :meth:`norm` applies it after :meth:`traced_norm`)."""
+        return None
+
     def norm(
         self,
         xg: Tensor,
@@ -333,10 +340,11 @@ class _Traced(Backend):
         update: RunningStatsUpdate | None = None,
         epilogue: Epilogue | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = self.traced_norm(xg, params)
+        fused = None if epilogue is None else self.fused_norm(xg, params, epilogue)
+        y, mean, var = fused if fused is not None else self.traced_norm(xg, params)
         if update is not None:
             self.apply_update(update, per_channel(xg), mean, var)
-        return apply_epilogue(y, epilogue), mean, var
+        return (y if fused is not None else apply_epilogue(y, epilogue)), mean, var
 
 
 class _Compiled(_Traced):
@@ -384,25 +392,17 @@ class CustomOpCompiled(_Traced):
     def traced_norm(self, xg: Tensor, params: NormParams) -> tuple[Tensor, Tensor, Tensor]:
         return self._norm(xg, *params)
 
-    def norm(
-        self,
-        xg: Tensor,
-        params: NormParams,
-        update: RunningStatsUpdate | None = None,
-        epilogue: Epilogue | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        residual = None if epilogue is None else epilogue.residual
+    def fused_norm(
+        self, xg: Tensor, params: NormParams, epilogue: Epilogue
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        residual = epilogue.residual
         if (
-            epilogue is None
-            or self._epilogue_norm is None
+            self._epilogue_norm is None
             or not epilogue.relu
             or (residual is not None and residual.dtype != xg.dtype)
         ):
-            return super().norm(xg, params, update, epilogue)
-        y, mean, var = self._epilogue_norm(xg, *params, residual)
-        if update is not None:
-            self.apply_update(update, per_channel(xg), mean, var)
-        return y, mean, var
+            return None
+        return self._epilogue_norm(xg, *params, residual)
 
     def update_running_stats(
         self, update: RunningStatsUpdate, groups: Sequence[tuple[Tensor, Tensor, int]]

@@ -21,10 +21,8 @@ from .._common import (
     UpdateHook,
     apply_epilogue,
     dense,
-    param_dtypes,
     param_grads,
     per_channel,
-    standard,
 )
 from .._fused import (
     FusedGhostNorm,
@@ -32,6 +30,7 @@ from .._fused import (
     Saved,
     register_norm_ops,
     relu_differentiable_backward,
+    statistics_outputs,
 )
 from .host import (
     RunningUpdate,
@@ -125,18 +124,12 @@ class TritonEpilogueGhostNorm(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel_update = update if isinstance(update, RunningUpdate) else None
         mean, var, rstd, scale, shift = forward_stats(xg, weight, bias, eps, kernel_update)
-        mean_s, var_s = standard(mean, xg.shape), standard(var, xg.shape)
-        if update is not None and kernel_update is None:
-            update(mean_s, var_s)  # type: ignore[operator]
+        hook = None if isinstance(update, RunningUpdate) else update  # else the kernels update
+        mean_s, var_s = statistics_outputs(ctx, xg, weight, bias, eps, mean, var, hook)
         y = torch.empty_like(xg.flatten(0, 1))
         normalize(xg, scale, shift, out=y.view(xg.shape), residual=residual, relu=True)
         ctx.save_for_backward(xg, weight, mean, rstd, y)
-        # mean and var are not differentiable: no zero gradients need to be made up for them.
-        ctx.set_materialize_grads(False)
-        ctx.eps = eps
-        ctx.param_dtypes = param_dtypes(weight, bias)
         ctx.has_residual = residual is not None
-        ctx.mark_non_differentiable(mean_s, var_s)
         return y, mean_s, var_s
 
     @staticmethod
